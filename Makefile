@@ -1,0 +1,42 @@
+# Front door: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  := models/resnet56_digits.onnx
+OUT    := out
+
+.PHONY: setup demo test test-slow bench bench-quality bench-speed clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build through constraints.txt: a looser
+# requirement would pull a multi-GB CUDA build of another version.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/sglp-onnx compress $(MODEL) -o $(OUT)/resnet56_digits.pruned.onnx \
+		--torch-model models.resnet_cifar:resnet56_digits \
+		--torch-weights models/resnet56_digits.pt --ratio 0.3 --force \
+		--plot $(OUT)/resnet56_digits.cka.png
+	@echo
+	@echo "== test accuracy on the held-out digits (before, after) =="
+	$(BIN)/sglp-onnx eval $(MODEL) $(OUT)/resnet56_digits.pruned.onnx --data models/digits.test.npz
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/compress_time.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,192 @@
+"""Calibration data: an `.npz` with one array per model input plus optional
+`labels`, checked against the model's inputs and served in batches.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+MASK_NAMES = ("attention_mask",)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: type
+    shape: tuple  # ints for fixed dims, str/None for dynamic ones
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs (name -> array with samples on axis 0) and optional labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def token_mask_name(self) -> str | None:
+        return next((n for n in MASK_NAMES if n in self.inputs), None)
+
+    @property
+    def is_token_data(self) -> bool:
+        """Sequence models: an integer input of rank 2 (token ids)."""
+        return any(np.issubdtype(a.dtype, np.integer) and a.ndim == 2 for a in self.inputs.values())
+
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        n = self.n_samples
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            feed = {k: v[start:stop] for k, v in self.inputs.items()}
+            yield feed, None if self.labels is None else self.labels[start:stop]
+
+    def first(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.inputs.items()}
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        ) if tt.HasField("shape") else None
+        specs.append(InputSpec(vi.name, _ONNX_TO_NUMPY.get(tt.elem_type, object), dims))
+    return specs
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """`MODEL.calib.npz` beside `MODEL.onnx`."""
+    p = Path(model_path)
+    return p.with_name(p.name[: -len(".onnx")] + ".calib.npz" if p.name.endswith(".onnx") else p.name + ".calib.npz")
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, max_samples: int | None = None) -> CalibrationSet:
+    """Load and check an `.npz` against the model's inputs."""
+    arrays = load_npz(path)
+    return check_calibration(arrays, model, source=str(path), max_samples=max_samples)
+
+
+def check_calibration(
+    arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, source: str = "calibration data",
+    max_samples: int | None = None,
+) -> CalibrationSet:
+    specs = model_inputs(model)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise UserError(
+            f"{source} lacks the model input(s) {', '.join(missing)}; "
+            f"it has {', '.join(sorted(arrays)) or 'no arrays'} (arrays must be named after the model's inputs)"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        inputs[spec.name] = _check_array(array, spec, source)
+    counts = {len(a) for a in inputs.values()}
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.ndim < 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{source}: 'labels' must be an integer array with one entry per sample")
+        counts.add(len(labels))
+    if len(counts) != 1:
+        raise UserError(f"{source}: arrays disagree on the number of samples ({sorted(counts)})")
+    n = counts.pop()
+    if n == 0:
+        raise UserError(f"{source} holds no samples")
+    if max_samples is not None and n > max_samples:
+        inputs = {k: v[:max_samples] for k, v in inputs.items()}
+        labels = labels[:max_samples] if labels is not None else None
+    return CalibrationSet(inputs=inputs, labels=labels, source=source)
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    where = f"{source}: input {spec.name!r}"
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise UserError(f"{where} has dtype {array.dtype}; expected {np.dtype(spec.dtype).name}")
+    expected = np.dtype(spec.dtype)
+    if array.dtype != expected:
+        same_kind = _kind(array.dtype) == _kind(expected)
+        if not same_kind:
+            raise UserError(f"{where} has dtype {array.dtype}; the model expects {expected.name}")
+        array = array.astype(expected)
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise UserError(
+                f"{where} has rank {array.ndim} (shape {array.shape}); the model expects rank "
+                f"{len(spec.shape)} ({_fmt_shape(spec.shape)}) with samples on axis 0"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+            if axis > 0 and isinstance(want, int) and want > 0 and want != got:
+                raise UserError(
+                    f"{where} has shape {array.shape}; the model expects {_fmt_shape(spec.shape)}"
+                )
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise UserError(f"{where} contains NaN or Inf values; clean the calibration data")
+    return array
+
+
+def _kind(dtype: np.dtype) -> str:
+    # Casting within a kind (float64 -> float32, int32 -> int64) is harmless;
+    # across kinds (floats for token ids) it hides a wrong file.
+    return "i" if dtype.kind in "iu" else dtype.kind
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
+def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: int = 4,
+                          dynamic_size: int = 16) -> CalibrationSet:
+    """Stand-in inputs for criteria that need no data (`last`, `random`): they
+    serve only to bind shapes for FLOPs and to validate the output."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in model_inputs(model):
+        dims = spec.shape or (None,)
+        shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
+        dtype = np.dtype(spec.dtype)
+        if spec.name in MASK_NAMES or dtype == np.bool_:
+            inputs[spec.name] = np.ones(shape, dtype=dtype)
+        elif dtype.kind == "f":
+            inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            inputs[spec.name] = np.zeros(shape, dtype=dtype)
+    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)")

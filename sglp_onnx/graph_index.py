@@ -1,0 +1,212 @@
+"""A read-only index over an ONNX graph: producers, consumers, constants,
+dtypes, module scopes and reachability.
+
+Unit discovery and surgery both reason about tensor names in the protobuf
+graph; this index answers their questions in O(1) or one graph walk.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+# Float element types; a weight is a float constant with more than one element.
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def _subgraph_references(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the outer scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs)
+        for graph in graphs:
+            local = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+            read: set[str] = set()
+            for inner in graph.node:
+                read.update(i for i in inner.input if i)
+                read |= _subgraph_references(inner)
+                local.update(inner.output)
+            names |= read - local
+    return names
+
+
+def node_scope(node: onnx.NodeProto) -> str:
+    """The dotted torch module path a node was exported from, or ''.
+
+    The dynamo exporter records it in node metadata (`pkg.torch.onnx.name_scopes`:
+    the module paths from the root, then the fx node name); the TorchScript
+    exporter encodes it in the node name (`/model/layers.0/self_attn/MatMul`),
+    where each component is either a full path or a child name.
+    """
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            modules = [s for s in scopes[:-1] if s]
+            return modules[-1] if modules else ""
+    name = node.name
+    if not name.startswith("/"):
+        return ""
+    parts = [p for p in name.split("/")[1:-1] if p]
+    path = ""
+    for part in parts:
+        if path and part.startswith(path + "."):
+            path = part
+        else:
+            path = f"{path}.{part}" if path else part
+    return path
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers and helpers for one `onnx.GraphProto`."""
+
+    model: onnx.ModelProto
+    producer: dict[str, int] = field(default_factory=dict)
+    consumers: dict[str, list[int]] = field(default_factory=dict)
+    constants: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    subgraph_refs: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        for init in graph.initializer:
+            self.constants[init.name] = init
+            self.dtypes[init.name] = init.data_type
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                self.dtypes[vi.name] = vi.type.tensor_type.elem_type
+        for i, node in enumerate(graph.node):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(i)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.constants[node.output[0]] = attr.t
+                        self.dtypes[node.output[0]] = attr.t.data_type
+            self.subgraph_refs |= _subgraph_references(node)
+        self.implicit_inputs = {
+            i: _subgraph_references(node) for i, node in enumerate(graph.node) if any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        }
+        self.input_names = [i.name for i in graph.input if i.name not in self.constants]
+        self.output_names = [o.name for o in graph.output]
+        self._scopes: list[str] | None = None
+
+    @property
+    def nodes(self):
+        return self.model.graph.node
+
+    # -- tensors ---------------------------------------------------------
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def is_weight(self, name: str) -> bool:
+        """A float constant with more than one element (not a scalar or a shape)."""
+        tensor = self.constants.get(name)
+        if tensor is None or tensor.data_type not in FLOAT_TYPES:
+            return False
+        return int(np.prod(tensor.dims)) > 1 if tensor.dims else False
+
+    def numel(self, name: str) -> int:
+        tensor = self.constants[name]
+        return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+    def position(self, name: str) -> int:
+        """Topological position of a tensor's producer (-1 for graph inputs/constants)."""
+        return self.producer.get(name, -1)
+
+    # -- scopes ----------------------------------------------------------
+    @property
+    def scopes(self) -> list[str]:
+        if self._scopes is None:
+            self._scopes = [node_scope(n) for n in self.nodes]
+        return self._scopes
+
+    # -- reachability ----------------------------------------------------
+    def ancestors_of(self, tensor: str, *, stop_below: int = -1) -> set[int]:
+        """Indices of nodes that tensor depends on, ignoring nodes before `stop_below`."""
+        seen: set[int] = set()
+        queue = deque([tensor])
+        while queue:
+            t = queue.popleft()
+            p = self.producer.get(t)
+            if p is None or p in seen or p < stop_below:
+                continue
+            seen.add(p)
+            queue.extend(i for i in self.nodes[p].input if i)
+            queue.extend(self.implicit_inputs.get(p, ()))
+        return seen
+
+    def is_ancestor(self, source: str, tensor: str) -> bool:
+        """True when `tensor` is computed (strictly) from `source`."""
+        if source == tensor:
+            return False
+        start = self.position(source)
+        seen: set[str] = set()
+        queue = deque([tensor])
+        while queue:
+            t = queue.popleft()
+            p = self.producer.get(t)
+            if p is None or p <= start and start >= 0:
+                continue
+            for i in self.nodes[p].input:
+                if i == source:
+                    return True
+                if i and i not in seen:
+                    seen.add(i)
+                    queue.append(i)
+        return False
+
+    def descendants_of(self, tensor: str) -> set[int]:
+        """Indices of nodes that (transitively) consume `tensor`."""
+        seen: set[int] = set()
+        queue = deque(self.consumers.get(tensor, ()))
+        while queue:
+            i = queue.popleft()
+            if i in seen:
+                continue
+            seen.add(i)
+            for out in self.nodes[i].output:
+                queue.extend(self.consumers.get(out, ()))
+        return seen
+
+    def live_nodes(self, outputs: Iterable[str], substitutions: dict[str, str] | None = None) -> set[int]:
+        """Nodes needed to compute `outputs` once each key of `substitutions`
+        is read from its value instead (the rewiring surgery will do)."""
+        subs = substitutions or {}
+        seen: set[int] = set()
+        visited: set[str] = set()
+        queue = deque(outputs)
+        while queue:
+            t = queue.popleft()
+            while t in subs:
+                t = subs[t]
+            if t in visited:
+                continue
+            visited.add(t)
+            p = self.producer.get(t)
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            queue.extend(i for i in self.nodes[p].input if i)
+            queue.extend(self.implicit_inputs.get(p, ()))
+        return seen

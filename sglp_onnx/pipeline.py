@@ -1,0 +1,371 @@
+"""The compression pipeline end to end: `compress` and `analyze`.
+
+Each stage is a function of plain data in its own module; this module only
+sequences them, times them and assembles the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from .allocation import removal_count
+from .calibration import CalibrationSet, load_calibration, model_inputs, sidecar_path, synthetic_calibration
+from .criteria import Context, Selection, get_criterion
+from .errors import UserError
+from .flops import node_flops, tensors_needed
+from .graph_index import GraphIndex
+from .model_files import atomic_paths, load_model, save_model
+from .report import summary, to_json, tool_info, unit_records
+from .representations import probe, probe_shapes
+from .segmentation import segments_of
+from .surgery import remove_units
+from .units import PrunableUnit, find_units, residual_adds, with_flops
+from .validation import ValidationError, validate
+
+DEFAULT_RATIO = 0.25
+PROBE_SAMPLES = 2
+PAIRING_SAMPLES = 8
+
+Progress = Callable[[Iterator, str], Iterator]
+
+
+class InternalError(Exception):
+    """A failure that is the tool's fault (for example an output failing validation)."""
+
+
+@dataclass
+class Analysis:
+    """Everything `analyze` finds; `compress` adds the pruned model and output paths."""
+
+    model: onnx.ModelProto
+    units: list[PrunableUnit]
+    selection: Selection
+    report: dict
+    calib: CalibrationSet
+    total_flops: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def removed_units(self) -> list[PrunableUnit]:
+        return [self.units[i] for i in self.selection.removed]
+
+    def summary(self) -> str:
+        return summary(self.report)
+
+
+@dataclass
+class CompressionResult(Analysis):
+    pruned: onnx.ModelProto | None = None
+    output: Path | None = None
+    report_path: Path | None = None
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _check_budget(remove, ratio, target_flops) -> tuple[int | None, float | None, float | None]:
+    given = [x is not None for x in (remove, ratio, target_flops)]
+    if sum(given) > 1:
+        raise UserError("give only one of --remove, --ratio and --target-flops")
+    if sum(given) == 0:
+        ratio = DEFAULT_RATIO
+    if remove is not None and (isinstance(remove, bool) or int(remove) != remove or remove < 0):
+        raise UserError(f"--remove must be a whole number >= 0, got {remove}")
+    if ratio is not None and not (0.0 < float(ratio) < 1.0):
+        raise UserError(f"--ratio must be in (0, 1), got {ratio}")
+    if target_flops is not None and not (0.0 < float(target_flops) < 1.0):
+        raise UserError(f"--target-flops must be in (0, 1), got {target_flops}")
+    return remove, ratio, target_flops
+
+
+def default_output(model_path: Path) -> Path:
+    name = model_path.name[:-5] if model_path.name.endswith(".onnx") else model_path.name
+    return model_path.with_name(name + ".pruned.onnx")
+
+
+def default_report(output: Path) -> Path:
+    name = output.name[:-5] if output.name.endswith(".onnx") else output.name
+    return output.with_name(name + ".json")
+
+
+def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> None:
+    if path.resolve() == input_path.resolve():
+        raise UserError(f"the {what} {path} is the input model; choose another path (the input is never overwritten)")
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of the {what} does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write the {what} into {path.parent} (permission denied)")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise UserError(f"the {what} {path} is a folder")
+
+
+def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
+                      max_samples: int | None, seed: int) -> CalibrationSet:
+    if calib is not None:
+        return load_calibration(calib, model, max_samples=max_samples)
+    sidecar = sidecar_path(model_path)
+    if sidecar.is_file():
+        return load_calibration(sidecar, model, max_samples=max_samples)
+    if needed:
+        raise UserError(f"no calibration data: pass --calib CALIB.npz or put {sidecar.name} beside the model")
+    return synthetic_calibration(model, seed=seed)
+
+
+def _load_paired_model(spec: str, weights: str | None):
+    from .export import load_torch_model
+
+    return load_torch_model(spec, weights)
+
+
+def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
+              timings: dict[str, float]) -> tuple[list[PrunableUnit], int]:
+    with _timed(timings, "discovery"):
+        index = GraphIndex(model)
+        candidates = residual_adds(index)
+        names = [t for r in candidates for t in (r.entry, r.exit)] + tensors_needed(model)
+        feed = calib.first(PROBE_SAMPLES)
+        n_probe = next(iter(feed.values())).shape[0]
+        shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
+        units = find_units(model, granularity=granularity, shapes=shapes, dtypes=dtypes)
+        # The probe ran on n_probe samples; FLOPs are reported per sample.
+        per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}
+        units = with_flops(units, per_node)
+    return units, sum(per_node.values())
+
+
+def _budget_to_count(criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int, *,
+                     remove, ratio, target_flops) -> tuple[int, Selection]:
+    L = len(units)
+    if target_flops is None:
+        n = removal_count(L, remove=remove, ratio=ratio)
+        if n > L - 1:
+            raise UserError(f"cannot remove {n} of {L} units: at least one unit must stay "
+                            f"(at most {L - 1} can go)")
+        return n, criterion.select(ctx, n)
+    goal = target_flops * total_flops
+    for n in range(1, L):
+        selection = criterion.select(ctx, n)
+        if sum(units[i].flops for i in selection.removed) >= goal:
+            return n, selection
+    raise UserError(f"--target-flops {target_flops} cannot be met: removing all but one unit removes only "
+                    f"{sum(u.flops for u in units) / max(total_flops, 1):.1%} of the FLOPs")
+
+
+def analyze(
+    model_path: str | os.PathLike,
+    *,
+    calib: str | os.PathLike | None = None,
+    remove: int | None = None,
+    ratio: float | None = None,
+    target_flops: float | None = None,
+    criterion: str = "sglp",
+    segments: int | None = None,
+    torch_model: str | None = None,
+    torch_weights: str | os.PathLike | None = None,
+    granularity: str = "layer",
+    batch_size: int = 64,
+    provider: str = "cpu",
+    seed: int = 0,
+    max_calib_samples: int | None = None,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Find units, measure them and choose which to remove, without writing anything.
+
+    Arguments mirror `sglp-onnx compress`; see `compress`.
+    """
+    timings: dict[str, float] = {}
+    remove, ratio, target_flops = _check_budget(remove, ratio, target_flops)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if segments is not None and segments < 1:
+        raise UserError(f"--segments must be at least 1, got {segments}")
+    chosen = get_criterion(criterion)
+    model_path = Path(model_path)
+    with _timed(timings, "load"):
+        model = load_model(model_path)
+        data = _load_calibration(model_path, model, None if calib is None else str(calib),
+                                 needed=chosen.needs_calibration or torch_model is not None,
+                                 max_samples=max_calib_samples, seed=seed)
+    if chosen.needs_torch and torch_model is None:
+        raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
+                        "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
+    units, total_flops = _discover(model, data, granularity=granularity, provider=provider, timings=timings)
+    if not units:
+        raise UserError(f"no prunable unit in {model_path}: no residual Add x + f(x) whose output keeps x's "
+                        "shape (projection/downsampling blocks are never candidates)")
+
+    gradnorm_fn = None
+    pairing_info = None
+    if torch_model is not None:
+        with _timed(timings, "pairing"):
+            paired = _load_paired_model(torch_model, None if torch_weights is None else str(torch_weights))
+            pairing, pairing_info = _pair(model, paired, units, data, provider)
+
+        def gradnorm_fn():
+            from .importance import gradnorm
+
+            order = [s.name for s in model_inputs(model)]
+            batches = data.batches(batch_size)
+            if progress:
+                batches = progress(batches, "gradients")
+            return gradnorm(paired, pairing, batches, order)
+
+    ctx = Context(model=model, units=units, calib=data, batch_size=batch_size, provider=provider, seed=seed,
+                  segments=segments, gradnorm_fn=gradnorm_fn, progress=progress, timings=timings)
+    with _timed(timings, "selection"):
+        n_remove, selection = _budget_to_count(chosen, ctx, units, total_flops, remove=remove, ratio=ratio,
+                                               target_flops=target_flops)
+    # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
+    timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
+
+    removed = set(selection.removed)
+    seg_ids = segments_of(selection.segments) if selection.segments else None
+    evidence = ctx._evidence
+    report = {
+        "tool": tool_info(),
+        "input": str(model_path),
+        "criterion": criterion,
+        "granularity": granularity,
+        "budget": {"remove": remove, "ratio": ratio, "target_flops": target_flops, "units_removed": n_remove},
+        "calibration": {
+            "source": data.source,
+            "samples": data.n_samples,
+            "rows": None if evidence is None else evidence.n_samples,
+            "token_level": data.is_token_data,
+            "batch_size": batch_size,
+            "nonfinite_values": None if evidence is None else evidence.nonfinite_values,
+        },
+        "units": unit_records(units, removed=removed, segment_ids=seg_ids, importance=selection.importance),
+        "cka": None if evidence is None else np.round(evidence.cka, 6).tolist(),
+        "segments": None if selection.segments is None else [list(b) for b in selection.segments],
+        "k_selection": None if selection.k_curve is None else {
+            "k": len(selection.segments), "curve": selection.k_curve, "rule": selection.k_rule},
+        "importance_kind": selection.importance_kind,
+        "pairing": pairing_info,
+        "before": {"params": _model_params(model), "flops": total_flops,
+                   "file_size": model_path.stat().st_size},
+        "notes": list(selection.notes),
+        "timings": timings,
+    }
+    if evidence is not None and evidence.nonfinite_values:
+        report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
+    return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
+                    total_flops=total_flops, timings=timings)
+
+
+def _model_params(model: onnx.ModelProto) -> int:
+    from .flops import model_params
+
+    return model_params(model)
+
+
+def _pair(model, paired, units, data: CalibrationSet, provider: str):
+    from .importance import pair_units
+
+    feed = data.first(PAIRING_SAMPLES)
+    names = list(dict.fromkeys(t for u in units for t in (u.entry, u.exit)))
+    values = probe(model, feed, names, provider=provider)
+    outputs = [values[o.name] for o in model.graph.output]
+    index = GraphIndex(model)
+    scopes = {n.name: s for n, s in zip(index.nodes, index.scopes) if n.name}
+    pairing = pair_units(paired, units, feed, values, outputs, [s.name for s in model_inputs(model)], scopes)
+    info = {
+        "method": sorted(set(pairing.method)),
+        "output_relative_error": pairing.output_error,
+        "units": [{"unit": u.name, "modules": m, "relative_error": None if math.isnan(e) else e}
+                  for u, m, e in zip(units, pairing.modules, pairing.max_error)],
+    }
+    return pairing, info
+
+
+def compress(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    report: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    force: bool = False,
+    **options,
+) -> CompressionResult:
+    """Remove residual units from an ONNX model and write the validated result.
+
+    Keyword options are those of `analyze` (calib, remove | ratio |
+    target_flops, criterion, segments, torch_model, torch_weights,
+    granularity, batch_size, provider, seed, max_calib_samples, progress).
+    The output (default `MODEL.pruned.onnx`) and the JSON report (default
+    beside the output) are written atomically, only after validation passed.
+    """
+    model_path = Path(model_path)
+    out = Path(output) if output is not None else default_output(model_path)
+    report_path = Path(report) if report is not None else default_report(out)
+    if not model_path.exists():
+        raise UserError(f"model file not found: {model_path}")
+    _check_writable(out, force=force, what="output", input_path=model_path)
+    _check_writable(report_path, force=force, what="report", input_path=model_path)
+    if report_path.resolve() == out.resolve():
+        raise UserError("the report and the output model must be different files")
+    plot_path = Path(plot) if plot is not None else None
+    if plot_path is not None:
+        _check_writable(plot_path, force=force, what="plot", input_path=model_path)
+
+    analysis = analyze(model_path, **options)
+    timings = analysis.timings
+    removed = analysis.removed_units
+    with _timed(timings, "surgery"):
+        pruned = remove_units(analysis.model, removed)
+    with _timed(timings, "validation"):
+        feed = analysis.calib.first(min(options.get("batch_size", 64), analysis.calib.n_samples))
+        try:
+            result = validate(
+                analysis.model, pruned, feed,
+                removed_outputs={o for u in removed for o in u.owned_outputs},
+                removed_inputs={i for u in removed for i in u.owned_inputs},
+                nothing_removed=not removed, provider=options.get("provider", "cpu"),
+            )
+        except ValidationError as exc:
+            raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc
+
+    rep = analysis.report
+    rep["output"] = str(out)
+    rep["report_path"] = str(report_path)
+    rep["validation"] = result.to_dict()
+    removed_set = set(analysis.selection.removed)
+    rep["after"] = {
+        "params": _model_params(pruned),
+        "flops": analysis.total_flops - sum(u.flops for u in removed),
+        "file_size": 0,
+    }
+    with _timed(timings, "write"):
+        targets = [out, report_path] + ([plot_path] if plot_path else [])
+        with atomic_paths(*targets) as temps:
+            save_model(pruned, temps[0], external_data=False if pruned.ByteSize() < 1_800_000_000 else True)
+            rep["after"]["file_size"] = temps[0].stat().st_size
+            if plot_path is not None:
+                from .plots import plot_report
+
+                plot_report(rep, temps[2])
+            rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
+            temps[1].write_text(to_json(rep))
+    assert removed_set == {i for i, u in enumerate(rep["units"]) if u["removed"]}
+    return CompressionResult(
+        model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,
+        calib=analysis.calib, total_flops=analysis.total_flops, timings=timings,
+        pruned=pruned, output=out, report_path=report_path,
+    )

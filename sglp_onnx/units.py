@@ -1,0 +1,313 @@
+"""Finding prunable units: residual branches `y = x + f(x)` whose removal
+(`y := x`) keeps every tensor shape.
+
+Discovery reads graph structure only. Module scopes (from node names or the
+dynamo exporter's metadata) are used to group the residual branches of one
+transformer layer, never to decide what is residual.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import onnx
+
+from .errors import UserError
+from .graph_index import GraphIndex
+
+# Ops that may follow a residual Add inside the block (`relu(x + f(x))`,
+# post-norm `LayerNorm(x + f(x))`): the unit's exit is their output.
+POST_ADD_OPS = {
+    "Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Gelu", "HardSwish",
+    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+}
+# Casts and identities that change nothing can sit on a skip path.
+PASS_THROUGH_OPS = {"Identity", "Cast"}
+ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+
+GRANULARITIES = ("layer", "sublayer")
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual Add: `add(skip, branch)` with `skip` computed before `branch`."""
+
+    entry: str  # the skip input, seen through no-op Cast/Identity
+    exit: str  # the Add output, or the output of the op that follows it
+    branch: str  # the Add input computed by f(x)
+    add_node: int
+    post_node: int | None
+    region: frozenset[int]  # nodes between entry and the branch input
+    scope: str
+    has_attention: bool
+
+
+@dataclass
+class PrunableUnit:
+    """A removable block; removing it makes consumers of `exit` read `entry`."""
+
+    name: str
+    scope: str
+    entry: str
+    exit: str
+    add_nodes: tuple[str, ...]
+    nodes: tuple[str, ...] = ()
+    params: int = 0
+    flops: int = 0
+    owned_outputs: tuple[str, ...] = ()
+    owned_inputs: tuple[str, ...] = ()
+    sublayers: int = 1
+    has_attention: bool = False
+    layer_index: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _skip_source(index: GraphIndex, tensor: str) -> str:
+    """Walk back through Identity and dtype-preserving Cast nodes."""
+    while True:
+        p = index.producer.get(tensor)
+        if p is None:
+            return tensor
+        node = index.nodes[p]
+        if node.op_type not in PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx"):
+            return tensor
+        source = node.input[0]
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is None or index.dtypes.get(source) != to:
+                return tensor
+        tensor = source
+
+
+def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
+    """Nodes on some path from `source` to `target` (inclusive of target's producer)."""
+    ancestors = index.ancestors_of(target, stop_below=index.position(source) + 1)
+    reached: set[int] = set()
+    frontier = [c for c in index.consumers.get(source, ()) if c in ancestors]
+    while frontier:
+        i = frontier.pop()
+        if i in reached:
+            continue
+        reached.add(i)
+        for out in index.nodes[i].output:
+            frontier.extend(c for c in index.consumers.get(out, ()) if c in ancestors)
+    return frozenset(reached)
+
+
+def _post_op(index: GraphIndex, add_output: str) -> int | None:
+    users = index.consumers.get(add_output, [])
+    if len(users) != 1 or add_output in index.output_names or add_output in index.subgraph_refs:
+        return None
+    node = index.nodes[users[0]]
+    if node.op_type not in POST_ADD_OPS or node.input[0] != add_output:
+        return None
+    if any(i and not index.is_constant(i) for i in node.input[1:]):
+        return None
+    if any(o for o in node.output[1:] if index.consumers.get(o) or o in index.output_names):
+        return None
+    return users[0]
+
+
+def residual_adds(index: GraphIndex) -> list[Residual]:
+    """Every Add of the form `x + f(x)` whose branch f carries weights."""
+    found: list[Residual] = []
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if not a or not b or index.is_constant(a) or index.is_constant(b):
+            continue
+        for skip_input, branch in ((a, b), (b, a)):
+            entry = _skip_source(index, skip_input)
+            if not index.is_ancestor(entry, branch):
+                continue
+            region = _region(index, entry, branch)
+            # Element-wise formulas (tanh-GELU's x + c*x^3) have this shape too;
+            # a layer's branch carries weights.
+            if not any(index.is_weight(t) for n in region for t in index.nodes[n].input):
+                break
+            post = _post_op(index, node.output[0])
+            exit_ = index.nodes[post].output[0] if post is not None else node.output[0]
+            found.append(Residual(
+                entry=entry, exit=exit_, branch=branch, add_node=i, post_node=post,
+                region=region, scope=index.scopes[i],
+                has_attention=any(index.nodes[n].op_type in ATTENTION_OPS for n in region),
+            ))
+            break
+    # A residual nested inside another's branch is part of that block.
+    inner = {r.add_node for r in found for s in found if s is not r and r.add_node in s.region}
+    return [r for r in found if r.add_node not in inner]
+
+
+def layer_key(scope: str) -> str:
+    """The scope cut after its last numeric component: `model.layers.3.mlp` -> `model.layers.3`."""
+    parts = scope.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[: k + 1])
+    return scope
+
+
+def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residual]]:
+    """Consecutive residuals that chain (next entry = previous exit) and belong
+    to one layer form one unit at layer granularity.
+
+    A layer is recognised by a shared numbered module scope; when the export
+    carries no scopes, an attention branch starts a layer and the branches
+    after it join until the next attention.
+    """
+    if granularity == "sublayer":
+        return [[r] for r in residuals]
+    have_scopes = any(r.scope for r in residuals)
+    groups: list[list[Residual]] = []
+    for r in residuals:
+        if groups and groups[-1][-1].exit == r.entry:
+            prev = groups[-1]
+            if have_scopes:
+                # Branches of one transformer layer share the layer's numbered
+                # scope; two CNN blocks under one numbered stage do not merge
+                # unless their Adds sit in the very same module.
+                key = layer_key(r.scope)
+                same = bool(key) and key == layer_key(prev[0].scope) and (
+                    r.scope == prev[-1].scope or any(p.has_attention for p in prev + [r])
+                )
+            else:
+                same = prev[0].has_attention and not r.has_attention
+            if same:
+                prev.append(r)
+                continue
+        groups.append([r])
+    return groups
+
+
+def _shape_ok(entry: str, exit_: str, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> bool:
+    if entry not in shapes or exit_ not in shapes:
+        return False
+    if tuple(shapes[entry]) != tuple(shapes[exit_]):
+        return False
+    de, dx = dtypes.get(entry), dtypes.get(exit_)
+    return de is None or dx is None or de == dx
+
+
+def find_units(
+    model: onnx.ModelProto,
+    *,
+    granularity: str = "layer",
+    shapes: Mapping[str, Sequence] | None = None,
+    dtypes: Mapping[str, int] | None = None,
+) -> list[PrunableUnit]:
+    """Prunable units of `model` in graph order.
+
+    `shapes` maps tensor names to concrete shapes (from a probe run, see
+    `representations.probe_shapes`); without it, ONNX shape inference is used
+    and only candidates whose shapes it can prove equal are kept.
+    """
+    if granularity not in GRANULARITIES:
+        raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    index = GraphIndex(model)
+    residuals = residual_adds(index)
+    if shapes is None:
+        shapes, inferred_dtypes = static_shapes(model)
+        dtypes = {**inferred_dtypes, **(dtypes or {})}
+    dtypes = {**index.dtypes, **(dtypes or {})}
+    residuals = [
+        r for r in residuals
+        if _shape_ok(r.entry, r.exit, shapes, dtypes)
+        and r.exit not in index.subgraph_refs
+    ]
+    units = [_make_unit(index, group) for group in _group(residuals, granularity)]
+    _fill_removal_sets(index, units)
+    _name_units(units)
+    return units
+
+
+def static_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shapes ONNX shape inference can determine; symbolic dims kept as names."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple] = {}
+    dtypes: dict[str, int] = {}
+    graph = inferred.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tt = vi.type.tensor_type
+        if tt.elem_type:
+            dtypes[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            dims = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(d.dim_value)
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims = None
+                    break
+            if dims is not None:
+                shapes[vi.name] = tuple(dims)
+    return shapes, dtypes
+
+
+def _make_unit(index: GraphIndex, group: list[Residual]) -> PrunableUnit:
+    first, last = group[0], group[-1]
+    scope = layer_key(first.scope) if len(group) > 1 else first.scope
+    return PrunableUnit(
+        name="",
+        scope=scope,
+        entry=first.entry,
+        exit=last.exit,
+        add_nodes=tuple(index.nodes[r.add_node].name or f"#{r.add_node}" for r in group),
+        sublayers=len(group),
+        has_attention=any(r.has_attention for r in group),
+    )
+
+
+def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
+    """Nodes, parameters and graph inputs/outputs that go when each unit alone goes."""
+    outputs = index.output_names
+    base_live = index.live_nodes(outputs)
+    used_inputs = {t for n in base_live for t in index.nodes[n].input}
+    for unit in units:
+        downstream = index.descendants_of(unit.exit)
+        interior = index.descendants_of(unit.entry) & index.ancestors_of(unit.exit)
+        owned = []
+        for name in outputs:
+            if name == unit.exit or name in index.constants or name in index.input_names:
+                continue
+            p = index.producer.get(name)
+            if p is None or p in downstream:
+                continue
+            if p in interior or index.ancestors_of(name, stop_below=index.position(unit.entry) + 1) & interior:
+                owned.append(name)
+        live = index.live_nodes([o for o in outputs if o not in owned], {unit.exit: unit.entry})
+        dead = base_live - live
+        still_used = {t for n in live for t in index.nodes[n].input}
+        dead_weights = {t for n in dead for t in index.nodes[n].input if t in index.constants and t not in still_used}
+        unit.nodes = tuple(index.nodes[n].name or f"#{n}" for n in sorted(dead))
+        unit.params = sum(index.numel(t) for t in dead_weights if index.constants[t].dims)
+        unit.owned_outputs = tuple(owned)
+        unit.owned_inputs = tuple(
+            i for i in index.input_names if i in used_inputs and i not in still_used and i != unit.entry
+        )
+
+
+def _name_units(units: list[PrunableUnit]) -> None:
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.scope] = counts.get(u.scope, 0) + 1
+    for i, u in enumerate(units):
+        u.name = u.scope if u.scope and counts[u.scope] == 1 else f"unit{i}" + (f"@{u.scope}" if u.scope else "")
+
+
+def layer_index_of(name: str) -> int | None:
+    """The layer number in a KV-cache tensor name such as `past_key_values.3.key`."""
+    m = re.search(r"(?:^|[._/])(\d+)(?:[._/]|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def with_flops(units: Sequence[PrunableUnit], flops: Mapping[str, int]) -> list[PrunableUnit]:
+    """Units with `flops` set from per-node FLOPs (keyed by node name)."""
+    return [replace(u, flops=sum(flops.get(n, 0) for n in u.nodes)) for u in units]
