@@ -1,0 +1,248 @@
+"""The `sglp-onnx` command line: a thin layer over the Python API.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 an
+internal error (a bug: the message asks for a report), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Iterator
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+class _State:
+    verbose = False
+    quiet = False
+
+
+def _progress_factory(state: _State):
+    """tqdm bars on a terminal (or with -v); nothing in a pipe, nothing with -q."""
+    if state.quiet or not (sys.stderr.isatty() or state.verbose):
+        return None
+    from tqdm import tqdm
+
+    def progress(iterable: Iterator, label: str) -> Iterator:
+        return tqdm(iterable, desc=label, unit="batch", file=sys.stderr, leave=False)
+
+    return progress
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="sglp-onnx")
+@click.option("-v", "--verbose", is_flag=True, help="Progress bars even in pipes; tracebacks on internal errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """Remove whole residual layers from ONNX models (SGLP and baselines).
+
+    \b
+    Examples:
+      sglp-onnx compress model.onnx --ratio 0.3
+      sglp-onnx compress model.onnx --torch-model pkg.mod:factory --torch-weights w.pt
+      sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
+    """
+    state = ctx.ensure_object(_State)
+    state.verbose, state.quiet = verbose, quiet
+
+
+def _selection_options(f):
+    options = [
+        click.option("--calib", type=click.Path(dir_okay=False),
+                     help="Calibration .npz (arrays named after the model inputs, optional 'labels'). "
+                          "Default: MODEL.calib.npz beside the model."),
+        click.option("--remove", type=int, help="Number of units to remove."),
+        click.option("--ratio", type=float, help="Fraction of units to remove, in (0, 1). Default 0.25."),
+        click.option("--target-flops", type=float, help="Remove units until this fraction of FLOPs is gone."),
+        click.option("--criterion", default="sglp", show_default=True,
+                     help="sglp, cka-removal, block-influence, gradnorm, last or random."),
+        click.option("--segments", type=int, help="Number of Fisher segments K (default: automatic)."),
+        click.option("--torch-model", metavar="MODULE:FACTORY",
+                     help="Factory of the torch model the ONNX file was exported from (enables GradNorm)."),
+        click.option("--torch-weights", type=click.Path(dir_okay=False),
+                     help="Weights for --torch-model (.pt state_dict or .safetensors)."),
+        click.option("--granularity", type=click.Choice(["layer", "sublayer"]), default="layer", show_default=True,
+                     help="Prune whole transformer layers, or attention and MLP separately."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+                     show_default=True, help="ONNX Runtime execution provider."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices."),
+        click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _api_options(kwargs: dict, state: _State) -> dict:
+    return dict(
+        calib=kwargs["calib"], remove=kwargs["remove"], ratio=kwargs["ratio"],
+        target_flops=kwargs["target_flops"], criterion=kwargs["criterion"], segments=kwargs["segments"],
+        torch_model=kwargs["torch_model"], torch_weights=kwargs["torch_weights"],
+        granularity=kwargs["granularity"], batch_size=kwargs["batch_size"], provider=kwargs["provider"],
+        seed=kwargs["seed"], progress=_progress_factory(state),
+    )
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: MODEL.pruned.onnx.")
+@_selection_options
+@click.option("--report", type=click.Path(dir_okay=False), help="JSON report. Default: OUTPUT with .json.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the CKA heatmap and importances.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
+@click.pass_obj
+def compress(state: _State, model: str, output: str | None, report: str | None, plot: str | None,
+             force: bool, as_json: bool, **kwargs) -> None:
+    """Remove residual units from MODEL and write a validated, smaller ONNX file.
+
+    \b
+    Examples:
+      sglp-onnx compress model.onnx --ratio 0.3
+      sglp-onnx compress model.onnx --target-flops 0.5 --criterion block-influence -o small.onnx
+      sglp-onnx compress resnet.onnx --torch-model models.resnet_cifar:resnet56_digits \\
+          --torch-weights resnet56.pt --remove 8 --plot cka.png
+    """
+    from .pipeline import compress as run
+
+    result = run(model, output, report=report, plot=plot, force=force, **_api_options(kwargs, state))
+    if as_json:
+        from .report import to_json
+
+        click.echo(to_json(result.report), nl=False)
+    elif not state.quiet:
+        click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@_selection_options
+@click.pass_obj
+def analyze(state: _State, model: str, as_json: bool, **kwargs) -> None:
+    """Show units, CKA segments and importance of MODEL; writes nothing.
+
+    \b
+    Example:
+      sglp-onnx analyze model.onnx --calib calib.npz --ratio 0.3
+    """
+    from .pipeline import analyze as run
+
+    result = run(model, **_api_options(kwargs, state))
+    if as_json:
+        from .report import to_json
+
+        click.echo(to_json(result.report), nl=False)
+    elif not state.quiet:
+        click.echo(result.summary())
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help=".npz with the model inputs and optional 'labels'.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.pass_obj
+def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, provider: str, as_json: bool) -> None:
+    """Accuracy (with labels), perplexity (causal LMs) and agreement with the first MODEL.
+
+    \b
+    Example:
+      sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
+    """
+    from .evaluate import evaluate, format_metrics
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    results = evaluate(models, data, provider=provider, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in results], indent=2))
+    elif not state.quiet:
+        click.echo(format_metrics(results))
+
+
+@cli.command()
+@click.argument("factory", metavar="MODULE:FACTORY")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights to load into the model.")
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
+@click.option("--input-shape", help="Example input shape such as 1,3,32,32 when the model has no example_inputs().")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.pass_obj
+def export(state: _State, factory: str, output: str, torch_weights: str | None, exporter: str,
+           input_shape: str | None, force: bool) -> None:
+    """Export a torch model to a single-file ONNX model with a dynamic batch.
+
+    \b
+    Example:
+      sglp-onnx export models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt -o r56.onnx
+    """
+    from pathlib import Path
+
+    import torch
+
+    from .export import export_torch, load_torch_model
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UserError(f"the folder of the output does not exist: {out.parent}")
+    model = load_torch_model(factory, torch_weights)
+    if input_shape:
+        try:
+            dims = tuple(int(d) for d in input_shape.split(","))
+        except ValueError:
+            raise UserError(f"--input-shape must be comma-separated integers, got {input_shape!r}") from None
+        example = (torch.zeros(dims),)
+    elif hasattr(model, "example_inputs"):
+        example = tuple(model.example_inputs())
+    else:
+        raise UserError("the model has no example_inputs() method; pass --input-shape such as 1,3,32,32")
+    export_torch(model, example, out, exporter=exporter)
+    if not state.quiet:
+        click.echo(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one clear line and exit 2 for anything the user can fix."""
+    state_verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_USAGE
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return EXIT_USAGE
+    except click.UsageError as exc:
+        hint = f" (see 'sglp-onnx {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        return EXIT_USAGE
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted; nothing was written", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so, keep the traceback for -v
+        if state_verbose:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v",
+                   err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
