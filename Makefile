@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/sglp-onnx eval $(MODEL) $(OUT)/resnet56_digits.pruned.onnx --data models/digits.test.npz
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow

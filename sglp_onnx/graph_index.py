@@ -24,6 +24,12 @@ FLOAT_TYPES = {
 }
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+# Outputs of these depend on a tensor's shape, not its values: a path through
+# them does not make one tensor a function of another's values.
+SHAPE_ONLY_OPS = {"Shape", "Size"}
+# Never constant-folded even when every input is constant.
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"}
 
 
 def _subgraph_references(node: onnx.NodeProto) -> set[str]:
@@ -103,6 +109,15 @@ class GraphIndex:
                         self.constants[node.output[0]] = attr.t
                         self.dtypes[node.output[0]] = attr.t.data_type
             self.subgraph_refs |= _subgraph_references(node)
+        # Tensors computed from constants only (exporters route shared weights
+        # through Identity, cast them, or build them from Constant nodes).
+        self.constant_valued: set[str] = set(self.constants)
+        for node in graph.node:
+            inputs = [i for i in node.input if i]
+            if inputs and node.op_type not in NONDETERMINISTIC_OPS and not any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+            ) and all(i in self.constant_valued for i in inputs):
+                self.constant_valued.update(o for o in node.output if o)
         self.implicit_inputs = {
             i: _subgraph_references(node) for i, node in enumerate(graph.node) if any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
@@ -117,11 +132,21 @@ class GraphIndex:
 
     # -- tensors ---------------------------------------------------------
     def is_constant(self, name: str) -> bool:
-        return name in self.constants
+        """True for initializers, Constant outputs and anything computed from constants alone."""
+        return name in self.constant_valued
+
+    def constant_source(self, name: str) -> str:
+        """The initializer behind a chain of Identity/Cast nodes (else `name`)."""
+        while name not in self.constants and name in self.producer:
+            node = self.nodes[self.producer[name]]
+            if node.op_type not in ("Identity", "Cast") or not node.input:
+                break
+            name = node.input[0]
+        return name
 
     def is_weight(self, name: str) -> bool:
         """A float constant with more than one element (not a scalar or a shape)."""
-        tensor = self.constants.get(name)
+        tensor = self.constants.get(self.constant_source(name))
         if tensor is None or tensor.data_type not in FLOAT_TYPES:
             return False
         return int(np.prod(tensor.dims)) > 1 if tensor.dims else False
@@ -142,8 +167,12 @@ class GraphIndex:
         return self._scopes
 
     # -- reachability ----------------------------------------------------
-    def ancestors_of(self, tensor: str, *, stop_below: int = -1) -> set[int]:
-        """Indices of nodes that tensor depends on, ignoring nodes before `stop_below`."""
+    def ancestors_of(self, tensor: str, *, stop_below: int = -1, values_only: bool = False) -> set[int]:
+        """Indices of nodes that tensor depends on, ignoring nodes before `stop_below`.
+
+        With `values_only`, the walk does not pass through Shape/Size nodes:
+        what they read is needed for its shape, not its values.
+        """
         seen: set[int] = set()
         queue = deque([tensor])
         while queue:
@@ -152,13 +181,15 @@ class GraphIndex:
             if p is None or p in seen or p < stop_below:
                 continue
             seen.add(p)
+            if values_only and self.nodes[p].op_type in SHAPE_ONLY_OPS:
+                continue
             queue.extend(i for i in self.nodes[p].input if i)
             queue.extend(self.implicit_inputs.get(p, ()))
         return seen
 
     def is_ancestor(self, source: str, tensor: str) -> bool:
-        """True when `tensor` is computed (strictly) from `source`."""
-        if source == tensor:
+        """True when the values of `tensor` are computed (strictly) from the values of `source`."""
+        if source == tensor or self.is_constant(source):
             return False
         start = self.position(source)
         seen: set[str] = set()
@@ -167,6 +198,8 @@ class GraphIndex:
             t = queue.popleft()
             p = self.producer.get(t)
             if p is None or p <= start and start >= 0:
+                continue
+            if self.nodes[p].op_type in SHAPE_ONLY_OPS:
                 continue
             for i in self.nodes[p].input:
                 if i == source:

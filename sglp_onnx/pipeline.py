@@ -19,21 +19,23 @@ import onnx
 
 from .allocation import removal_count
 from .calibration import CalibrationSet, load_calibration, model_inputs, sidecar_path, synthetic_calibration
-from .criteria import Context, Selection, get_criterion
+from .criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
-from .model_files import atomic_paths, load_model, save_model
-from .report import summary, to_json, tool_info, unit_records
+from .model_files import atomic_paths, check_folder_writable, load_model, save_model
+from .report import analysis_summary, summary, to_json, tool_info, unit_records
 from .representations import probe, probe_shapes
 from .segmentation import segments_of
 from .surgery import remove_units
-from .units import PrunableUnit, find_units, residual_adds, with_flops
+from .units import PrunableUnit, find_units, probe_targets, with_flops
 from .validation import ValidationError, validate
 
 DEFAULT_RATIO = 0.25
 PROBE_SAMPLES = 2
 PAIRING_SAMPLES = 8
+# FLOPs fractions `analyze` suggests removal sets for.
+DEFAULT_SUGGESTIONS = (0.10, 0.25, 0.50)
 
 Progress = Callable[[Iterator, str], Iterator]
 
@@ -59,7 +61,8 @@ class Analysis:
         return [self.units[i] for i in self.selection.removed]
 
     def summary(self) -> str:
-        return summary(self.report)
+        """The analysis table, segments and removal suggestions, as printed by `sglp-onnx analyze`."""
+        return analysis_summary(self.report)
 
 
 @dataclass
@@ -67,6 +70,10 @@ class CompressionResult(Analysis):
     pruned: onnx.ModelProto | None = None
     output: Path | None = None
     report_path: Path | None = None
+
+    def summary(self) -> str:
+        """What was removed and what it saved, as printed by `sglp-onnx compress`."""
+        return summary(self.report)
 
 
 @contextmanager
@@ -108,12 +115,13 @@ def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> 
         raise UserError(f"the {what} {path} is the input model; choose another path (the input is never overwritten)")
     if not path.parent.is_dir():
         raise UserError(f"the folder of the {what} does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"cannot write the {what} into {path.parent} (permission denied)")
+    if path.is_dir():
+        raise UserError(f"the {what} {path} is a folder; give a file name")
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise UserError(f"the {what} {path} is a folder")
+    # os.access says yes to root even where the file system refuses files
+    # (/proc, read-only mounts): try the real thing before hours of work.
+    check_folder_writable(path.parent, what=what)
 
 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
@@ -137,9 +145,7 @@ def _load_paired_model(spec: str, weights: str | None):
 def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
               timings: dict[str, float]) -> tuple[list[PrunableUnit], int]:
     with _timed(timings, "discovery"):
-        index = GraphIndex(model)
-        candidates = residual_adds(index)
-        names = [t for r in candidates for t in (r.entry, r.exit)] + tensors_needed(model)
+        names = probe_targets(model) + tensors_needed(model)
         feed = calib.first(PROBE_SAMPLES)
         n_probe = next(iter(feed.values())).shape[0]
         shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
@@ -168,6 +174,60 @@ def _budget_to_count(criterion, ctx: Context, units: Sequence[PrunableUnit], tot
                     f"{sum(u.flops for u in units) / max(total_flops, 1):.1%} of the FLOPs")
 
 
+def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int,
+                     targets: Sequence[float]) -> list[dict]:
+    """For each FLOPs fraction in `targets`, the units `criterion` would remove to reach it.
+
+    The rule is that of `--target-flops`: the smallest removal count whose
+    selection removes at least that fraction of the model's FLOPs, so each
+    suggestion is exactly what `compress --target-flops F` would remove.
+    Selections reuse the evidence and GradNorm cached in `ctx`: no second
+    calibration pass.
+    """
+    wanted = list(dict.fromkeys(float(t) for t in targets))
+    for t in wanted:
+        if not 0.0 < t < 1.0:
+            raise UserError(f"suggestion targets must be FLOPs fractions in (0, 1), got {t}")
+    pending = sorted(wanted)
+    found: dict[float, tuple[int, Selection]] = {}
+    reason = None
+    for n in range(1, len(units)):
+        if not pending:
+            break
+        try:
+            selection = criterion.select(ctx, n)
+        except UserError as exc:  # e.g. an explicit --segments K caps the count at L - K
+            reason = str(exc)
+            break
+        flops = sum(units[i].flops for i in selection.removed)
+        while pending and flops >= pending[0] * total_flops:
+            found[pending.pop(0)] = (n, selection)
+    if reason is None:
+        most = sum(u.flops for u in units) / max(total_flops, 1)
+        reason = f"removing all but one unit removes only {most:.1%} of the FLOPs"
+    suggestions = []
+    for t in wanted:
+        if t not in found:
+            suggestions.append({"target_flops": t, "achievable": False, "units_removed": None, "removed": None,
+                                "names": None, "flops_removed": None, "flops_removed_fraction": None,
+                                "params_removed": None, "reason": reason})
+            continue
+        n, selection = found[t]
+        flops = sum(units[i].flops for i in selection.removed)
+        suggestions.append({
+            "target_flops": t,
+            "achievable": True,
+            "units_removed": n,
+            "removed": list(selection.removed),
+            "names": [units[i].name for i in selection.removed],
+            "flops_removed": int(flops),
+            "flops_removed_fraction": flops / max(total_flops, 1),
+            "params_removed": int(sum(units[i].params for i in selection.removed)),
+            "reason": None,
+        })
+    return suggestions
+
+
 def analyze(
     model_path: str | os.PathLike,
     *,
@@ -185,13 +245,23 @@ def analyze(
     seed: int = 0,
     max_calib_samples: int | None = None,
     progress: Progress | None = None,
+    suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
+    plot: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> Analysis:
-    """Find units, measure them and choose which to remove, without writing anything.
+    """Find units, measure them and choose which to remove, without writing a model.
 
-    Arguments mirror `sglp-onnx compress`; see `compress`.
+    Arguments mirror `sglp-onnx compress`; see `compress`. `suggest` lists
+    FLOPs fractions for which the report's `suggestions` say which units the
+    criterion would remove (None: no suggestions). `plot` writes the
+    figure of `plots.plot_report` there as PNG (an existing file only with
+    `force`); nothing else is written.
     """
     timings: dict[str, float] = {}
     remove, ratio, target_flops = _check_budget(remove, ratio, target_flops)
+    plot_path = Path(plot) if plot is not None else None
+    if plot_path is not None:
+        _check_writable(plot_path, force=force, what="plot", input_path=Path(model_path))
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if segments is not None and segments < 1:
@@ -234,6 +304,10 @@ def analyze(
                                                target_flops=target_flops)
     # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
     timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
+    suggestions = None
+    if suggest:
+        with _timed(timings, "suggestions"):
+            suggestions = suggest_removals(chosen, ctx, units, total_flops, suggest)
 
     removed = set(selection.removed)
     seg_ids = segments_of(selection.segments) if selection.segments else None
@@ -261,11 +335,17 @@ def analyze(
         "pairing": pairing_info,
         "before": {"params": _model_params(model), "flops": total_flops,
                    "file_size": model_path.stat().st_size},
+        "suggestions": suggestions,
         "notes": list(selection.notes),
         "timings": timings,
     }
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
+    if plot_path is not None:
+        with _timed(timings, "plot"), atomic_paths(plot_path) as (tmp,):
+            from .plots import plot_report
+
+            plot_report(report, tmp)
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
                     total_flops=total_flops, timings=timings)
 
@@ -325,7 +405,8 @@ def compress(
     if plot_path is not None:
         _check_writable(plot_path, force=force, what="plot", input_path=model_path)
 
-    analysis = analyze(model_path, **options)
+    # Suggestions are for deciding what to remove; compress has decided.
+    analysis = analyze(model_path, **{"suggest": None, **options})
     timings = analysis.timings
     removed = analysis.removed_units
     with _timed(timings, "surgery"):

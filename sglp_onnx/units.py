@@ -83,7 +83,7 @@ def _skip_source(index: GraphIndex, tensor: str) -> str:
 
 def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
     """Nodes on some path from `source` to `target` (inclusive of target's producer)."""
-    ancestors = index.ancestors_of(target, stop_below=index.position(source) + 1)
+    ancestors = index.ancestors_of(target, stop_below=index.position(source) + 1, values_only=True)
     reached: set[int] = set()
     frontier = [c for c in index.consumers.get(source, ()) if c in ancestors]
     while frontier:
@@ -107,18 +107,47 @@ def _post_op(index: GraphIndex, add_output: str) -> int | None:
         return None
     if any(o for o in node.output[1:] if index.consumers.get(o) or o in index.output_names):
         return None
+    # The op belongs to the block only when it runs inside the block's module:
+    # a pre-norm stack's final norm also reads the last residual Add alone.
+    add_scope, post_scope = index.scopes[index.producer[add_output]], index.scopes[users[0]]
+    if add_scope and post_scope and post_scope != add_scope and not post_scope.startswith(add_scope + "."):
+        return None
     return users[0]
 
 
-def residual_adds(index: GraphIndex) -> list[Residual]:
-    """Every Add of the form `x + f(x)` whose branch f carries weights."""
-    found: list[Residual] = []
+def _candidate_adds(index: GraphIndex):
     for i, node in enumerate(index.nodes):
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         a, b = node.input
-        if not a or not b or index.is_constant(a) or index.is_constant(b):
-            continue
+        if a and b and not index.is_constant(a) and not index.is_constant(b):
+            yield i, node
+
+
+def probe_targets(model: onnx.ModelProto) -> list[str]:
+    """Tensors whose runtime shape and dtype discovery needs: both sides of every
+    Add of two computed tensors, the Cast/Identity chains behind them, its output
+    and the output of a following op."""
+    index = GraphIndex(model)
+    names: list[str] = []
+    for _, node in _candidate_adds(index):
+        for t in node.input:
+            names.append(t)
+            while t in index.producer and index.nodes[index.producer[t]].op_type in PASS_THROUGH_OPS:
+                t = index.nodes[index.producer[t]].input[0]
+                names.append(t)
+        names.append(node.output[0])
+        post = _post_op(index, node.output[0])
+        if post is not None:
+            names.append(index.nodes[post].output[0])
+    return list(dict.fromkeys(names))
+
+
+def residual_adds(index: GraphIndex) -> list[Residual]:
+    """Every Add of the form `x + f(x)` whose branch f carries weights (shapes unchecked)."""
+    found: list[Residual] = []
+    for i, node in _candidate_adds(index):
+        a, b = node.input
         for skip_input, branch in ((a, b), (b, a)):
             entry = _skip_source(index, skip_input)
             if not index.is_ancestor(entry, branch):
@@ -136,9 +165,38 @@ def residual_adds(index: GraphIndex) -> list[Residual]:
                 has_attention=any(index.nodes[n].op_type in ATTENTION_OPS for n in region),
             ))
             break
-    # A residual nested inside another's branch is part of that block.
-    inner = {r.add_node for r in found for s in found if s is not r and r.add_node in s.region}
-    return [r for r in found if r.add_node not in inner]
+    found = _consistent_post_ops(index, found)
+    return found
+
+
+def innermost(residuals: Sequence[Residual]) -> list[Residual]:
+    """Drop every residual whose branch contains another residual.
+
+    The inner blocks are the units: removing an outer one would take a whole
+    stage with it (a U-Net long skip), and an Add that merely looks residual
+    because its "skip" (an attention mask built in an earlier layer) feeds the
+    rest of the network contains real residual blocks in its branch.
+    """
+    adds = {r.add_node for r in residuals}
+    return [r for r in residuals if not (r.region & (adds - {r.add_node}))]
+
+
+def _consistent_post_ops(index: GraphIndex, found: list[Residual]) -> list[Residual]:
+    """Drop a post-op that the chained blocks never show.
+
+    When blocks chain Add to Add (pre-norm: the next block's skip reads the
+    Add itself), an op after a block that feeds no further block (the final
+    norm) is not part of that block, unless chained blocks end with it too.
+    """
+    entries = {r.entry for r in found}
+    chained = {None if r.post_node is None else index.nodes[r.post_node].op_type for r in found if r.exit in entries}
+    if None not in chained:
+        return found
+    return [
+        replace(r, post_node=None, exit=index.nodes[r.add_node].output[0])
+        if r.post_node is not None and index.nodes[r.post_node].op_type not in chained else r
+        for r in found
+    ]
 
 
 def layer_key(scope: str) -> str:
@@ -206,17 +264,18 @@ def find_units(
     """
     if granularity not in GRANULARITIES:
         raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    index = GraphIndex(model)
-    residuals = residual_adds(index)
     if shapes is None:
         shapes, inferred_dtypes = static_shapes(model)
         dtypes = {**inferred_dtypes, **(dtypes or {})}
-    dtypes = {**index.dtypes, **(dtypes or {})}
-    residuals = [
+    index = GraphIndex(model)
+    index.dtypes.update(dtypes or {})
+    residuals = residual_adds(index)
+    dtypes = index.dtypes
+    residuals = innermost([
         r for r in residuals
         if _shape_ok(r.entry, r.exit, shapes, dtypes)
         and r.exit not in index.subgraph_refs
-    ]
+    ])
     units = [_make_unit(index, group) for group in _group(residuals, granularity)]
     _fill_removal_sets(index, units)
     _name_units(units)
