@@ -1,11 +1,89 @@
 """sglp-onnx: remove whole residual layers from ONNX models.
 
-Public API: `compress`, `analyze`, `evaluate`, `bench`, `export_torch`, and the
-`UserError` raised for every problem the caller can fix.
+Public API, mirroring the command line: `compress`, `analyze`, `evaluate`,
+`bench`, `export_torch`; their results (`CompressionResult`, `Analysis`,
+`PrunableUnit`); `validate_report` and `plot_report` for saved reports; and
+the `UserError` raised for every problem the caller can fix. Everything but
+`UserError` is imported on first use, so `import sglp_onnx` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__"]
+# name -> (module, attribute). Imported on first use: `import sglp_onnx`
+# stays cheap (no onnx, onnxruntime, torch or matplotlib until needed).
+_LAZY: dict[str, tuple[str, str]] = {
+    "compress": ("pipeline", "compress"),
+    "analyze": ("pipeline", "analyze"),
+    "Analysis": ("pipeline", "Analysis"),
+    "CompressionResult": ("pipeline", "CompressionResult"),
+    "evaluate": ("evaluate", "evaluate"),
+    "bench": ("bench", "bench"),
+    "export_torch": ("export", "export_torch"),
+    "PrunableUnit": ("units", "PrunableUnit"),
+    "validate_report": ("report", "validate_report"),
+    "plot_report": ("plots", "plot_report"),
+}
+
+if TYPE_CHECKING:
+    from .bench import bench
+    from .evaluate import evaluate
+    from .export import export_torch
+    from .pipeline import Analysis, CompressionResult, analyze, compress
+    from .plots import plot_report
+    from .report import validate_report
+    from .units import PrunableUnit
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    try:
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{module}":
+            raise
+        raise AttributeError(f"{__name__}.{name} is not available: this installation has no "
+                             f"{__name__}.{module} module") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """Keeps `sglp_onnx.evaluate` and `sglp_onnx.bench` the functions.
+
+    Importing a submodule binds it as an attribute of its package, so the
+    first `from .evaluate import ...` anywhere would replace the public
+    function `evaluate` with the module `sglp_onnx.evaluate`. `from
+    sglp_onnx.evaluate import ...` still works (it reads `sys.modules`);
+    reach the modules themselves as `sys.modules["sglp_onnx.evaluate"]`,
+    since `import sglp_onnx.evaluate as m` binds the function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name] == (name, name):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+__all__ = ["UserError", "__version__"] + [
+    name for name, (module, _) in _LAZY.items() if (Path(__file__).parent / f"{module}.py").exists()
+]

@@ -1,13 +1,16 @@
 """The `sglp-onnx` command line: a thin layer over the Python API.
 
 Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 an
-internal error (a bug: the message asks for a report), 130 interrupted.
+internal error (a bug: the message asks for a report), 130 interrupted by
+Ctrl-C (SIGINT), 143 terminated (SIGTERM); an interrupt leaves no partial file.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from typing import Iterator
 
@@ -48,9 +51,13 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
     \b
     Examples:
+      sglp-onnx analyze model.onnx --plot cka.png
       sglp-onnx compress model.onnx --ratio 0.3
       sglp-onnx compress model.onnx --torch-model pkg.mod:factory --torch-weights w.pt
       sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
+      sglp-onnx export pkg.mod:factory --torch-weights w.pt -o model.onnx
+
+    Run 'sglp-onnx COMMAND --help' for the options and examples of each command.
     """
     state = ctx.ensure_object(_State)
     state.verbose, state.quiet = verbose, quiet
@@ -77,6 +84,9 @@ def _selection_options(f):
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
                      show_default=True, help="ONNX Runtime execution provider."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices."),
+        click.option("--sequential", is_flag=True,
+                     help="Calibrate piece by piece (graph cut at unit boundaries, activations spilled to a "
+                          "temporary folder) so ONNX Runtime holds one piece's weights at a time: for big models."),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout."),
     ]
     for option in reversed(options):
@@ -90,7 +100,7 @@ def _api_options(kwargs: dict, state: _State) -> dict:
         target_flops=kwargs["target_flops"], criterion=kwargs["criterion"], segments=kwargs["segments"],
         torch_model=kwargs["torch_model"], torch_weights=kwargs["torch_weights"],
         granularity=kwargs["granularity"], batch_size=kwargs["batch_size"], provider=kwargs["provider"],
-        seed=kwargs["seed"], progress=_progress_factory(state),
+        seed=kwargs["seed"], progress=_progress_factory(state), sequential=kwargs["sequential"],
     )
 
 
@@ -124,20 +134,42 @@ def compress(state: _State, model: str, output: str | None, report: str | None, 
         click.echo(result.summary())
 
 
+def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    try:
+        fractions = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated fractions such as 0.1,0.25,0.5, got {value!r}") from None
+    if not all(0.0 < f < 1.0 for f in fractions):
+        raise click.BadParameter(f"every fraction must be in (0, 1), got {value!r}")
+    return fractions
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @_selection_options
+@click.option("--suggest", default="0.1,0.25,0.5", show_default=True, callback=_fractions, metavar="F1,F2,...",
+              help="FLOPs fractions to suggest removal sets for ('none': no suggestions).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the CKA heatmap and importances.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
 @click.pass_obj
-def analyze(state: _State, model: str, as_json: bool, **kwargs) -> None:
-    """Show units, CKA segments and importance of MODEL; writes nothing.
+def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...] | None, plot: str | None,
+            force: bool, **kwargs) -> None:
+    """Show the units of MODEL with their cost, CKA segments and importance,
+    and which units the criterion would remove for a few FLOPs targets.
+    Writes nothing (except the --plot PNG when asked).
 
     \b
-    Example:
-      sglp-onnx analyze model.onnx --calib calib.npz --ratio 0.3
+    Examples:
+      sglp-onnx analyze model.onnx
+      sglp-onnx analyze model.onnx --calib calib.npz --suggest 0.2,0.4 --plot cka.png
+      sglp-onnx analyze resnet.onnx --torch-model models.resnet_cifar:resnet56_digits \\
+          --torch-weights resnet56.pt --json > analysis.json
     """
     from .pipeline import analyze as run
 
-    result = run(model, **_api_options(kwargs, state))
+    result = run(model, suggest=suggest, plot=plot, force=force, **_api_options(kwargs, state))
     if as_json:
         from .report import to_json
 
@@ -170,6 +202,40 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
         click.echo(json.dumps([m.to_dict() for m in results], indent=2))
     elif not state.quiet:
         click.echo(format_metrics(results))
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True,
+              help="Batch size; repeat for several (--batch-size 1 --batch-size 64). Default 1.")
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model and batch size.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="ONNX Runtime intra-op threads; 1 gives repeatable CPU numbers, 0 lets ONNX Runtime choose.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="Inputs .npz (default: MODEL.calib.npz of the first model that has one, else synthetic).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_obj
+def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], runs: int, warmup: int,
+          threads: int, provider: str, data: str | None, as_json: bool) -> None:
+    """Latency (p50/p90/p99), throughput, params, FLOPs and size of MODELS side by side.
+
+    Models run interleaved; each is compared with the first (latency and
+    FLOPs ratios).
+
+    \b
+    Example:
+      sglp-onnx bench model.onnx model.pruned.onnx --batch-size 1 --batch-size 64
+    """
+    from .bench import bench as run, format_results
+
+    results = run(models, batch_sizes=batch_sizes or (1,), runs=runs, warmup=warmup, provider=provider,
+                  threads=threads, data=data)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    elif not state.quiet:
+        click.echo(format_results(results))
 
 
 @cli.command()
@@ -215,9 +281,55 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
         click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("model", metavar="PRUNED.onnx", type=click.Path(dir_okay=False))
+@click.option("--torch-model", required=True, metavar="MODULE:FACTORY",
+              help="Factory of the torch model the unpruned ONNX file was exported from.")
+@click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
+@click.option("--train-data", required=True, type=click.Path(dir_okay=False),
+              help=".npz of training inputs (named after the model inputs) and 'labels'.")
+@click.option("--epochs", required=True, type=int, help="Passes over the training data.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate (cosine decay to 0).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the batch order and torch.")
+@click.option("--distill-weight", type=float, default=0.5, show_default=True,
+              help="Weight w of the distillation term: (1-w) CE + w T^2 KL(teacher || student).")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature T.")
+@click.option("--eval-data", type=click.Path(dir_okay=False), help=".npz to report metrics on before and after.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="The pruning report of PRUNED.onnx. Default: PRUNED.json beside it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: PRUNED.finetuned.onnx.")
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="ONNX Runtime provider for the checks and --eval-data.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@click.pass_obj
+def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
+    """Heal a pruned model: skip its removed units in the paired torch model,
+    fine-tune with cross-entropy plus distillation from the unpruned model,
+    and write the result as ONNX with the same inputs and outputs.
+
+    \b
+    Example:
+      sglp-onnx finetune r56.pruned.onnx --torch-model models.resnet_cifar:resnet56_digits \\
+          --torch-weights models/resnet56_digits.pt --train-data train.npz --epochs 3 --eval-data test.npz
+    """
+    from .finetune import finetune as run
+
+    result = run(model, progress=_progress_factory(state), **kwargs)
+    if as_json:
+        from .report import to_json
+
+        click.echo(to_json(result.report), nl=False)
+    elif not state.quiet:
+        click.echo(result.summary())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one clear line and exit 2 for anything the user can fix."""
     state_verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    previous_sigterm = _handle_sigterm_as_interrupt()
     try:
         cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
     except UserError as exc:
@@ -232,16 +344,43 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("interrupted; nothing was written", err=True)
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        # click turns KeyboardInterrupt into Abort; the original is its cause.
+        original = exc.__cause__ if isinstance(exc, click.exceptions.Abort) and exc.__cause__ else exc
+        signum = getattr(original, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        if getattr(original, "output_written", False):
+            click.echo(f"interrupted ({name}) after every output file was written", err=True)
+        else:
+            click.echo(f"interrupted ({name}); nothing was written", err=True)
+        return 128 + int(signum)
     except Exception as exc:  # a bug: say so, keep the traceback for -v
         if state_verbose:
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v",
                    err=True)
         return EXIT_INTERNAL
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every atomic write removes its temporary files."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm_as_interrupt():
+    """Install the SIGTERM handler; return the previous one (None where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
-from .model_files import atomic_paths, check_folder_writable, load_model, save_model
+from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, save_model
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
 from .representations import probe, probe_shapes
 from .segmentation import segments_of
@@ -76,8 +77,26 @@ class CompressionResult(Analysis):
         return summary(self.report)
 
 
+# Test hook: SGLP_ONNX_PAUSE_AT=STAGE[:SECONDS] stops at the start of STAGE
+# (load, discovery, pairing, selection, surgery, validation, write) or at
+# "rename" (every output complete in its temporary file), says so on stderr
+# and sleeps, so that tests can interrupt a run at a known point.
+PAUSE_ENV = "SGLP_ONNX_PAUSE_AT"
+
+
+def _pause_point(point: str) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, seconds = spec.partition(":")
+    if name == point:
+        print(f"sglp-onnx: paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 60))
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
+    _pause_point(stage)
     start = time.perf_counter()
     try:
         yield
@@ -143,12 +162,17 @@ def _load_paired_model(spec: str, weights: str | None):
 
 
 def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
-              timings: dict[str, float]) -> tuple[list[PrunableUnit], int]:
+              timings: dict[str, float], sequential: bool = False) -> tuple[list[PrunableUnit], int]:
     with _timed(timings, "discovery"):
         names = probe_targets(model) + tensors_needed(model)
         feed = calib.first(PROBE_SAMPLES)
         n_probe = next(iter(feed.values())).shape[0]
-        shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
+        if sequential:
+            from .sequential import probe_shapes_sequential
+
+            shapes, dtypes = probe_shapes_sequential(model, feed, names, provider=provider)
+        else:
+            shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
         units = find_units(model, granularity=granularity, shapes=shapes, dtypes=dtypes)
         # The probe ran on n_probe samples; FLOPs are reported per sample.
         per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}
@@ -191,6 +215,7 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     pending = sorted(wanted)
     found: dict[float, tuple[int, Selection]] = {}
     reason = None
+    most = 0
     for n in range(1, len(units)):
         if not pending:
             break
@@ -200,11 +225,12 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
             reason = str(exc)
             break
         flops = sum(units[i].flops for i in selection.removed)
+        most = max(most, flops)
         while pending and flops >= pending[0] * total_flops:
             found[pending.pop(0)] = (n, selection)
     if reason is None:
-        most = sum(u.flops for u in units) / max(total_flops, 1)
-        reason = f"removing all but one unit removes only {most:.1%} of the FLOPs"
+        reason = (f"removing 1 to {len(units) - 1} of the {len(units)} units (one always stays) removes at most "
+                  f"{most / max(total_flops, 1):.1%} of the FLOPs")
     suggestions = []
     for t in wanted:
         if t not in found:
@@ -245,6 +271,7 @@ def analyze(
     seed: int = 0,
     max_calib_samples: int | None = None,
     progress: Progress | None = None,
+    sequential: bool = False,
     suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
     plot: str | os.PathLike | None = None,
     force: bool = False,
@@ -276,7 +303,8 @@ def analyze(
     if chosen.needs_torch and torch_model is None:
         raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
                         "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
-    units, total_flops = _discover(model, data, granularity=granularity, provider=provider, timings=timings)
+    units, total_flops = _discover(model, data, granularity=granularity, provider=provider, timings=timings,
+                                   sequential=sequential)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual Add x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates)")
@@ -298,7 +326,8 @@ def analyze(
             return gradnorm(paired, pairing, batches, order)
 
     ctx = Context(model=model, units=units, calib=data, batch_size=batch_size, provider=provider, seed=seed,
-                  segments=segments, gradnorm_fn=gradnorm_fn, progress=progress, timings=timings)
+                  segments=segments, gradnorm_fn=gradnorm_fn, progress=progress, timings=timings,
+                  sequential=sequential)
     with _timed(timings, "selection"):
         n_remove, selection = _budget_to_count(chosen, ctx, units, total_flops, remove=remove, ratio=ratio,
                                                target_flops=target_flops)
@@ -388,7 +417,8 @@ def compress(
 
     Keyword options are those of `analyze` (calib, remove | ratio |
     target_flops, criterion, segments, torch_model, torch_weights,
-    granularity, batch_size, provider, seed, max_calib_samples, progress).
+    granularity, batch_size, provider, seed, max_calib_samples, progress,
+    sequential).
     The output (default `MODEL.pruned.onnx`) and the JSON report (default
     beside the output) are written atomically, only after validation passed.
     """
@@ -435,15 +465,33 @@ def compress(
     }
     with _timed(timings, "write"):
         targets = [out, report_path] + ([plot_path] if plot_path else [])
-        with atomic_paths(*targets) as temps:
-            save_model(pruned, temps[0], external_data=False if pruned.ByteSize() < 1_800_000_000 else True)
-            rep["after"]["file_size"] = temps[0].stat().st_size
-            if plot_path is not None:
-                from .plots import plot_report
+        # Weights near the protobuf limit go to OUTPUT.data, renamed into
+        # place with the other files (the model records the final name).
+        external = pruned.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        data_path = out.with_name(out.name + ".data")
+        if external:
+            if data_path.exists() and not force:
+                raise UserError(f"{data_path} exists; pass --force to overwrite it")
+            targets.append(data_path)
+        try:
+            with atomic_paths(*targets) as temps:
+                if external:
+                    save_model(pruned, temps[0], external_data=True, data_file=temps[-1], data_name=data_path.name)
+                else:
+                    save_model(pruned, temps[0], external_data=False)
+                rep["after"]["file_size"] = temps[0].stat().st_size + (temps[-1].stat().st_size if external else 0)
+                if plot_path is not None:
+                    from .plots import plot_report
 
-                plot_report(rep, temps[2])
-            rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
-            temps[1].write_text(to_json(rep))
+                    plot_report(rep, temps[2])
+                rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
+                temps[1].write_text(to_json(rep))
+                _pause_point("rename")
+        except OSError as exc:
+            # Disk full, quota, a folder that vanished: the environment, not a bug.
+            where = exc.filename or out.parent
+            raise UserError(f"cannot write the output ({exc.strerror or exc}: {where}); nothing was written; "
+                            "free some space or choose another folder with -o") from None
     assert removed_set == {i for i, u in enumerate(rep["units"]) if u["removed"]}
     return CompressionResult(
         model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,

@@ -131,3 +131,102 @@ def summary(report: dict) -> str:
 
 def tool_info() -> dict:
     return {"name": "sglp-onnx", "version": __version__, "report_version": REPORT_VERSION}
+
+
+def _importance_ranks(units: Sequence[dict]) -> list[int | None]:
+    """Rank 1 = least important (the first candidate for removal); ties rank the later unit lower."""
+    scored = [i for i, u in enumerate(units) if u["importance"] is not None]
+    order = sorted(scored, key=lambda i: (units[i]["importance"], -i))
+    ranks: list[int | None] = [None] * len(units)
+    for position, i in enumerate(order, start=1):
+        ranks[i] = position
+    return ranks
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def analysis_summary(report: dict) -> str:
+    """The `sglp-onnx analyze` table: every unit with its cost, segment, importance
+    rank and CKA to its neighbours, then the segments and the removal suggestions."""
+    units = report["units"]
+    cka = report.get("cka")
+    total_flops = report["before"]["flops"] or 1
+    calib = report.get("calibration") or {}
+    lines = [f"{len(units)} prunable units ({report['granularity']} granularity), criterion {report['criterion']}"]
+    if calib.get("source"):
+        lines[0] += f"; calibration: {calib.get('samples')} samples from {calib['source']}"
+    ranks = _importance_ranks(units)
+    header = (f"{'#':>3}  {'unit':<22} {'scope':<22} {'params':>7} {'FLOPs%':>7} {'seg':>3} {'rank':>5} "
+              f"{'importance':>10} {'CKA-prev':>8} {'CKA-next':>8}  selected")
+    lines += [header, "-" * len(header)]
+    for i, u in enumerate(units):
+        prev = f"{cka[i][i - 1]:.3f}" if cka and i > 0 else "-"
+        nxt = f"{cka[i][i + 1]:.3f}" if cka and i + 1 < len(units) else "-"
+        seg = "-" if u["segment"] is None else str(u["segment"])
+        rank = "-" if ranks[i] is None else str(ranks[i])
+        imp = "-" if u["importance"] is None else f"{u['importance']:.4g}"
+        lines.append(f"{i:>3}  {_short(u['name'], 22):<22} {_short(u['scope'] or '-', 22):<22} "
+                     f"{_human(u['params']):>7} {100 * u['flops'] / total_flops:>6.2f}% {seg:>3} {rank:>5} "
+                     f"{imp:>10} {prev:>8} {nxt:>8}  {'yes' if u['removed'] else ''}")
+    lines.append(f"units cover {100 * sum(u['flops'] for u in units) / total_flops:.1f}% of the model's "
+                 f"{_human(report['before']['flops'])} FLOPs per sample and "
+                 f"{_human(sum(u['params'] for u in units))} of its {_human(report['before']['params'])} parameters")
+    if any(r is not None for r in ranks):
+        lines.append(f"rank: 1 = least important; importance: {report.get('importance_kind') or '-'}")
+    if cka:
+        lines.append("CKA-prev/next: linear CKA between this unit's output and its neighbour's "
+                     "(near 1: the two outputs carry the same information)")
+    if report.get("segments"):
+        segs = ", ".join(f"[{a}..{b - 1}]" for a, b in report["segments"])
+        lines.append(f"segments (K={len(report['segments'])}): {segs}")
+        rule = (report.get("k_selection") or {}).get("rule")
+        if rule:
+            lines.append(f"  K rule: {rule}")
+    budget = report.get("budget") or {}
+    given = next(((k, v) for k, v in budget.items() if k != "units_removed" and v is not None), None)
+    chosen = [u["name"] for u in units if u["removed"]]
+    lines.append(f"selected at {given[0].replace('_', '-')} {given[1]}: {len(chosen)} units: "
+                 f"{', '.join(chosen) or 'none'}" if given else
+                 f"selected {len(chosen)} units: {', '.join(chosen) or 'none'}")
+    suggestions = report.get("suggestions")
+    if suggestions:
+        lines.append(f"removal suggestions ({report['criterion']}; same as compress --target-flops F):")
+        lines.append(f"  {'target':>6} {'units':>5} {'FLOPs removed':>13} {'params removed':>14}  units removed")
+        total_params = report["before"]["params"] or 1
+        for s in suggestions:
+            target = f"{100 * s['target_flops']:.0f}%"
+            if not s["achievable"]:
+                lines.append(f"  {target:>6}  not reachable: {s['reason']}")
+                continue
+            lines.append(f"  {target:>6} {s['units_removed']:>5} {100 * s['flops_removed_fraction']:>12.1f}% "
+                         f"{100 * s['params_removed'] / total_params:>13.1f}%  {', '.join(s['names'])}")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    timings = report.get("timings", {})
+    if timings:
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return "\n".join(lines)
+
+
+SCHEMA_FILE = "report.schema.json"
+
+
+def report_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of the report, shipped with the package."""
+    from importlib import resources
+
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def validate_report(report: dict) -> None:
+    """Check `report` (a dict, or JSON text) against `report.schema.json`.
+
+    Raises `jsonschema.ValidationError` naming the first offending key.
+    Reports are checked as they would be written, so numpy values are fine.
+    """
+    import jsonschema
+
+    data = json.loads(report if isinstance(report, str) else to_json(report))
+    jsonschema.validate(data, report_schema(), cls=jsonschema.Draft202012Validator)

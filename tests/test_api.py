@@ -1,0 +1,66 @@
+"""The public surface: a cheap `import sglp_onnx`, a documented API that
+mirrors the commands, `--version`, and examples in every command's help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import sglp_onnx
+from sglp_onnx.cli import cli, main
+
+HEAVY = ("onnx", "onnxruntime", "torch", "matplotlib", "numpy")
+
+
+def test_import_is_cheap():
+    code = f"import sys, sglp_onnx; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", [n for n in sglp_onnx.__all__ if n != "__version__"])
+def test_public_names_resolve_and_are_documented(name):
+    value = getattr(sglp_onnx, name)
+    assert value.__doc__ and value.__doc__.strip()
+    if callable(value) and not isinstance(value, type):
+        assert value.__annotations__.get("return"), f"{name} has no return annotation"
+
+
+def test_api_mirrors_the_commands():
+    for command in ("compress", "analyze", "evaluate", "bench", "export_torch"):
+        assert command in sglp_onnx.__all__
+
+
+def test_functions_stay_functions_after_their_modules_are_imported():
+    from sglp_onnx.evaluate import format_metrics  # noqa: F401  binds the submodule on the package
+
+    assert callable(sglp_onnx.evaluate) and sglp_onnx.evaluate.__name__ == "evaluate"
+    assert sys.modules["sglp_onnx.evaluate"].evaluate is sglp_onnx.evaluate
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'compresss'"):
+        sglp_onnx.compresss  # noqa: B018
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sglp-onnx, version {sglp_onnx.__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_help_has_examples(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output and f"sglp-onnx {command}" in result.output
+
+
+def test_top_level_help_lists_commands_and_examples():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in cli.commands:
+        assert command in result.output
+    assert "Examples:" in result.output
