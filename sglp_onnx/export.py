@@ -138,7 +138,7 @@ def export_torch(
         verbose: show the exporter's own console output; None reads the
             SGLP_ONNX_VERBOSE environment variable (default None).
 
-    The model's training flag is restored afterwards. Any export failure
+    Every module's training flag is restored afterwards. Any export failure
     becomes a UserError; the destination is only replaced when export succeeds.
     """
     if exporter not in EXPORTERS:
@@ -172,18 +172,19 @@ def export_torch(
         if dynamic_batch:
             kwargs["dynamic_axes"] = {name: {0: BATCH_DIM} for name in input_names + output_names}
 
-    was_training = model.training
+    # Per module, so a submodule the caller froze in eval mode stays that way.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     show = _verbose_requested(verbose)
     try:
         with tempfile.TemporaryDirectory(prefix="sglp-export-") as staging:
             staged = Path(staging) / path.name
+            if exporter == "dynamo":
+                kwargs["verbose"] = show
+                # Failure reports and dumps land here, not in the caller's cwd.
+                kwargs["artifacts_dir"] = staging
             try:
                 with _quiet(not show), torch.no_grad():
-                    if exporter == "dynamo":
-                        kwargs["verbose"] = show
-                        # Failure reports and dumps land here, not in the caller's cwd.
-                        kwargs["artifacts_dir"] = staging
                     torch.onnx.export(model, example_inputs, str(staged), **kwargs)
             except Exception as exc:
                 # The exporters raise many unrelated types (torch.export, dynamo,
@@ -196,7 +197,8 @@ def export_torch(
                 ) from None
             proto = onnx.load(str(staged))
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     save_model(proto, path)
     return proto
 
@@ -270,9 +272,12 @@ def _read_weights(path: Path) -> object:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickle that would import or call code.
+        # torch's own text advises weights_only=False; name only what was refused.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it would import {found.group(1)}" if found else "it holds more than tensors"
         raise UserError(
-            f"refusing to load {path}: it is not a plain tensor state_dict "
-            f"({_first_line(exc).splitlines()[0][:200]}); save model.state_dict() or use .safetensors"
+            f"refusing to load {path}: {what}, and weights are never unpickled as code; "
+            "save model.state_dict() with torch.save, or use .safetensors"
         ) from None
     except Exception as exc:
         raise UserError(f"cannot read weights {path}: {_first_line(exc)[:300]}") from None
