@@ -95,9 +95,11 @@ def pair_units(
         name = names[module]
         inp = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
         out = first_tensor(output)
+        # Copies: a later in-place op (ReLU(inplace=True) after a block, `x += ...`)
+        # would otherwise rewrite what was captured here.
         captured.setdefault(name, (
-            None if inp is None else inp.detach().float().numpy(),
-            None if out is None else out.detach().float().numpy(),
+            None if inp is None else inp.detach().float().numpy().copy(),
+            None if out is None else out.detach().float().numpy().copy(),
         ))
 
     for module in names:
