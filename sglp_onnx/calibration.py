@@ -92,11 +92,27 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
+    # np.load also reads .npy and pickles: anything but a zip archive is refused
+    # here, with advice on how to write one (never on how to unpickle it).
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable .npz file (not a zip archive); "
+                        "write one with numpy.savez(path, input=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
+            raise UserError(f"{path} is not a readable .npz file: it holds object (pickled) arrays, which are "
+                            "never loaded; store plain numeric arrays") from None
         raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    except Exception as exc:  # zipfile, zlib and numpy's header parser raise unrelated types
+        raise UserError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); "
+                        "write it again with numpy.savez") from None
+    not_arrays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if not_arrays:
+        raise UserError(f"{path} is not a readable .npz file: members {not_arrays[:3]} are not .npy arrays; "
+                        "write it with numpy.savez")
+    return arrays
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, max_samples: int | None = None) -> CalibrationSet:

@@ -259,12 +259,16 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
     import torch
 
     from .export import export_torch, load_torch_model
+    from .model_files import check_folder_writable
 
     out = Path(output)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise UserError(f"the folder of the output does not exist: {out.parent}")
+    if out.is_dir():
+        raise UserError(f"the output {out} is a folder; give a file name")
+    check_folder_writable(out.parent)
     model = load_torch_model(factory, torch_weights)
     if input_shape:
         try:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +22,98 @@ from .errors import UserError
 
 # Protobuf cannot serialise a message above 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialised size of `model` in bytes, or PROTOBUF_LIMIT when it is larger
+    (protobuf raises instead of measuring a message above 2 GiB)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError
+        return PROTOBUF_LIMIT
+
+
+@contextlib.contextmanager
+def saved_with_external_data(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` saved in a temporary folder with its weights in a side file, for
+    readers that need a path (ONNX Runtime, which maps the side file instead of
+    copying it, and the checker above 2 GiB). `model` is not modified."""
+    with tempfile.TemporaryDirectory(prefix="sglp-model-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_with_external_data(model, path, path.with_name("model.onnx.data"), location="model.onnx.data")
+        yield path
+
+
+# Offsets of external tensors are page aligned so that ONNX Runtime can map them.
+_DATA_ALIGNMENT = 4096
+
+
+def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, *, location: str,
+                             size_threshold: int = 1024) -> None:
+    """Write `model` with every numeric initializer of `size_threshold` bytes or
+    more in `data_path`, recorded in the model as `location`.
+
+    Unlike `onnx.save_model(..., save_as_external_data=True)`, this neither
+    strips `model` nor copies it: a stub graph with the same nodes and
+    external-data references is saved, and the weights are streamed to the
+    data file one tensor at a time. (Stripping and reloading a protobuf
+    message does not give its memory back, so it would double the footprint.)
+    """
+    stub = onnx.ModelProto()
+    _copy_fields(model, stub, skip="graph")
+    _copy_fields(model.graph, stub.graph, skip="initializer")
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            target = stub.graph.initializer.add()
+            size = _tensor_bytes(tensor)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or size is None or size < size_threshold:
+                target.CopyFrom(tensor)
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+            data.write(b"\0" * (-data.tell() % _DATA_ALIGNMENT))
+            offset = data.tell()
+            data.write(raw)
+            target.name = tensor.name
+            target.data_type = tensor.data_type
+            target.dims.extend(tensor.dims)
+            if tensor.doc_string:
+                target.doc_string = tensor.doc_string
+            target.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                target.external_data.add(key=key, value=value)
+            del raw
+    onnx.save_model(stub, str(model_path))
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        # protobuf >= 5.x has is_repeated; older versions only the label.
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a numeric tensor's values; None for strings and unknown types."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * itemsize
 
 
 def _external_locations(model: onnx.ModelProto) -> list[str]:
@@ -67,7 +162,8 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); check that the file is "
+                        "complete and was written by onnx.save or torch.onnx.export") from None
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path} is not a usable ONNX model (no graph nodes or no opset)")
     check_external_data_paths(model, path.parent)
@@ -77,6 +173,57 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         except Exception as exc:
             raise UserError(f"cannot read the external data of {path}: {exc}") from None
     return model
+
+
+def check_folder_writable(folder: Path, *, what: str = "output") -> None:
+    """Create and remove a temporary file in `folder`, or raise a UserError saying why not."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sglp-write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the {what} into {folder} ({exc.strerror or type(exc).__name__}); "
+            "choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _final_mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then act on them.
+
+    Python runs signal handlers in the main thread only, so swapping the
+    handlers works even when the signal lands on an ONNX Runtime or torch
+    thread (a signal mask would not).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 @contextlib.contextmanager
@@ -93,43 +240,49 @@ def atomic_paths(*targets: str | os.PathLike) -> Iterator[list[Path]]:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
             temps.append(Path(tmp))
+            # mkstemp makes owner-only files; the result should look like any
+            # other file the user writes (or keep the mode of the file it replaces).
+            os.chmod(tmp, _final_mode(target))
         yield temps
-        for tmp, target in zip(temps, targets_p):
-            os.replace(tmp, target)
-        temps = []
+        # An interrupt between two renames would leave a mixed set: hold
+        # SIGINT/SIGTERM until every file is in place, then let it through
+        # marked so that the caller does not claim nothing was written.
+        try:
+            with _interrupts_deferred():
+                for tmp, target in zip(temps, targets_p):
+                    os.replace(tmp, target)
+                temps = []
+        except KeyboardInterrupt as exc:
+            exc.output_written = not temps
+            raise
     finally:
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               data_file: str | os.PathLike | None = None, data_name: str | None = None) -> None:
     """Write `model` to `path` atomically.
 
     Small models become one self-contained file. Models near the protobuf
-    limit (or with `external_data=True`) keep their weights in
-    `<name>.data` beside the file; both files are written atomically.
+    limit (or with `external_data=True`) keep their weights in a side file,
+    by default `<name>.data` beside the model; both files are written
+    atomically. A caller that renames temporary files itself passes the
+    temporary `data_file` and the final `data_name` recorded in the model.
+    `model` is left as it was (see `write_with_external_data`).
     """
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _external_locations(model) == [] else True
+        external_data = proto_size(model) > EXTERNAL_DATA_THRESHOLD if _external_locations(model) == [] else True
     if not external_data:
         with atomic_paths(path) as (tmp,):
             onnx.save_model(model, str(tmp))
         return
-    data_name = path.name + ".data"
-    with atomic_paths(path, path.parent / data_name) as (tmp_model, tmp_data):
-        # onnx writes the data file relative to the model; write into a private
-        # folder first so the final data file name can be recorded in the model.
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sglp-") as staging:
-            staged = Path(staging) / path.name
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            os.replace(staged, tmp_model)
-            os.replace(Path(staging) / data_name, tmp_data)
+    data_path = Path(data_file) if data_file is not None else path.with_name(path.name + ".data")
+    data_name = data_name or data_path.name
+    if Path(data_name).name != data_name:
+        raise ValueError(f"data_name must be a bare file name, got {data_name!r}")
+    with atomic_paths(path, data_path) as (tmp_model, tmp_data):
+        # The model records the final data file name, whatever temporary name it is written under.
+        write_with_external_data(model, tmp_model, tmp_data, location=data_name)

@@ -24,7 +24,8 @@ from .criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
-from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, save_model
+from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, proto_size,
+                          save_model)
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
 from .representations import probe, probe_shapes
 from .segmentation import segments_of
@@ -291,6 +292,8 @@ def analyze(
         _check_writable(plot_path, force=force, what="plot", input_path=Path(model_path))
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
     if segments is not None and segments < 1:
         raise UserError(f"--segments must be at least 1, got {segments}")
     chosen = get_criterion(criterion)
@@ -467,7 +470,7 @@ def compress(
         targets = [out, report_path] + ([plot_path] if plot_path else [])
         # Weights near the protobuf limit go to OUTPUT.data, renamed into
         # place with the other files (the model records the final name).
-        external = pruned.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        external = proto_size(pruned) >= EXTERNAL_DATA_THRESHOLD
         data_path = out.with_name(out.name + ".data")
         if external:
             if data_path.exists() and not force:

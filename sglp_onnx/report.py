@@ -49,7 +49,20 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def to_json(report: dict) -> str:
-    return json.dumps(report, indent=2, default=_json_default) + "\n"
+    """The report as strict JSON: NaN and Infinity are not JSON, so they become null."""
+    return json.dumps(_finite_or_none(report), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite_or_none(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_default(value):

@@ -114,14 +114,19 @@ def fisher_segments(profiles: np.ndarray, k: int) -> Segmentation:
 def loss_curve(profiles: np.ndarray, k_max: int) -> np.ndarray:
     """Optimal Fisher loss W_K for K = 1..k_max (element K-1), from one DP pass.
 
-    Non-increasing in K up to round-off, and 0 at K = L.
+    Non-increasing in K up to round-off, and 0 at K = L. Losses below
+    1e-12 sum_l ||p_l||^2 are round-off and are returned as 0: equal
+    profiles give W_1 ~ 1e-16 instead of 0, and `choose_k` would otherwise
+    find an elbow in that noise.
     """
     profiles = _profiles_2d(profiles)
     L = profiles.shape[0]
     if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or not 1 <= k_max <= L:
         raise ValueError(f"k_max must be a whole number in 1..{L}, got {k_max!r}")
     best, _ = _fisher_table(segment_cost_matrix(profiles), k_max)
-    return best[1:, L].copy()
+    curve = best[1:, L].copy()
+    curve[curve < 1e-12 * float(np.einsum("lp,lp->", profiles, profiles))] = 0.0
+    return curve
 
 
 def choose_k(losses: Sequence[float], *, k_max: int) -> tuple[int, str]:
