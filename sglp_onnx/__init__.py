@@ -1,10 +1,11 @@
 """sglp-onnx: remove whole residual layers from ONNX models.
 
 Public API, mirroring the command line: `compress`, `analyze`, `evaluate`,
-`bench`, `export_torch`; their results (`CompressionResult`, `Analysis`,
-`PrunableUnit`); `validate_report` and `plot_report` for saved reports; and
-the `UserError` raised for every problem the caller can fix. Everything but
-`UserError` is imported on first use, so `import sglp_onnx` stays cheap.
+`bench`, `export_torch`, `finetune`; their results (`CompressionResult`,
+`Analysis`, `FinetuneResult`, `PrunableUnit`); `validate_report` and
+`plot_report` for saved reports; and the `UserError` raised for every
+problem the caller can fix. Everything but `UserError` is imported on first
+use, so `import sglp_onnx` stays cheap.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "evaluate"),
     "bench": ("bench", "bench"),
     "export_torch": ("export", "export_torch"),
+    "finetune": ("finetune", "finetune"),
+    "FinetuneResult": ("finetune", "FinetuneResult"),
     "PrunableUnit": ("units", "PrunableUnit"),
     "validate_report": ("report", "validate_report"),
     "plot_report": ("plots", "plot_report"),
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from .bench import bench
     from .evaluate import evaluate
     from .export import export_torch
+    from .finetune import FinetuneResult, finetune
     from .pipeline import Analysis, CompressionResult, analyze, compress
     from .plots import plot_report
     from .report import validate_report

@@ -31,6 +31,9 @@ class Selection:
     k_curve: list[float] | None = None
     k_rule: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Passes over the calibration set the choice cost, e.g. {"forward": 1,
+    # "backward": 1}; a partial pass (a suffix of the network) counts as one.
+    passes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,11 @@ class Context:
     gradnorm_fn: Callable[[], np.ndarray] | None = None
     progress: Callable[[Iterator, str], Iterator] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Per-criterion state that must survive repeated select() calls on this
+    # context (`--target-flops` asks for n = 1, 2, ...), keyed by criterion name.
+    cache: dict[str, object] = field(default_factory=dict)
+    # Run the calibration pass piece by piece (`--sequential`, see sequential.py).
+    sequential: bool = False
     _evidence: Evidence | None = None
     _gradnorm: np.ndarray | None = None
 
@@ -61,7 +69,8 @@ class Context:
             start = time.perf_counter()
             progress = (lambda it: self.progress(it, "calibration")) if self.progress else None
             self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
-                                              provider=self.provider, progress=progress)
+                                              provider=self.provider, progress=progress,
+                                              sequential=self.sequential)
             self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
         return self._evidence
 

@@ -12,4 +12,4 @@ class BlockInfluence(Criterion):
     def select(self, ctx: Context, n_remove: int) -> Selection:
         influence = ctx.evidence().block_influence
         return Selection(removed=lowest(influence, n_remove), importance=[float(v) for v in influence],
-                         importance_kind="block influence 1 - cos(entry, exit)")
+                         importance_kind="block influence 1 - cos(entry, exit)", passes={"forward": 1})

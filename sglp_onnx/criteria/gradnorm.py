@@ -13,4 +13,4 @@ class GlobalGradNorm(Criterion):
     def select(self, ctx: Context, n_remove: int) -> Selection:
         scores = ctx.gradnorm(self.name)
         return Selection(removed=lowest(scores, n_remove), importance=[float(v) for v in scores],
-                         importance_kind="GradNorm")
+                         importance_kind="GradNorm", passes={"forward": 1, "backward": 1})

@@ -34,9 +34,13 @@ class SGLP(Criterion):
             k, rule = choose_k(curve, k_max=min(k_max, L))
         segmentation = fisher_segments(evidence.cka, k)
         notes = []
+        # One forward pass over the calibration set measured every CKA; GradNorm
+        # adds one forward and backward pass of the paired torch model.
+        passes = {"forward": 1}
         if ctx.has_torch_model:
             importance = ctx.gradnorm(self.name)
             kind = "GradNorm"
+            passes = {"forward": 2, "backward": 1}
         else:
             importance = 1.0 - evidence.entry_exit_cka
             kind = "1 - CKA(entry, exit) (gradient-free: no --torch-model given)"
@@ -51,5 +55,7 @@ class SGLP(Criterion):
             segments=[tuple(b) for b in segmentation.bounds],
             k_curve=[float(v) for v in curve],
             k_rule=rule,
-            notes=notes,
+            notes=notes + [f"sglp: {passes['forward']} forward and {passes.get('backward', 0)} backward passes "
+                           "over the calibration set"],
+            passes=passes,
         )
