@@ -42,7 +42,7 @@ bench: setup
 
 # About 20 minutes on 2 cores: every criterion on ResNet-56, ResNet-110 and the
 # 1-D CNN at ~30% and ~50% FLOPs removed, with and without a short fine-tune;
-# then (about 7 minutes) the tiny Llama's held-out perplexity with 2 and 3 of
+# then (5-7 minutes) the tiny Llama's held-out perplexity with 2 and 3 of
 # its 8 layers removed (quality_llm.py writes its own section of quality.md).
 bench-quality: setup
 	$(BIN)/python benchmarks/quality.py

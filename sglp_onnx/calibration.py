@@ -25,6 +25,7 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.BOOL: np.bool_,
 }
 MASK_NAMES = ("attention_mask",)
+POSITION_NAMES = ("position_ids",)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ def check_calibration(
     max_samples: int | None = None,
 ) -> CalibrationSet:
     specs = model_inputs(model)
+    arrays = {**arrays, **_implied_inputs(arrays, specs)}
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise UserError(
@@ -151,6 +153,49 @@ def check_calibration(
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = labels[:max_samples] if labels is not None else None
     return CalibrationSet(inputs=inputs, labels=labels, source=source)
+
+
+def is_cache_input(spec: InputSpec, specs: list[InputSpec]) -> bool:
+    """A KV-cache-like input of a sequence model: float, rank >= 3, every dim
+    after the batch fixed except one dynamic (past) length, in a model that
+    also takes rank-2 integer token ids whose dims do not include that length
+    (an embeddings input shares the token ids' sequence length)."""
+    if spec.shape is None or len(spec.shape) < 3 or np.dtype(spec.dtype).kind != "f":
+        return False
+    dynamic = [d for d in spec.shape[1:] if not (isinstance(d, int) and d > 0)]
+    tokens = [s for s in specs if s.shape is not None and len(s.shape) == 2 and np.dtype(s.dtype).kind in "iu"]
+    if len(dynamic) != 1 or not tokens:
+        return False
+    return not (isinstance(dynamic[0], str) and any(dynamic[0] == s.shape[1] for s in tokens))
+
+
+def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Inputs a calibration file for a model with a KV cache may leave out.
+
+    A missing past KV-cache input is empty (past length 0: the calibration
+    sequences are whole prompts, as in a prefill); a missing `position_ids`
+    counts 0, 1, ... along each sequence, which is what transformers uses when
+    it is given none. The sample count comes from the arrays present.
+    """
+    present = [a for a in arrays.values() if isinstance(a, np.ndarray) and a.ndim >= 1]
+    if not present:
+        return {}
+    n = len(present[0])
+    implied: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name in arrays:
+            continue
+        if is_cache_input(spec, specs):
+            shape = [n] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]]
+            implied[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        elif spec.name in POSITION_NAMES and np.dtype(spec.dtype).kind in "iu":
+            # Token ids span the new tokens, an attention mask the past ones too.
+            lengths = [a.shape[1] for a in present if a.ndim == 2 and np.issubdtype(a.dtype, np.integer)]
+            if lengths:
+                new, total = min(lengths), max(lengths)
+                positions = np.arange(total - new, total, dtype=spec.dtype)
+                implied[spec.name] = np.broadcast_to(positions, (n, new)).copy()
+    return implied
 
 
 def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
@@ -195,7 +240,10 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     serve only to bind shapes for FLOPs and to validate the output."""
     rng = np.random.default_rng(seed)
     inputs = {}
-    for spec in model_inputs(model):
+    specs = model_inputs(model)
+    for spec in specs:
+        if is_cache_input(spec, specs) or spec.name in POSITION_NAMES:
+            continue  # implied by the others, below
         dims = spec.shape or (None,)
         shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
         dtype = np.dtype(spec.dtype)
@@ -205,4 +253,5 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
             inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
             inputs[spec.name] = np.zeros(shape, dtype=dtype)
+    inputs.update(_implied_inputs(inputs, specs))
     return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)")

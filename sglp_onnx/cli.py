@@ -74,8 +74,9 @@ def _selection_options(f):
         click.option("--criterion", default="sglp", show_default=True,
                      help="sglp, cka-removal, block-influence, gradnorm, last or random."),
         click.option("--segments", type=int, help="Number of Fisher segments K (default: automatic)."),
-        click.option("--torch-model", metavar="MODULE:FACTORY",
-                     help="Factory of the torch model the ONNX file was exported from (enables GradNorm)."),
+        click.option("--torch-model", metavar="MODULE:FACTORY|hf:DIR",
+                     help="Factory of the torch model the ONNX file was exported from, or hf:DIR for a "
+                          "Hugging Face folder (enables GradNorm)."),
         click.option("--torch-weights", type=click.Path(dir_okay=False),
                      help="Weights for --torch-model (.pt state_dict or .safetensors)."),
         click.option("--granularity", type=click.Choice(["layer", "sublayer"]), default="layer", show_default=True,
@@ -239,20 +240,27 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
 
 
 @cli.command()
-@click.argument("factory", metavar="MODULE:FACTORY")
+@click.argument("factory", metavar="MODULE:FACTORY|hf:DIR")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights to load into the model.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--input-shape", help="Example input shape such as 1,3,32,32 when the model has no example_inputs().")
+@click.option("--with-cache", is_flag=True,
+              help="hf:DIR only: add past_key_values.{i}.key|value inputs and present.{i}.key|value outputs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.pass_obj
 def export(state: _State, factory: str, output: str, torch_weights: str | None, exporter: str,
-           input_shape: str | None, force: bool) -> None:
+           input_shape: str | None, with_cache: bool, force: bool) -> None:
     """Export a torch model to a single-file ONNX model with a dynamic batch.
 
+    hf:DIR exports a Hugging Face folder (save_pretrained) with inputs
+    input_ids and attention_mask and output logits, batch and sequence
+    length dynamic; --with-cache adds the KV cache of a causal LM.
+
     \b
-    Example:
+    Examples:
       sglp-onnx export models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt -o r56.onnx
+      sglp-onnx export hf:models/tinyllama_pydoc --with-cache --exporter legacy -o llama.kv.onnx
     """
     from pathlib import Path
 
@@ -269,6 +277,21 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
     if out.is_dir():
         raise UserError(f"the output {out} is a folder; give a file name")
     check_folder_writable(out.parent)
+    from .hf_model import HF_PREFIX, is_hf_spec
+
+    if is_hf_spec(factory):
+        from .export_hf import export_hf
+        from .hf_model import load_hf_model
+
+        if torch_weights or input_shape:
+            raise UserError("--torch-weights and --input-shape go with MODULE:FACTORY; an hf:DIR folder holds "
+                            "its weights and the export takes token ids")
+        export_hf(load_hf_model(factory[len(HF_PREFIX):]), out, with_cache=with_cache, exporter=exporter)
+        if not state.quiet:
+            click.echo(f"wrote {out}")
+        return
+    if with_cache:
+        raise UserError("--with-cache exports the KV cache of a Hugging Face causal LM: give hf:DIR")
     model = load_torch_model(factory, torch_weights)
     if input_shape:
         try:

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .calibration import MASK_NAMES
 from .errors import UserError
 from .units import PrunableUnit, layer_key
 
@@ -195,13 +196,34 @@ def task_loss(output, feed: dict[str, np.ndarray], labels: np.ndarray | None, *,
         target = torch.from_numpy(labels.reshape(-1)).long()
     else:
         target = flat.detach().argmax(-1)
+        # Per-token predictions of an encoder: padding tokens predict nothing.
+        mask = next((feed[n] for n in MASK_NAMES if n in feed), None)
+        if logits.ndim == 3 and mask is not None and tuple(mask.shape) == tuple(logits.shape[:2]):
+            keep = torch.from_numpy(np.asarray(mask)).bool().reshape(-1)
+            flat, target = flat[keep], target[keep]
     return torch.nn.functional.cross_entropy(flat, target, reduction="sum")
+
+
+def loss_description(model: torch.nn.Module, calib) -> str:
+    """In words, the loss `task_loss` uses for `model` on calibration set `calib`."""
+    if is_causal_lm(model) and calib.is_token_data:
+        return "next-token cross-entropy of the causal LM over unpadded tokens"
+    if calib.labels is not None:
+        return "cross-entropy against the calibration labels"
+    per = " per unpadded token" if calib.is_token_data else ""
+    return f"cross-entropy against the model's own argmax prediction{per} (no labels: output-preserving)"
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     archs = getattr(config, "architectures", None) or []
-    return type(model).__name__.endswith("ForCausalLM") or any(a.endswith("ForCausalLM") for a in archs)
+    if type(model).__name__.endswith("ForCausalLM") or any(a.endswith("ForCausalLM") for a in archs):
+        return True
+    try:  # transformers' own list also names the older *LMHeadModel classes (GPT-2)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return config is not None and type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def gradnorm(

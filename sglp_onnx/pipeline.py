@@ -6,6 +6,7 @@ sequences them, times them and assembles the report.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ from .criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
+from .kv_cache import genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
 from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, proto_size,
                           save_model)
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
@@ -157,9 +159,33 @@ def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | Non
 
 
 def _load_paired_model(spec: str, weights: str | None):
+    """`MODULE:FACTORY` (with optional weights), or `hf:DIR` for a Hugging Face folder."""
+    from .hf_model import HF_PREFIX, is_hf_spec, load_hf_model
+
+    if is_hf_spec(spec):
+        if weights is not None:
+            raise UserError("--torch-weights goes with --torch-model MODULE:FACTORY; an hf:DIR folder holds "
+                            "its own weights")
+        return load_hf_model(spec[len(HF_PREFIX):])
     from .export import load_torch_model
 
     return load_torch_model(spec, weights)
+
+
+def _cache_inputs(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> set[str]:
+    """Graph inputs that are a decoder layer's past KV cache: owned by a unit and cache-shaped."""
+    from .calibration import is_cache_input
+
+    specs = model_inputs(model)
+    owned = {i for u in units for i in u.owned_inputs}
+    return {s.name for s in specs if s.name in owned and is_cache_input(s, specs)}
+
+
+def _torch_feed(feed: dict[str, np.ndarray], cache_inputs: set[str]) -> dict[str, np.ndarray]:
+    """The ONNX feed without the past KV cache: the paired model runs each
+    calibration sequence whole (past length 0), which is what an ONNX model
+    with a cache computes from the empty past its calibration gets."""
+    return {k: v for k, v in feed.items() if k not in cache_inputs}
 
 
 def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
@@ -314,19 +340,26 @@ def analyze(
 
     gradnorm_fn = None
     pairing_info = None
+    loss_note = None
     if torch_model is not None:
+        cache_inputs = _cache_inputs(model, units)
         with _timed(timings, "pairing"):
             paired = _load_paired_model(torch_model, None if torch_weights is None else str(torch_weights))
+            _check_empty_cache(data, cache_inputs)
             pairing, pairing_info = _pair(model, paired, units, data, provider)
 
         def gradnorm_fn():
             from .importance import gradnorm
 
-            order = [s.name for s in model_inputs(model)]
-            batches = data.batches(batch_size)
+            order = [s.name for s in model_inputs(model) if s.name not in cache_inputs]
+            batches = ((_torch_feed(feed, cache_inputs), labels) for feed, labels in data.batches(batch_size))
             if progress:
                 batches = progress(batches, "gradients")
             return gradnorm(paired, pairing, batches, order)
+
+        from .importance import loss_description
+
+        loss_note = f"GradNorm loss: {loss_description(paired, data)}"
 
     ctx = Context(model=model, units=units, calib=data, batch_size=batch_size, provider=provider, seed=seed,
                   segments=segments, gradnorm_fn=gradnorm_fn, progress=progress, timings=timings,
@@ -365,12 +398,15 @@ def analyze(
             "k": len(selection.segments), "curve": selection.k_curve, "rule": selection.k_rule},
         "importance_kind": selection.importance_kind,
         "pairing": pairing_info,
+        "kv_cache": kv_cache_record(units, removed),
         "before": {"params": _model_params(model), "flops": total_flops,
                    "file_size": model_path.stat().st_size},
         "suggestions": suggestions,
         "notes": list(selection.notes),
         "timings": timings,
     }
+    if loss_note is not None and ctx._gradnorm is not None:
+        report["notes"].append(loss_note)
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
     if plot_path is not None:
@@ -388,6 +424,16 @@ def _model_params(model: onnx.ModelProto) -> int:
     return model_params(model)
 
 
+def _check_empty_cache(data: CalibrationSet, cache_inputs: set[str]) -> None:
+    """The paired model runs without a cache, so the ONNX model's past must be empty to compare."""
+    filled = [k for k in sorted(cache_inputs) if k in data.inputs and data.inputs[k].ndim >= 3
+              and 0 not in data.inputs[k].shape[1:]]
+    if filled:
+        raise UserError(f"the calibration data holds a non-empty past KV cache ({filled[0]} has shape "
+                        f"{data.inputs[filled[0]].shape}); with --torch-model, leave the past_* arrays out of the "
+                        ".npz (they are then empty: whole sequences, as the paired model runs them)")
+
+
 def _pair(model, paired, units, data: CalibrationSet, provider: str):
     from .importance import pair_units
 
@@ -397,7 +443,9 @@ def _pair(model, paired, units, data: CalibrationSet, provider: str):
     outputs = [values[o.name] for o in model.graph.output]
     index = GraphIndex(model)
     scopes = {n.name: s for n, s in zip(index.nodes, index.scopes) if n.name}
-    pairing = pair_units(paired, units, feed, values, outputs, [s.name for s in model_inputs(model)], scopes)
+    cache_inputs = _cache_inputs(model, units)
+    pairing = pair_units(paired, units, _torch_feed(feed, cache_inputs), values, outputs,
+                         [s.name for s in model_inputs(model) if s.name not in cache_inputs], scopes)
     info = {
         "method": sorted(set(pairing.method)),
         "output_relative_error": pairing.output_error,
@@ -437,6 +485,11 @@ def compress(
     plot_path = Path(plot) if plot is not None else None
     if plot_path is not None:
         _check_writable(plot_path, force=force, what="plot", input_path=model_path)
+    # An onnxruntime-genai config beside the input is rewritten for the output.
+    genai_source = genai_config_source(model_path)
+    genai_path = genai_config_target(model_path, out) if genai_source is not None else None
+    if genai_path is not None:
+        _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
 
     # Suggestions are for deciding what to remove; compress has decided.
     analysis = analyze(model_path, **{"suggest": None, **options})
@@ -466,8 +519,21 @@ def compress(
         "flops": analysis.total_flops - sum(u.flops for u in removed),
         "file_size": 0,
     }
+    genai_config = None
+    if genai_path is not None and rep.get("kv_cache"):
+        genai_config, changes = updated_genai_config(
+            genai_source, layers_before=rep["kv_cache"]["layers_before"],
+            layers_after=rep["kv_cache"]["layers_after"], model_name=model_path.name, output_name=out.name)
+        if genai_config is not None:
+            rep["kv_cache"]["genai_config"] = str(genai_path)
+            rep["notes"].append(f"wrote {genai_path} for the pruned model: {'; '.join(changes)}; the kept "
+                                "cache tensors keep their names (see kv_cache.layer_map)")
+        else:
+            rep["notes"].extend(changes)
+    if genai_config is None:
+        genai_path = None
     with _timed(timings, "write"):
-        targets = [out, report_path] + ([plot_path] if plot_path else [])
+        targets = [out, report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
         # Weights near the protobuf limit go to OUTPUT.data, renamed into
         # place with the other files (the model records the final name).
         external = proto_size(pruned) >= EXTERNAL_DATA_THRESHOLD
@@ -487,6 +553,8 @@ def compress(
                     from .plots import plot_report
 
                     plot_report(rep, temps[2])
+                if genai_path is not None:
+                    temps[2 + (plot_path is not None)].write_text(json.dumps(genai_config, indent=2) + "\n")
                 rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
                 temps[1].write_text(to_json(rep))
                 _pause_point("rename")

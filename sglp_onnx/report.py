@@ -114,6 +114,12 @@ def summary(report: dict) -> str:
         lines.append(f"importance: {report['importance_kind']}")
     removed = [u["name"] for u in units if u["removed"]]
     lines.append(f"removed {len(removed)} of {len(units)} units: {', '.join(removed) or 'none'}")
+    cache = report.get("kv_cache")
+    if cache and cache["removed_outputs"]:
+        mapping = ", ".join(f"{k}->{'-' if v is None else v}" for k, v in cache["layer_map"].items())
+        lines.append(f"KV cache: {cache['layers_before']} -> {cache['layers_after']} layers (old->new: {mapping}); "
+                     f"{len(cache['removed_inputs'])} past inputs and {len(cache['removed_outputs'])} present "
+                     "outputs removed, the others keep their names")
     before, after = report["before"], report.get("after")
     if after:
         def ratio(key):

@@ -52,10 +52,14 @@ def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray |
 
     A CNN feature map (B, C, H, W) becomes (B, C*H*W); a transformer hidden
     state (B, T, D) becomes (tokens, D), keeping only tokens whose mask is 1.
+    A mask longer than T (a model with a KV cache masks past + new tokens)
+    is read for its last T positions, the new tokens.
     """
     if token_level and array.ndim >= 3:
-        if token_mask is not None and token_mask.shape == array.shape[:2]:
-            return array[token_mask.astype(bool)].reshape(-1, int(np.prod(array.shape[2:])))
+        if token_mask is not None and token_mask.ndim == 2 and token_mask.shape[0] == array.shape[0] \
+                and token_mask.shape[1] >= array.shape[1]:
+            keep = token_mask[:, token_mask.shape[1] - array.shape[1]:].astype(bool)
+            return array[keep].reshape(-1, int(np.prod(array.shape[2:])))
         return array.reshape(array.shape[0] * array.shape[1], -1)
     return array.reshape(array.shape[0], -1)
 

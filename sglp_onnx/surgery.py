@@ -11,7 +11,7 @@ from typing import Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
-from .units import PrunableUnit
+from .units import PrunableUnit, shape_twin
 
 
 def substitutions(units: Sequence[PrunableUnit]) -> dict[str, str]:
@@ -68,12 +68,30 @@ def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.
     graph.outputs = outputs
 
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _redirect_shape_reads(model, graph, owned_inputs)
     still_read = {t.name for node in graph.nodes for t in node.inputs}
     still_read |= {t.name for t in graph.outputs}
     graph.inputs = [i for i in graph.inputs if i.name not in owned_inputs or i.name in still_read]
 
     pruned = gs.export_onnx(graph, do_type_check=False)
     return _restore_model_fields(model, pruned)
+
+
+def _redirect_shape_reads(model: onnx.ModelProto, graph: gs.Graph, owned_inputs: set[str]) -> None:
+    """Nodes that still read a dropped input need only its shape (unit discovery
+    checked that, see `units.read_for_shape_only`): they read a kept input
+    declared with the same shape instead (the past length of a removed
+    decoder layer's KV cache equals every other layer's)."""
+    read = {t.name for node in graph.nodes for t in node.inputs}
+    tensors = graph.tensors()
+    for name in sorted(owned_inputs & read):
+        twin = shape_twin(model, name, owned_inputs)
+        if twin is None or twin not in tensors:
+            continue  # the input stays; validation reports the changed signature
+        for node in graph.nodes:
+            for k, tensor in enumerate(node.inputs):
+                if tensor.name == name:
+                    node.inputs[k] = tensors[twin]
 
 
 def _restore_model_fields(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:

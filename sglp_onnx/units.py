@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from .errors import UserError
-from .graph_index import GraphIndex
+from .graph_index import SHAPE_ONLY_OPS, GraphIndex
 
 # Ops that may follow a residual Add inside the block (`relu(x + f(x))`,
 # post-norm `LayerNorm(x + f(x))`): the unit's exit is their output.
@@ -28,6 +28,16 @@ PASS_THROUGH_OPS = {"Identity", "Cast"}
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
 GRANULARITIES = ("layer", "sublayer")
+
+# Ops whose output shape is a function of the shapes (not the values) of the
+# inputs at these positions (None: every input). A tensor that reaches only
+# Shape/Size through them is read for its shape alone; a decoder layer's past
+# KV input often is, once the layer is gone (the past length for the mask).
+SHAPE_DETERMINED_OPS: dict[str, frozenset[int] | None] = {
+    "Identity": None, "Cast": None, "Concat": None, "Transpose": None, "Neg": None,
+    "Add": None, "Sub": None, "Mul": None, "Div": None,
+    "Unsqueeze": frozenset({0}), "Squeeze": frozenset({0}), "Reshape": frozenset({0}), "Expand": frozenset({0}),
+}
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,7 @@ def find_units(
     ])
     units = [_make_unit(index, group) for group in _group(residuals, granularity)]
     _fill_removal_sets(index, units)
+    _set_layer_indices(units)
     _name_units(units)
     return units
 
@@ -324,8 +335,81 @@ def _make_unit(index: GraphIndex, group: list[Residual]) -> PrunableUnit:
     )
 
 
+def read_for_shape_only(index: GraphIndex, tensor: str, live: set[int]) -> bool:
+    """True when the nodes in `live` need only the shape of `tensor`: every path
+    from it ends in Shape/Size through ops whose output shape depends on input
+    shapes alone (`SHAPE_DETERMINED_OPS`)."""
+    memo: dict[str, bool] = {}
+
+    def shape_only(t: str) -> bool:
+        if t in memo:
+            return memo[t]
+        memo[t] = False  # a cycle is impossible in a valid graph; be safe anyway
+        if t in index.output_names or t in index.subgraph_refs:
+            return False
+        for c in index.consumers.get(t, ()):
+            if c not in live:
+                continue
+            node = index.nodes[c]
+            if node.domain not in ("", "ai.onnx"):
+                return False
+            if node.op_type in SHAPE_ONLY_OPS:
+                continue
+            if node.op_type not in SHAPE_DETERMINED_OPS:
+                return False
+            positions = SHAPE_DETERMINED_OPS[node.op_type]
+            if positions is not None and any(name == t and k not in positions for k, name in enumerate(node.input)):
+                return False
+            if not all(shape_only(o) for o in node.output if o):
+                return False
+        memo[t] = True
+        return True
+
+    return shape_only(tensor)
+
+
+def declared_type(model: onnx.ModelProto, name: str) -> tuple | None:
+    """(dtype, dims) of graph input `name` when every dim is declared (a number or a
+    symbolic name), else None. Two inputs with equal declared types always have
+    equal shapes at run time: equal symbolic names denote equal sizes."""
+    vi = next((i for i in model.graph.input if i.name == name), None)
+    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            return None
+    return vi.type.tensor_type.elem_type, tuple(dims)
+
+
+def shape_twin(model: onnx.ModelProto, name: str, exclude: set[str]) -> str | None:
+    """Another graph input (not in `exclude`) declared with exactly the type and shape of `name`.
+
+    Shape-only readers of an input that goes with its unit (the past length
+    read from a removed layer's KV cache) read its twin instead.
+    """
+    wanted = declared_type(model, name)
+    if wanted is None:
+        return None
+    initializers = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name != name and vi.name not in exclude and vi.name not in initializers \
+                and declared_type(model, vi.name) == wanted:
+            return vi.name
+    return None
+
+
 def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
-    """Nodes, parameters and graph inputs/outputs that go when each unit alone goes."""
+    """Nodes, parameters and graph inputs/outputs that go when each unit alone goes.
+
+    A graph input the unit's nodes read goes with the unit when nothing else
+    reads it, or when what else reads it needs only its shape and another
+    input declared with the same shape can stand in (see `shape_twin`).
+    """
     outputs = index.output_names
     base_live = index.live_nodes(outputs)
     used_inputs = {t for n in base_live for t in index.nodes[n].input}
@@ -348,9 +432,38 @@ def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
         unit.nodes = tuple(index.nodes[n].name or f"#{n}" for n in sorted(dead))
         unit.params = sum(index.numel(t) for t in dead_weights if index.constants[t].dims)
         unit.owned_outputs = tuple(owned)
+        candidates = [i for i in index.input_names if i in used_inputs and i != unit.entry]
+        alone = {i for i in candidates if i not in still_used}
+        # Inputs whose values only this unit needed: the rest of the graph reads their shape.
+        shape_left = [i for i in candidates if i not in alone and read_for_shape_only(index, i, live)
+                      and not read_for_shape_only(index, i, base_live)]
         unit.owned_inputs = tuple(
-            i for i in index.input_names if i in used_inputs and i not in still_used and i != unit.entry
+            i for i in candidates
+            if i in alone or (i in shape_left and shape_twin(index.model, i, alone | set(shape_left)))
         )
+
+
+def _set_layer_indices(units: list[PrunableUnit]) -> None:
+    """Number the transformer layers: a unit with attention (or with a cache of
+    its own: graph inputs and outputs only it uses) starts a layer, and the
+    attention-free sublayers after it (its MLP) belong to that layer.
+
+    A layer's number is the one in the names of the KV-cache tensors it owns
+    (`present.3.key` -> 3) when they agree, else its position among the layers.
+    CNN blocks (no attention anywhere) get none.
+    """
+    current: int | None = None
+    current_key = None
+    count = 0
+    for unit in units:
+        if unit.has_attention or (unit.owned_inputs and unit.owned_outputs):
+            numbers = {layer_index_of(n) for n in unit.owned_inputs + unit.owned_outputs} - {None}
+            current = numbers.pop() if len(numbers) == 1 else count
+            current_key = layer_key(unit.scope)
+            count += 1
+            unit.layer_index = current
+        elif current is not None and (not unit.scope or layer_key(unit.scope) == current_key):
+            unit.layer_index = current
 
 
 def _name_units(units: list[PrunableUnit]) -> None:
