@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.quality import CRITERIA  # noqa: E402  (the same rows as the CNN tables)
 from sglp_onnx.calibration import CalibrationSet  # noqa: E402
 from sglp_onnx.runtime import make_session  # noqa: E402
 from sglp_onnx.surgery import remove_units  # noqa: E402
@@ -58,18 +59,6 @@ FT_EPOCHS = 1
 FT_LR = 1e-3
 FT_BATCH = 16
 ORDER = ["input_ids", "attention_mask"]
-
-# (row label, --criterion, pairs with the transformers model)
-CRITERIA = [
-    ("sglp", "sglp", True),
-    ("sglp (no torch: 1-CKA importance)", "sglp", False),
-    ("gradnorm", "gradnorm", True),
-    ("cka-removal", "cka-removal", False),
-    ("block-influence", "block-influence", False),
-    ("last", "last", False),
-    ("random", "random", False),
-]
-
 
 def onnx_perplexity(model, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -> float:
     """exp(mean next-token NLL) over tokens whose position and successor are both real."""

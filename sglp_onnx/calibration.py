@@ -85,8 +85,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def sidecar_path(model_path: str | Path) -> Path:
     """`MODEL.calib.npz` beside `MODEL.onnx`."""
-    p = Path(model_path)
-    return p.with_name(p.name[: -len(".onnx")] + ".calib.npz" if p.name.endswith(".onnx") else p.name + ".calib.npz")
+    from .model_files import beside
+
+    return beside(model_path, ".calib.npz")
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import torch
 from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from .errors import UserError
 from .importance import TOLERANCE, first_tensor, is_causal_lm, run_torch
-from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, save_model
+from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_folder_writable, load_model, save_model
 from .report import to_json, tool_info
 from .runtime import make_session
 
@@ -75,13 +75,11 @@ class RemovalPlan:
 
 
 def default_output(pruned: Path) -> Path:
-    name = pruned.name[:-5] if pruned.name.endswith(".onnx") else pruned.name
-    return pruned.with_name(name + ".finetuned.onnx")
+    return beside(pruned, ".finetuned.onnx")
 
 
 def _json_beside(path: Path) -> Path:
-    name = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(name + ".json")
+    return beside(path, ".json")
 
 
 def read_plan(pruned: Path, report: str | os.PathLike | None = None) -> RemovalPlan:

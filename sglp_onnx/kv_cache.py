@@ -71,8 +71,9 @@ def genai_config_target(model_path: Path, output: Path) -> Path:
     files are never modified)."""
     if output.parent.resolve() != model_path.parent.resolve():
         return output.with_name(GENAI_CONFIG)
-    stem = output.name[:-5] if output.name.endswith(".onnx") else output.name
-    return output.with_name(f"{stem}.{GENAI_CONFIG}")
+    from .model_files import beside
+
+    return beside(output, f".{GENAI_CONFIG}")
 
 
 def updated_genai_config(source: Path, *, layers_before: int, layers_after: int, model_name: str,

@@ -126,6 +126,13 @@ def _external_locations(model: onnx.ModelProto) -> list[str]:
     return locations
 
 
+def beside(model_path: str | os.PathLike, suffix: str) -> Path:
+    """A file next to `model_path` named after it: `beside("m.onnx", ".calib.npz")` is `m.calib.npz`."""
+    path = Path(model_path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + suffix)
+
+
 def check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse external-data locations that escape `base_dir`.
 

@@ -26,7 +26,7 @@ from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
 from .kv_cache import genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
-from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, check_folder_writable, load_model, proto_size,
+from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_folder_writable, load_model, proto_size,
                           save_model)
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
 from .representations import probe, probe_shapes
@@ -123,13 +123,11 @@ def _check_budget(remove, ratio, target_flops) -> tuple[int | None, float | None
 
 
 def default_output(model_path: Path) -> Path:
-    name = model_path.name[:-5] if model_path.name.endswith(".onnx") else model_path.name
-    return model_path.with_name(name + ".pruned.onnx")
+    return beside(model_path, ".pruned.onnx")
 
 
 def default_report(output: Path) -> Path:
-    name = output.name[:-5] if output.name.endswith(".onnx") else output.name
-    return output.with_name(name + ".json")
+    return beside(output, ".json")
 
 
 def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> None:
