@@ -37,7 +37,10 @@ def collect_evidence(
     batch_size: int,
     provider: str = "cpu",
     progress: Callable[[Iterator], Iterator] | None = None,
+    sequential: bool = False,
 ) -> Evidence:
+    """One pass over `calib`; with `sequential`, the graph runs piece by piece
+    (cut at unit exits, see `sequential.stream_sequential`) with the same result."""
     exits = [u.exit for u in units]
     extra_entries = [e for e in dict.fromkeys(u.entry for u in units) if e not in exits]
     tracked = exits + extra_entries
@@ -45,7 +48,14 @@ def collect_evidence(
     cka = MinibatchCKA(len(tracked))
     influence = MeanCosineDistance(len(units))
     n_batches = 0
-    for batch in stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress):
+    if sequential:
+        from .sequential import stream_sequential
+
+        batches = stream_sequential(model, calib, tracked, boundaries=exits, batch_size=batch_size,
+                                    provider=provider, progress=progress)
+    else:
+        batches = stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress)
+    for batch in batches:
         rows = {name: batch.samples(name, calib) for name in tracked}
         cka.update([rows[name] for name in tracked])
         influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])

@@ -25,7 +25,7 @@ import torch
 from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from .errors import UserError
 from .importance import TOLERANCE, first_tensor, is_causal_lm, run_torch
-from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_folder_writable, load_model, save_model
+from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, proto_size, check_folder_writable, load_model, save_model
 from .report import to_json, tool_info
 from .runtime import make_session
 
@@ -507,7 +507,7 @@ def finetune(
             "timings": timings,
         }
         start = time.perf_counter()
-        external = new.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        external = proto_size(new) >= EXTERNAL_DATA_THRESHOLD
         data_path = out.with_name(out.name + ".data")
         targets = [out, report_out] + ([data_path] if external else [])
         if external and data_path.exists() and not force:

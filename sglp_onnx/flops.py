@@ -1,10 +1,25 @@
 """Counting parameters and FLOPs from the graph.
 
-FLOPs are 2 x multiply-accumulates of Conv, ConvTranspose, Gemm, MatMul and
-the fused Attention op, the convention of `torch.utils.flop_counter`;
-element-wise ops, normalisation and softmax are not counted. Shapes come
-from a probe run with one calibration sample, so dynamic dimensions are
-bound to the calibration data.
+FLOPs are 2 x multiply-accumulates, the convention of
+`torch.utils.flop_counter` (checked against it in tests/test_flops.py).
+Counted ops:
+
+- Conv, ConvInteger, QLinearConv, com.microsoft FusedConv:
+  2 * prod(output) * (C_in / groups) * prod(kernel);
+- ConvTranspose: 2 * prod(input) * (C_out / groups) * prod(kernel);
+- Gemm, com.microsoft FusedGemm: 2 * M * N * K (transA/transB honoured, the
+  bias C is not counted);
+- MatMul, MatMulInteger, QLinearMatMul, com.microsoft FusedMatMul:
+  2 * prod(output) * K, broadcast batch dimensions included;
+- Einsum with two operands: 2 * the product of the sizes of all its indices
+  (what the equivalent batched matmul costs);
+- Attention (opset 23): 2 * B * H_q * T_q * T_kv * (D_qk + D_v), with T_kv
+  including the past KV cache; the causal mask is not discounted (torch
+  does not either).
+
+Element-wise ops, normalisation, softmax, pooling and reductions are not
+counted. Shapes come from a probe run with calibration samples, so dynamic
+dimensions (batch, sequence length) are bound to the calibration data.
 """
 
 from __future__ import annotations
@@ -16,7 +31,20 @@ import onnx
 
 from .graph_index import FLOAT_TYPES, GraphIndex
 
-COUNTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Attention"}
+COUNTED_OPS = {
+    "Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
+    "Einsum", "Attention",
+}
+# ONNX Runtime's offline-optimised graphs carry fused versions of the same ops.
+CONTRIB_OPS = {"FusedConv", "FusedGemm", "FusedMatMul"}
+# Where the weight (or second matrix) sits among a node's inputs.
+_SECOND_OPERAND = {"QLinearConv": 3, "QLinearMatMul": 3}
+
+
+def is_counted(node: onnx.NodeProto) -> bool:
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in COUNTED_OPS
+    return node.domain == "com.microsoft" and node.op_type in CONTRIB_OPS
 
 
 def node_key(index: int, node: onnx.NodeProto) -> str:
@@ -28,7 +56,7 @@ def tensors_needed(model: onnx.ModelProto) -> list[str]:
     constants = {i.name for i in model.graph.initializer}
     names: list[str] = []
     for node in model.graph.node:
-        if node.op_type in COUNTED_OPS and node.domain in ("", "ai.onnx"):
+        if is_counted(node):
             names += [t for t in list(node.input) + list(node.output[:1]) if t and t not in constants]
     return list(dict.fromkeys(names))
 
@@ -53,7 +81,7 @@ def node_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> dict[str,
     index = GraphIndex(model)
     result: dict[str, int] = {}
     for i, node in enumerate(index.nodes):
-        if node.op_type not in COUNTED_OPS or node.domain not in ("", "ai.onnx"):
+        if not is_counted(node):
             continue
         ins = [_shape(index, t, shapes) if t else None for t in node.input]
         out = _shape(index, node.output[0], shapes)
@@ -64,30 +92,72 @@ def node_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> dict[str,
 
 
 def _count(node: onnx.NodeProto, ins: list, out: tuple | None) -> int:
-    op = node.op_type
-    if op == "Conv" and out is not None and len(ins) > 1 and ins[1] is not None:
-        w = ins[1]  # (Cout, Cin/groups, *k)
-        return 2 * int(np.prod(out)) * int(np.prod(w[1:]))
-    if op == "ConvTranspose" and ins[0] is not None and len(ins) > 1 and ins[1] is not None:
-        w = ins[1]  # (Cin, Cout/groups, *k)
-        return 2 * int(np.prod(ins[0])) * int(np.prod(w[1:]))
-    if op == "Gemm" and ins[0] is not None and out is not None:
-        a = ins[0]
+    op = node.op_type.removeprefix("Fused")
+    a = ins[0] if ins else None
+    second = _SECOND_OPERAND.get(op, 1)
+    b = ins[second] if len(ins) > second else None
+    if op in ("Conv", "ConvInteger", "QLinearConv") and out is not None and b is not None:
+        return 2 * _prod(out) * _prod(b[1:])  # weight (C_out, C_in/groups, *kernel)
+    if op == "ConvTranspose" and a is not None and b is not None:
+        return 2 * _prod(a) * _prod(b[1:])  # weight (C_in, C_out/groups, *kernel)
+    if op == "Gemm" and a is not None and out is not None:
         k = a[0] if _attr(node, "transA", 0) else a[-1]
-        return 2 * int(np.prod(out)) * int(k)
-    if op == "MatMul" and ins[0] is not None and out is not None:
-        k = ins[0][-1]
-        return 2 * int(np.prod(out)) * int(k)
-    if op == "Attention" and ins[0] is not None and len(ins) > 2 and ins[1] is not None and out is not None:
-        q, k = ins[0], ins[1]
-        if len(q) == 4:  # (B, H, Tq, D) and (B, Hkv, Tk, D)
-            b, h, tq, d = q
-            tk = k[2]
-        else:  # (B, T, H*D): heads fold into the feature axis
-            b, tq, hd = q
-            tk, h, d = k[1], 1, hd
-        return 4 * int(b) * int(h) * int(tq) * int(tk) * int(d)
+        return 2 * _prod(out) * int(k)
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul") and a is not None and out is not None:
+        k = a[-2] if _attr(node, "transA", 0) and len(a) > 1 else a[-1]
+        return 2 * _prod(out) * int(k)
+    if op == "Einsum" and len(ins) == 2 and a is not None and b is not None:
+        return _einsum(_attr(node, "equation", b""), a, b)
+    if op == "Attention" and out is not None and len(ins) > 2 and None not in ins[:3]:
+        return _attention(node, ins)
     return 0
+
+
+def _prod(shape) -> int:
+    return int(np.prod([int(d) for d in shape], dtype=np.int64))
+
+
+def _einsum(equation: bytes | str, a: tuple, b: tuple) -> int:
+    """2 x the product of every index size of a two-operand einsum."""
+    if isinstance(equation, bytes):
+        equation = equation.decode()
+    lhs = equation.replace(" ", "").split("->")[0]
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, (a, b)):
+        if "..." in term:
+            head, tail = term.split("...")
+            n_broadcast = len(shape) - len(head) - len(tail)
+            # Broadcast dims get private labels aligned from the right, so
+            # both operands share them as numpy broadcasting does.
+            term = head + "".join(chr(0x100 + n_broadcast - 1 - i) for i in range(n_broadcast)) + tail
+        if len(term) != len(shape):
+            return 0
+        for label, dim in zip(term, shape):
+            sizes[label] = max(sizes.get(label, 1), int(dim))
+    return 2 * _prod(sizes.values())
+
+
+def _attention(node: onnx.NodeProto, ins: list) -> int:
+    """ONNX Attention (opset 23): 4-D (B, H, T, D) or 3-D (B, T, H*D) inputs."""
+    q, k, v = ins[:3]
+    past = ins[4] if len(ins) > 4 else None
+    if len(q) == 4:
+        b, h, tq, d_qk = q
+        tk, d_v = k[2], v[3]
+        if past is not None and len(past) == 4:
+            tk += past[2]
+    else:
+        b, tq, q_hidden = q
+        h = int(_attr(node, "q_num_heads", 1)) or 1
+        h_kv = int(_attr(node, "kv_num_heads", h)) or h
+        d_qk, d_v = q_hidden // h, v[2] // h_kv
+        tk = k[1]
+        if past is not None and len(past) == 4:
+            tk += past[2]
+    return 2 * int(b) * int(h) * int(tq) * int(tk) * (int(d_qk) + int(d_v))
 
 
 def model_params(model: onnx.ModelProto) -> int:

@@ -7,7 +7,7 @@ detection and the 2 GB protobuf limit are handled in one place.
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
+from .model_files import proto_size, saved_with_external_data
 
 PROVIDER_CHAINS = {
     "cpu": ["CPUExecutionProvider"],
@@ -22,6 +23,10 @@ PROVIDER_CHAINS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 PROTOBUF_LIMIT = 2_000_000_000
+# Above this size a session reads the model from a temporary file with its
+# weights in a side file, which ONNX Runtime maps; from bytes, the serialised
+# copy and ONNX Runtime's own copy would both stay in memory.
+SESSION_FILE_THRESHOLD = 512 * 2**20
 
 
 def provider_chain(provider: str) -> list[str]:
@@ -47,12 +52,17 @@ def make_session(
         options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with _serialised(model) as source:
+    with _serialised(model) as source, _quiet_provider_loading(provider != "cpu"):
         try:
-            session = ort.InferenceSession(source, sess_options=options, providers=chain)
+            # No Python-level fallback: it prints a banner and hides which provider failed.
+            session = ort.InferenceSession(source, sess_options=options, providers=chain, enable_fallback=0)
         except Exception as exc:
             if provider != "cpu":
-                raise UserError(f"ONNX Runtime cannot use the {provider} provider here: {exc}") from None
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                # Drop the C++ source location and signature ONNX Runtime puts first.
+                reason = re.sub(r"^\S+:\d+ .*?\) ", "", reason)[:300]
+                raise UserError(f"ONNX Runtime cannot use the {provider} provider here ({reason}); "
+                                "use --provider cpu") from None
             raise
     if chain[0] not in session.get_providers():
         raise UserError(
@@ -63,20 +73,32 @@ def make_session(
 
 
 @contextmanager
+def _quiet_provider_loading(enabled: bool) -> Iterator[None]:
+    """Silence ONNX Runtime's global logger while GPU provider libraries load.
+
+    A missing CUDA or TensorRT library is logged as several ERROR lines on
+    stderr before the session falls back; make_session reports it as one line.
+    """
+    if not enabled:
+        yield
+        return
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+
+
+@contextmanager
 def _serialised(model: onnx.ModelProto | str | os.PathLike) -> Iterator[bytes | str]:
     if not isinstance(model, onnx.ModelProto):
         yield str(model)
         return
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if proto_size(model) < SESSION_FILE_THRESHOLD:
         yield model.SerializeToString()
         return
-    # Above the protobuf limit the weights must live in a side file.
-    with tempfile.TemporaryDirectory(prefix="sglp-session-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
-        yield path
+    with saved_with_external_data(model) as path:
+        yield str(path)
 
 
 @contextmanager

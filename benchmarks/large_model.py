@@ -1,0 +1,195 @@
+"""`compress` on a model above the 2 GB protobuf limit: time and peak memory,
+one-shot against `--sequential` calibration.
+
+The model is a synthetic deep residual MLP (`blocks` blocks
+`h + W2 relu(W1 h)` of float32 `width x width` weights, then a head) whose
+weights are written straight into an external data file, so building it
+never holds more than one weight in memory. Each compress runs in a fresh
+process; its peak resident memory is `ru_maxrss`. Not part of CI: it needs
+several GB of RAM and disk. Writes benchmarks/results/large_model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+IR_VERSION = 10  # onnx >= 1.23 stamps IR 14 on new models, which ONNX Runtime refuses
+
+
+def _external(name: str, shape: tuple[int, ...], data, location: str) -> onnx.TensorProto:
+    """A float32 initializer whose values go to the end of the open data file."""
+    array = (np.random.default_rng(abs(hash(name)) % 2**32).standard_normal(shape) / np.sqrt(shape[0]))
+    array = array.astype(np.float32)
+    offset = data.tell()
+    data.write(array.tobytes())
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def build(path: Path, *, blocks: int, width: int, classes: int = 10) -> int:
+    """Write the model and `<name>.data`; returns the data file's size in bytes."""
+    location = path.name + ".data"
+    nodes, inits = [], []
+    with open(path.parent / location, "wb") as data:
+        h = "input"
+        for i in range(blocks):
+            s = f"blocks.{i}"
+            inits += [_external(f"{s}.w1", (width, width), data, location),
+                      _external(f"{s}.w2", (width, width), data, location)]
+            nodes += [
+                helper.make_node("MatMul", [h, f"{s}.w1"], [f"{s}.a"], name=f"/blocks.{i}/MatMul"),
+                helper.make_node("Relu", [f"{s}.a"], [f"{s}.r"], name=f"/blocks.{i}/Relu"),
+                helper.make_node("MatMul", [f"{s}.r", f"{s}.w2"], [f"{s}.f"], name=f"/blocks.{i}/MatMul_1"),
+                helper.make_node("Add", [h, f"{s}.f"], [f"{s}.out"], name=f"/blocks.{i}/Add"),
+            ]
+            h = f"{s}.out"
+        inits.append(_external("head.w", (width, classes), data, location))
+        nodes.append(helper.make_node("MatMul", [h, "head.w"], ["logits"], name="/head/MatMul"))
+        size = data.tell()
+    graph = helper.make_graph(
+        nodes, "large_residual_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="sglp-bench")
+    model.ir_version = IR_VERSION
+    onnx.save_model(model, str(path))
+    return size
+
+
+def child(model: str, out: str, sequential: bool, batch_size: int) -> None:
+    """The measured process: one compress, then its peak RSS and stage times as JSON."""
+    import contextlib
+
+    import sglp_onnx.pipeline as pipeline
+
+    # Peak RSS so far at the end of each pipeline stage: where the memory goes.
+    stage_peaks: dict[str, float] = {}
+    timed = pipeline._timed
+
+    @contextlib.contextmanager
+    def timed_with_peak(timings, stage):
+        with timed(timings, stage):
+            yield
+        stage_peaks[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    pipeline._timed = timed_with_peak
+    start = time.perf_counter()
+    result = pipeline.compress(model, out, ratio=0.25, batch_size=batch_size, force=True, sequential=sequential)
+    seconds = time.perf_counter() - start
+    recorded = sorted({e.value for t in onnx.load(out, load_external_data=False).graph.initializer
+                       for e in t.external_data if e.key == "location"})
+    print(json.dumps({
+        "seconds": seconds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "timings": result.report["timings"],
+        "stage_peak_rss_gib": stage_peaks,
+        "removed": len(result.selection.removed),
+        "units": len(result.units),
+        "after_file_size": result.report["after"]["file_size"],
+        "data_files_recorded": recorded,
+        "files_beside_output": sorted(p.name for p in Path(out).parent.iterdir() if p.name.startswith("out")),
+    }))
+
+
+def run_child(model: Path, out: Path, *, sequential: bool, batch_size: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(out),
+               "--batch-size", str(batch_size)] + (["--sequential"] if sequential else [])
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"failed": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300],
+                "returncode": done.returncode, "seconds": wall, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help="where to build the model (default: a temporary folder)")
+    parser.add_argument("--modes", nargs="+", default=["sequential", "one-shot"], choices=["sequential", "one-shot"])
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "large_model.md")
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.sequential, args.batch_size)
+        return
+
+    from benchmarks.machine import describe
+
+    with tempfile.TemporaryDirectory(prefix="sglp-large-", dir=args.folder) as tmp:
+        folder = Path(tmp)
+        model = folder / "large.onnx"
+        start = time.perf_counter()
+        data_bytes = build(model, blocks=args.blocks, width=args.width)
+        build_seconds = time.perf_counter() - start
+        rng = np.random.default_rng(0)
+        np.savez(folder / "large.calib.npz", input=rng.standard_normal((args.samples, args.width)).astype(np.float32))
+        results = {}
+        for mode in args.modes:
+            out_dir = folder / mode
+            out_dir.mkdir()
+            results[mode] = run_child(model, out_dir / "out.onnx", sequential=mode == "sequential",
+                                      batch_size=args.batch_size)
+            for p in out_dir.iterdir():  # free the disk before the next run
+                p.unlink()
+            print(mode, results[mode], flush=True)
+
+    lines = [
+        "# `compress` on a model above the 2 GB protobuf limit",
+        "",
+        f"Machine: {describe()}.",
+        "",
+        f"Command: `python benchmarks/large_model.py --blocks {args.blocks} --width {args.width}`: a residual MLP "
+        f"of {args.blocks} blocks with float32 {args.width}x{args.width} weights, {data_bytes / 2**30:.2f} GiB of "
+        f"weights in `large.onnx.data` (built in {build_seconds:.1f} s); `compress --ratio 0.25` "
+        f"(criterion sglp, gradient-free), {args.samples} calibration samples, batch {args.batch_size}; each mode "
+        "in a fresh process, peak RSS from `ru_maxrss`.",
+        "",
+        "| mode | result | wall s | peak RSS GiB | stage seconds | peak RSS GiB at the end of each stage | "
+        "output size | data file recorded in output |",
+        "|---|---|---:|---:|---|---|---:|---|",
+    ]
+    for mode, r in results.items():
+        if "failed" in r:
+            lines.append(f"| {mode} | failed (exit {r['returncode']}): {r['failed']} | {r['seconds']:.1f} | "
+                         f"{r['peak_rss_gib']:.2f} (largest child so far) | | | | |")
+            continue
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
+        peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_peak_rss_gib"].items())
+        lines.append(f"| {mode} | removed {r['removed']}/{r['units']} units | {r['seconds']:.1f} | "
+                     f"{r['peak_rss_gib']:.2f} | {stages} | {peaks} | {r['after_file_size'] / 2**30:.2f} GiB | "
+                     f"{', '.join(r['data_files_recorded'])} (files: {', '.join(r['files_beside_output'])}) |")
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Big-model paths, exercised on small models by lowering the size thresholds:
+weights streamed to a side file without touching the in-memory model,
+sessions that map their weights from a temporary file, the checker above the
+protobuf limit, and ONNX Runtime reading what was written."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import sglp_onnx.runtime as runtime
+import sglp_onnx.validation as validation
+from sglp_onnx.model_files import (_DATA_ALIGNMENT, load_model, proto_size, save_model, saved_with_external_data,
+                                   write_with_external_data)
+from tiny_graphs import residual_mlp
+
+WIDTH = 32  # 32 x 32 float32 weights are 4 KiB, above the 1 KiB external-data threshold
+
+
+def outputs(source, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+@pytest.fixture
+def model() -> onnx.ModelProto:
+    return residual_mlp(3, width=WIDTH)
+
+
+@pytest.fixture
+def x() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((4, WIDTH)).astype(np.float32)
+
+
+def test_written_with_external_data_model_untouched_offsets_aligned(tmp_path, model, x):
+    before = model.SerializeToString()
+    write_with_external_data(model, tmp_path / "m.onnx", tmp_path / "weights.bin", location="weights.bin")
+    assert model.SerializeToString() == before
+    stub = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    external = [t for t in stub.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    # Six 4 KiB block weights go out; the 384-byte head stays inline.
+    assert [t.name for t in external] == [f"blocks.{i}.{w}" for i in range(3) for w in ("w1", "w2")]
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        assert info["location"] == "weights.bin" and int(info["offset"]) % _DATA_ALIGNMENT == 0
+    reloaded = onnx.load(str(tmp_path / "m.onnx"))
+    for a, b in zip(model.graph.initializer, reloaded.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    np.testing.assert_array_equal(outputs(str(tmp_path / "m.onnx"), x), outputs(before, x))
+
+
+def test_small_tensors_stay_inline(tmp_path):
+    small = residual_mlp(2, width=4)  # 64-byte weights
+    write_with_external_data(small, tmp_path / "m.onnx", tmp_path / "m.onnx.data", location="m.onnx.data")
+    stub = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in stub.graph.initializer)
+    assert (tmp_path / "m.onnx.data").stat().st_size == 0
+
+
+def test_save_model_with_external_data_records_the_final_name(tmp_path, model, x):
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    stub = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    assert {e.value for t in stub.graph.initializer for e in t.external_data if e.key == "location"} == \
+        {"out.onnx.data"}
+    np.testing.assert_array_equal(outputs(load_model(tmp_path / "out.onnx").SerializeToString(), x),
+                                  outputs(model.SerializeToString(), x))
+
+
+def test_temporary_copy_is_removed_and_model_kept(model):
+    before = model.SerializeToString()
+    with saved_with_external_data(model) as path:
+        assert path.is_file() and path.with_name("model.onnx.data").is_file()
+    assert not path.parent.exists()
+    assert model.SerializeToString() == before
+
+
+def test_sessions_of_big_models_read_a_mapped_file(monkeypatch, model, x):
+    expected = outputs(model.SerializeToString(), x)
+    monkeypatch.setattr(runtime, "SESSION_FILE_THRESHOLD", 0)
+    before = model.SerializeToString()
+    session = runtime.make_session(model)
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected)
+    assert model.SerializeToString() == before
+
+
+def test_checker_above_the_protobuf_limit_goes_through_a_file(monkeypatch, model):
+    monkeypatch.setattr(validation, "PROTOBUF_LIMIT", 0)
+    validation.full_check(model)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[1] = "missing_weight"
+    with pytest.raises(Exception):
+        validation.full_check(broken)
+
+
+def test_proto_size_is_the_serialised_size(model):
+    assert proto_size(model) == len(model.SerializeToString())

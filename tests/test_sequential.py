@@ -1,0 +1,156 @@
+"""`--sequential`: the graph cut at unit boundaries, run piece by piece, gives
+the same tensors and the same evidence as the one-shot pass."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import sglp_onnx.sequential as sequential
+from sglp_onnx.calibration import CalibrationSet, load_calibration
+from sglp_onnx.cli import main
+from sglp_onnx.errors import UserError
+from sglp_onnx.evidence import collect_evidence
+from sglp_onnx.pipeline import _discover
+from sglp_onnx.representations import stream
+from sglp_onnx.sequential import split_at, stream_sequential
+from tiny_graphs import _weight, make_model, residual_mlp, write_model_and_calibration
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+WIDTH = 8
+
+
+def shared_scale_mlp(n_blocks: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Residual MLP whose every block reads `scale`, computed once from the input and a
+    Constant node: a tensor that crosses every cut, as rotary tables do in LLMs."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Constant", [], ["half"], value=helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])),
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=1),
+        helper.make_node("Sigmoid", ["mean"], ["gate"]),
+        helper.make_node("Mul", ["gate", "half"], ["scale"]),
+    ]
+    inits = []
+    h = "input"
+    for i in range(n_blocks):
+        s = f"blocks.{i}"
+        inits += [_weight(rng, f"{s}.w1", (WIDTH, WIDTH)), _weight(rng, f"{s}.w2", (WIDTH, WIDTH))]
+        nodes += [
+            helper.make_node("MatMul", [h, f"{s}.w1"], [f"{s}.a"]),
+            helper.make_node("Relu", [f"{s}.a"], [f"{s}.r"]),
+            helper.make_node("MatMul", [f"{s}.r", f"{s}.w2"], [f"{s}.m"]),
+            helper.make_node("Mul", [f"{s}.m", "scale"], [f"{s}.f"]),
+            helper.make_node("Mul", [f"{s}.f", "half"], [f"{s}.g"]),
+            helper.make_node("Add", [h, f"{s}.g"], [f"{s}.out"]),
+        ]
+        h = f"{s}.out"
+    nodes.append(helper.make_node("ReduceSum", [h], ["total"], keepdims=0))
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", WIDTH]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+        inits,
+    )
+
+
+def calib_set(n: int = 10, seed: int = 3) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    return CalibrationSet(inputs={"input": rng.standard_normal((n, WIDTH)).astype(np.float32)})
+
+
+def test_pieces_cover_every_node_once_and_read_only_earlier_tensors():
+    model = shared_scale_mlp()
+    exits = [f"blocks.{i}.out" for i in range(3)]
+    pieces = split_at(model, exits[:-1])
+    assert len(pieces) == 3
+    constant = 0
+    owned = [i for p in pieces for i in p.nodes if model.graph.node[i].op_type != "Constant"]
+    assert sorted(owned) == [i for i, n in enumerate(model.graph.node) if i != constant]
+    available = {"input"}
+    for piece in pieces:
+        assert set(piece.inputs) <= available
+        available |= set(piece.outputs)
+        # The Constant is copied into every piece that reads it, never passed across a cut.
+        assert "half" not in piece.inputs and constant in piece.nodes
+    assert "scale" in pieces[1].inputs and "scale" in pieces[2].inputs
+    assert {o.name for o in model.graph.output} <= available
+
+
+@pytest.mark.parametrize("batch_size", [3, 10])
+def test_stream_sequential_yields_the_one_shot_batches(tmp_path, batch_size):
+    model = shared_scale_mlp()
+    names = ["input", "scale", "blocks.0.out", "blocks.1.r", "blocks.2.out"]
+    calib = calib_set()
+    one_shot = list(stream(model, calib, names, batch_size=batch_size))
+    pieces = list(stream_sequential(model, calib, names, boundaries=["blocks.0.out", "blocks.1.out"],
+                                    batch_size=batch_size, spill_dir=tmp_path))
+    assert len(pieces) == len(one_shot) == -(-10 // batch_size)
+    for a, b in zip(one_shot, pieces):
+        assert a.outputs.keys() == b.outputs.keys() and a.tensors.keys() == b.tensors.keys()
+        for key in a.outputs:
+            np.testing.assert_allclose(b.outputs[key], a.outputs[key], rtol=1e-6, atol=1e-7)
+        for key in a.tensors:
+            np.testing.assert_allclose(b.tensors[key], a.tensors[key], rtol=1e-6, atol=1e-7)
+    assert list(tmp_path.iterdir()) == []  # spilled tensors are gone
+
+
+def test_one_piece_session_alive_at_a_time(monkeypatch):
+    live: list[weakref.ref] = []
+    peak = 0
+    make = sequential.make_session
+
+    def counting(model, provider="cpu", **kwargs):
+        nonlocal peak
+        gc.collect()
+        session = make(model, provider, **kwargs)
+        live.append(weakref.ref(session))
+        peak = max(peak, sum(r() is not None for r in live))
+        return session
+
+    monkeypatch.setattr(sequential, "make_session", counting)
+    model = residual_mlp(4)
+    boundaries = [f"blocks.{i}.out" for i in range(4)]
+    list(stream_sequential(model, calib_set(), boundaries, boundaries=boundaries, batch_size=4))
+    assert len(live) == 5 and peak == 1
+
+
+def test_unsorted_graph_is_refused():
+    model = residual_mlp(2)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[4:8] + nodes[:4] + nodes[8:])  # blocks.1 before blocks.0
+    with pytest.raises(UserError, match="topologically sorted"):
+        split_at(model, ["blocks.1.out"])
+
+
+def test_cnn1d_sequential_evidence_equals_one_shot():
+    model = onnx.load(str(MODELS / "cnn1d_radio.onnx"))
+    calib = load_calibration(MODELS / "cnn1d_radio.calib.npz", model, max_samples=96)
+    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    one = collect_evidence(model, calib, units, batch_size=32)
+    seq = collect_evidence(model, calib, units, batch_size=32, sequential=True)
+    assert seq.n_samples == one.n_samples == 96 and seq.batches == one.batches == 3
+    np.testing.assert_allclose(seq.cka, one.cka, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(seq.entry_exit_cka, one.entry_exit_cka, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(seq.block_influence, one.block_influence, rtol=1e-6, atol=1e-9)
+    units_seq, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={}, sequential=True)
+    assert [(u.entry, u.exit, u.flops) for u in units_seq] == [(u.entry, u.exit, u.flops) for u in units]
+
+
+def test_cli_sequential_compress_matches_one_shot(tmp_path):
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=24)
+    reports = []
+    for flag in ([], ["--sequential"]):
+        out = tmp_path / f"out{len(flag)}.onnx"
+        assert main(["-q", "compress", str(model), "-o", str(out), "--remove", "2", *flag]) == 0
+        reports.append(json.loads(out.with_suffix(".json").read_text()))
+    assert [u["removed"] for u in reports[0]["units"]] == [u["removed"] for u in reports[1]["units"]]
+    np.testing.assert_allclose(reports[1]["cka"], reports[0]["cka"], atol=1e-6)

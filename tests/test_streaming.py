@@ -1,0 +1,43 @@
+"""The calibration pass streams: 8x the calibration samples may cost at most
+1.3x the peak resident memory and at most linear time.
+
+Each size runs `analyze` on the 1-D CNN in a fresh process (see
+benchmarks/streaming.py); sizes are interleaved and repeated and the best run
+per size kept, so that a busy machine does not decide the outcome.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.streaming import measure_in_subprocess
+
+MEMORY_FACTOR = 1.3
+TIME_SLACK = 1.25  # noise allowance on top of linear growth
+
+
+def best_of_interleaved(sizes: list[int], repeats: int, **options) -> dict[int, dict]:
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            runs[n].append(measure_in_subprocess(n, **options))
+    return {n: {k: min(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+
+
+def assert_streams(small: dict, large: dict, growth: int) -> None:
+    assert large["rows"] == growth * small["rows"]
+    assert large["peak_rss_mib"] <= MEMORY_FACTOR * small["peak_rss_mib"], (small, large)
+    # CPU time (all threads) rather than wall time: other jobs on the machine do not inflate it.
+    assert large["cpu_seconds"] <= growth * TIME_SLACK * small["cpu_seconds"], (small, large)
+
+
+def test_calibration_pass_streams():
+    best = best_of_interleaved([64, 512], repeats=2, batch_size=64, torch_model=False)
+    assert_streams(best[64], best[512], 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_model", [False, True], ids=["cka", "cka+gradnorm"])
+def test_calibration_pass_streams_at_2048_samples(torch_model):
+    best = best_of_interleaved([256, 2048], repeats=2, batch_size=64, torch_model=torch_model)
+    assert_streams(best[256], best[2048], 8)
