@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime  # noqa: E402
 
-from sglp_onnx.bench import bench  # noqa: E402
+from sglp_onnx.latency import bench  # noqa: E402
 from sglp_onnx.calibration import load_calibration, sidecar_path  # noqa: E402
 from sglp_onnx.model_files import load_model, save_model  # noqa: E402
 from sglp_onnx.pipeline import _discover, compress  # noqa: E402

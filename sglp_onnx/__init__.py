@@ -11,9 +11,6 @@ use, so `import sglp_onnx` stays cheap.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
@@ -27,8 +24,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "analyze": ("pipeline", "analyze"),
     "Analysis": ("pipeline", "Analysis"),
     "CompressionResult": ("pipeline", "CompressionResult"),
-    "evaluate": ("evaluate", "evaluate"),
-    "bench": ("bench", "bench"),
+    "evaluate": ("metrics", "evaluate"),
+    "bench": ("latency", "bench"),
     "export_torch": ("export", "export_torch"),
     "finetune": ("finetune", "finetune"),
     "FinetuneResult": ("finetune", "FinetuneResult"),
@@ -38,8 +35,8 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 
 if TYPE_CHECKING:
-    from .bench import bench
-    from .evaluate import evaluate
+    from .latency import bench
+    from .metrics import evaluate
     from .export import export_torch
     from .finetune import FinetuneResult, finetune
     from .pipeline import Analysis, CompressionResult, analyze, compress
@@ -68,26 +65,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-class _Package(types.ModuleType):
-    """Keeps `sglp_onnx.evaluate` and `sglp_onnx.bench` the functions.
-
-    Importing a submodule binds it as an attribute of its package, so the
-    first `from .evaluate import ...` anywhere would replace the public
-    function `evaluate` with the module `sglp_onnx.evaluate`. `from
-    sglp_onnx.evaluate import ...` still works (it reads `sys.modules`);
-    reach the modules themselves as `sys.modules["sglp_onnx.evaluate"]`,
-    since `import sglp_onnx.evaluate as m` binds the function.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name] == (name, name):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-__all__ = ["UserError", "__version__"] + [
-    name for name, (module, _) in _LAZY.items() if (Path(__file__).parent / f"{module}.py").exists()
-]
+__all__ = ["UserError", "__version__", *_LAZY]

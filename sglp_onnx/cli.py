@@ -194,7 +194,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
     Example:
       sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
     """
-    from .evaluate import evaluate, format_metrics
+    from .metrics import evaluate, format_metrics
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -229,7 +229,7 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
     Example:
       sglp-onnx bench model.onnx model.pruned.onnx --batch-size 1 --batch-size 64
     """
-    from .bench import bench as run, format_results
+    from .latency import bench as run, format_results
 
     results = run(models, batch_sizes=batch_sizes or (1,), runs=runs, warmup=warmup, provider=provider,
                   threads=threads, data=data)

@@ -473,7 +473,7 @@ def finetune(
         timings["validation"] = time.perf_counter() - start
         evaluation = None
         if eval_data is not None:
-            from .evaluate import evaluate
+            from .metrics import evaluate
 
             start = time.perf_counter()
             before_eval, after_eval = evaluate([pruned_path, exported], eval_data, provider=provider,

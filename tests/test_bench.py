@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sglp_onnx.bench import BenchResult, _interleaved, bench, format_results
+from sglp_onnx.latency import BenchResult, _interleaved, bench, format_results
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from tiny_graphs import calibration, residual_mlp, write_model_and_calibration

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sglp_onnx.cli import main
-from sglp_onnx.evaluate import evaluate
+from sglp_onnx.metrics import evaluate
 from sglp_onnx.runtime import make_session
 from sglp_onnx.surgery import remove_units
 from sglp_onnx.units import find_units
