@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
 MODEL = ROOT / "models" / "resnet56_digits.onnx"
@@ -58,9 +58,7 @@ def main() -> None:
     for stage in stages:
         lines.append(f"| {stage} | {medians[stage]:.3f} | {medians[stage] / total:.0%} |")
     lines.append(f"| **total (wall)** | **{total:.3f}** | 100% |")
-    text = "\n".join(lines) + "\n"
-    args.output.write_text(text)
-    print(text)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

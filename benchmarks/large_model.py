@@ -140,7 +140,7 @@ def main() -> None:
         child(*args.child, args.sequential, args.batch_size)
         return
 
-    from benchmarks.machine import describe
+    from benchmarks.machine import describe, publish
 
     with tempfile.TemporaryDirectory(prefix="sglp-large-", dir=args.folder) as tmp:
         folder = Path(tmp)
@@ -185,10 +185,7 @@ def main() -> None:
         lines.append(f"| {mode} | removed {r['removed']}/{r['units']} units | {r['seconds']:.1f} | "
                      f"{r['peak_rss_gib']:.2f} | {stages} | {peaks} | {r['after_file_size'] / 2**30:.2f} GiB | "
                      f"{', '.join(r['data_files_recorded'])} (files: {', '.join(r['files_beside_output'])}) |")
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

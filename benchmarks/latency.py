@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime  # noqa: E402
 
+from benchmarks.machine import publish  # noqa: E402
 from sglp_onnx.latency import bench  # noqa: E402
 from sglp_onnx.calibration import load_calibration, sidecar_path  # noqa: E402
 from sglp_onnx.model_files import load_model, save_model  # noqa: E402
@@ -168,10 +169,7 @@ def main() -> None:
     ]
     if missing:
         lines += ["", f"Not measured (model file absent from models/): {', '.join(missing)}."]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

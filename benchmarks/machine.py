@@ -30,3 +30,14 @@ def describe() -> str:
     except (ValueError, OSError):
         pass
     return f"{cpu}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}, {versions}"
+
+
+def publish(lines: list[str], path) -> str:
+    """Write a result file (markdown lines) and echo it; returns the text."""
+    from pathlib import Path
+
+    text = "\n".join(lines) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(text)
+    return text

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx.criteria import REGISTRY  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
@@ -158,10 +158,7 @@ def main() -> None:
         lines += ["", f"Not measured (model file absent from models/): {', '.join(missing)}."]
     if absent_criteria:
         lines += ["", f"Not measured (criterion not implemented yet): {', '.join(absent_criteria)}."]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.machine import describe
+    from benchmarks.machine import describe, publish
 
     rows = []
     for torch_model in (False, True):
@@ -134,10 +134,7 @@ def main() -> None:
         "Requirement: 8x the samples costs at most 1.3x the peak RSS, and at most linear time "
         "(tests/test_streaming.py checks both).",
     ]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":
