@@ -310,8 +310,9 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
 
 @cli.command()
 @click.argument("model", metavar="PRUNED.onnx", type=click.Path(dir_okay=False))
-@click.option("--torch-model", required=True, metavar="MODULE:FACTORY",
-              help="Factory of the torch model the unpruned ONNX file was exported from.")
+@click.option("--torch-model", required=True, metavar="MODULE:FACTORY|hf:DIR",
+              help="Factory of the torch model the unpruned ONNX file was exported from, or hf:DIR for a "
+                   "Hugging Face causal LM folder (its removed decoder layers are deleted).")
 @click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--train-data", required=True, type=click.Path(dir_okay=False),
               help=".npz of training inputs (named after the model inputs) and 'labels'.")
@@ -341,6 +342,7 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     Example:
       sglp-onnx finetune r56.pruned.onnx --torch-model models.resnet_cifar:resnet56_digits \\
           --torch-weights models/resnet56_digits.pt --train-data train.npz --epochs 3 --eval-data test.npz
+      sglp-onnx finetune llama.kv.pruned.onnx --torch-model hf:models/tinyllama --train-data tokens.npz --epochs 1
     """
     from .finetune import finetune as run
 

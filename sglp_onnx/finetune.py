@@ -134,6 +134,90 @@ def skip_modules(model: torch.nn.Module, paths: Sequence[str], structure: dict[s
     return pruned
 
 
+def delete_layers(model: torch.nn.Module, paths: Sequence[str]) -> tuple[torch.nn.Module, list[int]]:
+    """A copy of a Hugging Face model without the decoder layers at `paths`, and the kept layer numbers.
+
+    Each path must be a whole layer: an entry of the model's one layer
+    ModuleList (as long as `config.num_hidden_layers`). The layers are
+    deleted, not skipped, so the copy is a genuinely shallower model: the
+    config's layer count (and `layer_types`) shrink and every `layer_idx`
+    attribute in a kept layer is renumbered 0..n-1, as transformers would
+    build it, so its KV cache holds one entry per kept layer.
+    """
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise UserError(f"{type(model).__name__} has no config.num_hidden_layers; cannot delete its layers")
+    parents = {path.rpartition(".")[0] for path in paths}
+    layers_path = parents.pop() if len(parents) == 1 else None
+    layers = model.get_submodule(layers_path) if layers_path else None
+    if paths and (parents or not isinstance(layers, torch.nn.ModuleList) or len(layers) != count
+                  or not all(path.rpartition(".")[2].isdigit() for path in paths)):
+        raise UserError(f"the removed modules ({', '.join(paths)}) are not whole decoder layers of "
+                        f"{type(model).__name__}; fine-tuning a Hugging Face model needs a model pruned "
+                        "by whole layers (not --granularity sublayer)")
+    if not paths:
+        return copy.deepcopy(model), list(range(count))
+    removed = {int(path.rpartition(".")[2]) for path in paths}
+    kept = [i for i in range(count) if i not in removed]
+    clone = copy.deepcopy(model)
+    old_layers = clone.get_submodule(layers_path)
+    parent_path, _, child = layers_path.rpartition(".")
+    setattr(clone.get_submodule(parent_path) if parent_path else clone, child,
+            torch.nn.ModuleList([old_layers[i] for i in kept]))
+    types = getattr(clone.config, "layer_types", None)
+    clone.config.num_hidden_layers = len(kept)
+    if isinstance(types, list) and len(types) == count:
+        clone.config.layer_types = [types[i] for i in kept]
+    for new, old in enumerate(kept):
+        for module in old_layers[old].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    return clone.eval(), kept
+
+
+def cache_layer_numbers(report: dict, kept: Sequence[int]) -> list[int]:
+    """The pruned model's cache number of each kept layer, in order, from the report's kv_cache.layer_map."""
+    mapping = (report.get("kv_cache") or {}).get("layer_map")
+    if not mapping:
+        return list(kept)
+    numbers = [int(old) for old, new in sorted(mapping.items(), key=lambda kv: int(kv[0])) if new is not None]
+    if numbers != list(kept):
+        raise UserError(f"the report's kv_cache.layer_map keeps layers {numbers}, but its removed units keep "
+                        f"layers {list(kept)}; is the report the pruned model's?")
+    return numbers
+
+
+def rename_cache_tensors(model: onnx.ModelProto, numbers: Sequence[int]) -> None:
+    """Rename `past_key_values.{i}.*` / `present.{i}.*` to layer `numbers[i]` in place (graph and subgraphs)."""
+    mapping = {f"{prefix}.{new}.{kv}": f"{prefix}.{old}.{kv}" for new, old in enumerate(numbers) if new != old
+               for prefix in ("past_key_values", "present") for kv in ("key", "value")}
+    if not mapping:
+        return
+
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+    every = list(graphs(model.graph))
+    names = {n for g in every for n in [*(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)),
+                                        *(t for node in g.node for t in (*node.input, *node.output))]}
+    clash = (set(mapping.values()) - set(mapping)) & names
+    if clash:
+        raise UserError(f"cannot give the cache tensors their pruned names: {sorted(clash)[:4]} already exist")
+    for g in every:
+        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
+            v.name = mapping.get(v.name, v.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(t, t) for t in node.input]
+            node.output[:] = [mapping.get(t, t) for t in node.output]
+
+
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         return float("inf")
@@ -355,7 +439,7 @@ class FinetuneResult:
         rep = self.report
         tm = rep["train_metrics"]
         lines = [f"fine-tuned {rep['input']} for {rep['training']['epochs']} epoch(s) -> {rep['output']}",
-                 f"skipped modules: {', '.join(rep['skipped_modules']) or '(none)'}",
+                 f"{rep.get('layer_removal', 'skipped')} modules: {', '.join(rep['skipped_modules']) or '(none)'}",
                  f"training loss per epoch: {', '.join(f'{v:.4f}' for v in rep['training']['epoch_loss'])}"]
         if tm["before"]["accuracy"] is not None:
             lines.append(f"training-data accuracy: {tm['before']['accuracy']:.2%} -> {tm['after']['accuracy']:.2%}")
@@ -406,7 +490,9 @@ def finetune(
 
     Reads the pruning report (`report`, default PRUNED.json beside the pruned
     model), replaces every removed unit's torch module(s) in the paired model
-    by a skip, checks that this reproduces the pruned ONNX model, trains it
+    by a skip (for `hf:DIR` causal LMs: deletes the removed decoder layers,
+    see `delete_layers`, and exports with `export_hf`, the KV cache renamed
+    to the pruned model's layer numbers), checks that this reproduces the pruned ONNX model, trains it
     (see `train`) on `train_data` (an .npz named like calibration files, with
     `labels` for classifiers), exports it with the pruned model's input and
     output names and opset, checks it (onnx.checker, ONNX Runtime, same
@@ -429,15 +515,38 @@ def finetune(
     data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
     order = [s.name for s in model_inputs(pruned)]
 
+    from .calibration import is_cache_input
     from .export import export_torch, load_torch_model
+    from .hf_model import HF_PREFIX, is_hf_spec, load_hf_model
 
-    teacher = load_torch_model(torch_model, None if torch_weights is None else str(torch_weights))
+    hf = is_hf_spec(torch_model)
+    cache_names: set[str] = set()
+    if hf:
+        if torch_weights is not None:
+            raise UserError("--torch-weights goes with --torch-model MODULE:FACTORY; an hf:DIR folder holds "
+                            "its own weights")
+        specs = model_inputs(pruned)
+        cache_names = {s.name for s in specs if is_cache_input(s, specs)}
+        teacher = load_hf_model(torch_model[len(HF_PREFIX):])
+    else:
+        teacher = load_torch_model(torch_model, None if torch_weights is None else str(torch_weights))
+    # The torch model runs whole sequences: the ONNX feed without its (empty) past KV cache.
+    torch_order = [name for name in order if name not in cache_names]
+    torch_data = data if not cache_names else CalibrationSet(
+        inputs={k: v for k, v in data.inputs.items() if k not in cache_names}, labels=data.labels,
+        source=data.source)
     probe_feed = data.first(VALIDATION_SAMPLES)
+    torch_probe = {k: v for k, v in probe_feed.items() if k not in cache_names}
+    cache_numbers: list[int] = []
     try:
-        structure = output_structure(teacher, plan.modules, probe_feed, order)
-        student = skip_modules(teacher, plan.modules, structure)
+        if hf:
+            student, kept = delete_layers(teacher, plan.modules)
+            cache_numbers = cache_layer_numbers(plan.report, kept)
+        else:
+            structure = output_structure(teacher, plan.modules, probe_feed, order)
+            student = skip_modules(teacher, plan.modules, structure)
         with torch.no_grad():
-            got = _torch_logits(student.eval(), probe_feed, order).float().numpy()
+            got = _torch_logits(student.eval(), torch_probe, torch_order).float().numpy()
     except UserError:
         raise
     except Exception as exc:
@@ -446,16 +555,17 @@ def finetune(
     error = _relative_error(got, expected)
     if error > TOLERANCE:
         raise UserError(
-            f"skipping the removed units' modules ({', '.join(plan.modules) or 'none'}) in {torch_model} does "
+            f"{'deleting' if hf else 'skipping'} the removed units' modules ({', '.join(plan.modules) or 'none'}) "
+            f"in {torch_model} does "
             f"not reproduce {pruned_path} (relative error {error:.3g}); is --torch-model (and --torch-weights) "
             f"the model {plan.report_path} was made from?")
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    before = task_metrics(student, data, order, batch_size=batch_size)
-    history = train(student, teacher, data, order, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    before = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
+    history = train(student, teacher, torch_data, torch_order, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                     distill_weight=distill_weight, temperature=temperature, progress=progress)
-    after = task_metrics(student, data, order, batch_size=batch_size)
+    after = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
     timings["train"] = time.perf_counter() - start
 
     opset = next((o.version for o in pruned.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -463,8 +573,18 @@ def finetune(
     with tempfile.TemporaryDirectory(prefix="sglp-finetune-") as tmp:
         start = time.perf_counter()
         exported = Path(tmp) / out.name
-        new = export_torch(student, example, exported, input_names=order,
-                           output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
+        if hf:
+            from .export_hf import export_hf
+
+            # A fresh export numbers the cache 0..n-1; the pruned model keeps the kept layers' numbers.
+            with_cache = any(name.startswith("past_key_values.") for name in order)
+            new = export_hf(student, exported, with_cache=with_cache, exporter=exporter, opset=opset)
+            if with_cache:
+                rename_cache_tensors(new, cache_numbers)
+                save_model(new, exported)
+        else:
+            new = export_torch(student, example, exported, input_names=order,
+                               output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
         timings["export"] = time.perf_counter() - start
         start = time.perf_counter()
         check_signature(pruned, new)
@@ -491,6 +611,8 @@ def finetune(
             "torch_weights": None if torch_weights is None else str(torch_weights),
             "removed_units": plan.units,
             "skipped_modules": plan.modules,
+            "layer_removal": "deleted" if hf else "skipped",
+            "cache_layers": cache_numbers if hf else None,
             "skip_reproduces_pruned_relative_error": error,
             "training": {
                 "data": str(train_data), "samples": data.n_samples, "epochs": epochs, "lr": lr,
