@@ -28,6 +28,11 @@ demo: setup
 	@echo
 	@echo "== test accuracy on the held-out digits (before, after) =="
 	$(BIN)/sglp-onnx eval $(MODEL) $(OUT)/resnet56_digits.pruned.onnx --data models/digits.test.npz
+	@echo
+	@echo "== optional healing: 2 epochs of fine-tuning with distillation (about 10 s) =="
+	$(BIN)/sglp-onnx finetune $(OUT)/resnet56_digits.pruned.onnx \
+		--torch-model models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt \
+		--train-data models/digits.train.npz --epochs 2 --lr 0.003 --eval-data models/digits.test.npz --force
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
