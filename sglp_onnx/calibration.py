@@ -42,6 +42,9 @@ class CalibrationSet:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = ""
+    # Set when the model's batch dimension is a fixed number (exports often
+    # pin it to 1): every batch then has exactly that many samples.
+    fixed_batch: int | None = None
 
     @property
     def n_samples(self) -> int:
@@ -60,12 +63,17 @@ class CalibrationSet:
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         n = self.n_samples
+        if self.fixed_batch:
+            # A partial last batch cannot be fed to a fixed-batch model.
+            batch_size, n = self.fixed_batch, n - n % self.fixed_batch
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             feed = {k: v[start:stop] for k, v in self.inputs.items()}
             yield feed, None if self.labels is None else self.labels[start:stop]
 
     def first(self, n: int) -> dict[str, np.ndarray]:
+        """The first `n` samples (exactly the fixed batch for a fixed-batch model)."""
+        n = self.fixed_batch or n
         return {k: v[:n] for k, v in self.inputs.items()}
 
 
@@ -150,10 +158,21 @@ def check_calibration(
     n = counts.pop()
     if n == 0:
         raise UserError(f"{source} holds no samples")
+    fixed = fixed_batch(specs)
+    if fixed and n < fixed:
+        raise UserError(f"{source} holds {n} samples but the model's batch dimension is fixed to {fixed}")
     if max_samples is not None and n > max_samples:
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = labels[:max_samples] if labels is not None else None
-    return CalibrationSet(inputs=inputs, labels=labels, source=source)
+    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed)
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size a model with a numeric (not symbolic) batch dimension accepts."""
+    for spec in specs:
+        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+            return spec.shape[0]
+    return None
 
 
 def is_cache_input(spec: InputSpec, specs: list[InputSpec]) -> bool:
@@ -242,6 +261,8 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     rng = np.random.default_rng(seed)
     inputs = {}
     specs = model_inputs(model)
+    fixed = fixed_batch(specs)
+    n_samples = fixed * max(1, n_samples // fixed) if fixed else n_samples
     for spec in specs:
         if is_cache_input(spec, specs) or spec.name in POSITION_NAMES:
             continue  # implied by the others, below
@@ -255,4 +276,4 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
         else:
             inputs[spec.name] = np.zeros(shape, dtype=dtype)
     inputs.update(_implied_inputs(inputs, specs))
-    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)")
+    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed)

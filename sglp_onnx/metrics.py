@@ -51,11 +51,12 @@ def evaluate(
         dataset = check_calibration(arrays, model, source=str(data))
         session = make_session(model, provider)
         out_name = session.get_outputs()[0].name
-        correct = total = 0
+        correct = total = seen = 0
         nll = tokens = 0.0
         predictions: list[np.ndarray] = []
         for feed, labels in dataset.batches(batch_size):
             logits = session.run([out_name], feed)[0]
+            seen += len(logits)
             pred = logits.argmax(-1)
             predictions.append(pred)
             if labels is not None and logits.ndim == 2:
@@ -69,7 +70,8 @@ def evaluate(
                 picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
                 nll -= float(picked[keep].sum())
                 tokens += float(keep.sum())
-        metrics = Metrics(model=str(path), samples=dataset.n_samples)
+        # A fixed-batch model skips a partial last batch: count what was evaluated.
+        metrics = Metrics(model=str(path), samples=seen)
         if total:
             metrics.accuracy = correct / total
         if tokens:

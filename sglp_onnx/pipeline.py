@@ -407,6 +407,9 @@ def analyze(
         report["notes"].append(loss_note)
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
+    if data.fixed_batch and data.fixed_batch != batch_size:
+        report["notes"].append(f"the model's batch dimension is fixed to {data.fixed_batch}: calibration ran in "
+                               f"batches of {data.fixed_batch}, not {batch_size}")
     if plot_path is not None:
         with _timed(timings, "plot"), atomic_paths(plot_path) as (tmp,):
             from .plots import plot_report

@@ -1,0 +1,52 @@
+"""Models exported with a fixed batch dimension (often 1) are calibrated,
+validated and evaluated in batches of exactly that size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from graphs import TinyResNet, image_batch, rewire, run, seeded
+from sglp_onnx.cli import main
+
+
+def _fixed_batch_model(tmp_path, batch: int):
+    model = seeded(TinyResNet)
+    path = tmp_path / "fixed.onnx"
+    # No dynamic axes: the batch dimension is the number in the example.
+    torch.onnx.export(model, (torch.from_numpy(image_batch(batch)),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["logits"])
+    np.savez(tmp_path / "fixed.calib.npz", input=image_batch(10, seed=1), labels=np.arange(10) % 4)
+    return path
+
+
+def test_batch_fixed_to_one_compresses_and_matches_rewiring(tmp_path, capsys):
+    path = _fixed_batch_model(tmp_path, 1)
+    assert main(["compress", str(path), "--remove", "2", "--batch-size", "8"]) == 0
+    report = json.loads((tmp_path / "fixed.pruned.json").read_text())
+    assert any("fixed to 1" in note for note in report["notes"])
+    removed = [(u["entry"], u["exit"]) for u in report["units"] if u["removed"]]
+    assert len(removed) == 2
+    import onnx
+
+    x = image_batch(1, seed=5)
+    expected = run(rewire(onnx.load(str(path)), removed), x)[0]
+    assert np.array_equal(run(tmp_path / "fixed.pruned.onnx", x)[0], expected)
+
+
+def test_fixed_batch_drops_a_partial_last_batch_in_eval(tmp_path, capsys):
+    path = _fixed_batch_model(tmp_path, 4)
+    np.savez(tmp_path / "test.npz", input=image_batch(10, seed=2), labels=np.arange(10) % 4)
+    assert main(["eval", str(path), "--data", str(tmp_path / "test.npz"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics[0]["samples"] == 8 and metrics[0]["accuracy"] is not None
+
+
+def test_fewer_samples_than_the_fixed_batch_is_a_usage_error(tmp_path, capsys):
+    path = _fixed_batch_model(tmp_path, 4)
+    np.savez(tmp_path / "fixed.calib.npz", input=image_batch(3, seed=1))
+    assert main(["compress", str(path), "--remove", "1"]) == 2
+    assert "fixed to 4" in capsys.readouterr().err
+    assert not (tmp_path / "fixed.pruned.onnx").exists()
