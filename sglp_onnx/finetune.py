@@ -25,7 +25,8 @@ import torch
 from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from .errors import UserError
 from .importance import TOLERANCE, first_tensor, is_causal_lm, run_torch
-from .model_files import EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, proto_size, check_folder_writable, load_model, save_model
+from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
+                          save_model)
 from .report import to_json, tool_info
 from .runtime import make_session
 
@@ -454,17 +455,6 @@ class FinetuneResult:
         return "\n".join(lines)
 
 
-def _check_writable(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
-    if any(path.resolve() == p.resolve() for p in inputs):
-        raise UserError(f"the {what} {path} is an input file; choose another path")
-    if not path.parent.is_dir():
-        raise UserError(f"the folder of the {what} does not exist: {path.parent}")
-    if path.is_dir():
-        raise UserError(f"the {what} {path} is a folder; give a file name")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    check_folder_writable(path.parent, what=what)
-
 
 def finetune(
     pruned_path: str | os.PathLike,
@@ -506,8 +496,8 @@ def finetune(
     out = Path(output) if output is not None else default_output(pruned_path)
     report_out = _json_beside(out)
     inputs = [pruned_path, Path(train_data)] + ([Path(eval_data)] if eval_data else [])
-    _check_writable(out, force=force, what="output", inputs=inputs)
-    _check_writable(report_out, force=force, what="report", inputs=inputs)
+    check_output_path(out, force=force, what="output", inputs=inputs)
+    check_output_path(report_out, force=force, what="report", inputs=inputs)
     if exporter not in ("dynamo", "legacy"):
         raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
     pruned = load_model(pruned_path)

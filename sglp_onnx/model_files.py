@@ -14,7 +14,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import onnx
 
@@ -131,6 +131,23 @@ def beside(model_path: str | os.PathLike, suffix: str) -> Path:
     path = Path(model_path)
     stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
     return path.with_name(stem + suffix)
+
+
+def check_output_path(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
+    """Refuse an output path before any work: an input file, a missing or
+    unwritable folder, a folder, or an existing file without `force`."""
+    if any(path.resolve() == p.resolve() for p in inputs):
+        raise UserError(f"the {what} {path} is the input model or another input file; choose another path "
+                        "(inputs are never overwritten)")
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of the {what} does not exist: {path.parent}")
+    if path.is_dir():
+        raise UserError(f"the {what} {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    # os.access says yes to root even where the file system refuses files
+    # (/proc, read-only mounts): try the real thing before hours of work.
+    check_folder_writable(path.parent, what=what)
 
 
 def check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:

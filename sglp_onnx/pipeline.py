@@ -26,7 +26,7 @@ from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
 from .kv_cache import genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
-from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_folder_writable, load_model, proto_size,
+from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
 from .representations import probe, probe_shapes
@@ -131,17 +131,7 @@ def default_report(output: Path) -> Path:
 
 
 def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> None:
-    if path.resolve() == input_path.resolve():
-        raise UserError(f"the {what} {path} is the input model; choose another path (the input is never overwritten)")
-    if not path.parent.is_dir():
-        raise UserError(f"the folder of the {what} does not exist: {path.parent}")
-    if path.is_dir():
-        raise UserError(f"the {what} {path} is a folder; give a file name")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    # os.access says yes to root even where the file system refuses files
-    # (/proc, read-only mounts): try the real thing before hours of work.
-    check_folder_writable(path.parent, what=what)
+    check_output_path(path, force=force, what=what, inputs=[input_path])
 
 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,

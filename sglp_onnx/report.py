@@ -43,17 +43,13 @@ def unit_records(
     return records
 
 
-def _finite_or_none(value: float) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
 def to_json(report: dict) -> str:
     """The report as strict JSON: NaN and Infinity are not JSON, so they become null."""
     return json.dumps(_finite_or_none(report), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
 def _finite_or_none(value):
+    """`value` with every non-finite float, also nested in lists and dicts, replaced by None."""
     if isinstance(value, dict):
         return {k: _finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
