@@ -23,6 +23,8 @@ POST_ADD_OPS = {
     "Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Gelu", "HardSwish",
     "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
 }
+# Element-wise ops a LayerNorm decomposes into at opsets before 17.
+NORM_OPS = {"ReduceMean", "Sub", "Pow", "Add", "Sqrt", "Div", "Mul", "Cast", "Reciprocal"}
 # Casts and identities that change nothing can sit on a skip path.
 PASS_THROUGH_OPS = {"Identity", "Cast"}
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
@@ -108,11 +110,13 @@ def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
 
 def _post_op(index: GraphIndex, add_output: str) -> int | None:
     users = index.consumers.get(add_output, [])
-    if len(users) != 1 or add_output in index.output_names or add_output in index.subgraph_refs:
+    if add_output in index.output_names or add_output in index.subgraph_refs:
         return None
+    if len(users) != 1:
+        return _decomposed_norm(index, add_output)
     node = index.nodes[users[0]]
     if node.op_type not in POST_ADD_OPS or node.input[0] != add_output:
-        return None
+        return _decomposed_norm(index, add_output)
     if any(i and not index.is_constant(i) for i in node.input[1:]):
         return None
     if any(o for o in node.output[1:] if index.consumers.get(o) or o in index.output_names):
@@ -123,6 +127,52 @@ def _post_op(index: GraphIndex, add_output: str) -> int | None:
     if add_scope and post_scope and post_scope != add_scope and not post_scope.startswith(add_scope + "."):
         return None
     return users[0]
+
+
+def _decomposed_norm(index: GraphIndex, add_output: str, *, max_nodes: int = 16) -> int | None:
+    """The last node of a LayerNorm spelled out in element-wise ops (opsets
+    before 17: ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul) that alone reads the
+    Add's output, or None.
+
+    The region is grown from the Add output through NORM_OPS whose other
+    inputs are constants or region tensors; it qualifies when it contains a
+    ReduceMean, nothing outside it reads the Add output or its intermediate
+    tensors, exactly one region tensor leaves it, and (with scopes) it runs in
+    the Add's module. Post-norm encoders exported at old opsets end each
+    residual block like this.
+    """
+    region_tensors = {add_output}
+    region: set[int] = set()
+    grew = True
+    while grew and len(region) <= max_nodes:
+        grew = False
+        for t in list(region_tensors):
+            for c in index.consumers.get(t, ()):
+                node = index.nodes[c]
+                if c in region or node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx"):
+                    continue
+                if all(not i or i in region_tensors or index.is_constant(i) for i in node.input):
+                    region.add(c)
+                    region_tensors.update(o for o in node.output if o)
+                    grew = True
+    if not region or len(region) > max_nodes or not any(index.nodes[n].op_type == "ReduceMean" for n in region):
+        return None
+    # A norm reads x twice (the statistic and the normalised x); a global
+    # average pool reads it once and changes its shape.
+    if len(index.consumers.get(add_output, ())) < 2:
+        return None
+    leaving = [t for t in region_tensors
+               if t in index.output_names or t in index.subgraph_refs
+               or any(c not in region for c in index.consumers.get(t, ()))]
+    if len(leaving) != 1 or leaving[0] == add_output:
+        return None
+    if index.nodes[index.producer[leaving[0]]].op_type not in ("Add", "Mul", "Div", "Cast"):
+        return None
+    add_scope = index.scopes[index.producer[add_output]]
+    if add_scope and any(index.scopes[n] and index.scopes[n] != add_scope
+                         and not index.scopes[n].startswith(add_scope + ".") for n in region):
+        return None
+    return index.producer[leaving[0]]
 
 
 def _candidate_adds(index: GraphIndex):
@@ -250,6 +300,14 @@ def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residua
     return groups
 
 
+def _fit_exit(index: GraphIndex, r: Residual, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> Residual:
+    """The residual ending at its Add when the op after it does not keep the shape."""
+    add_output = index.nodes[r.add_node].output[0]
+    if r.post_node is not None and not _shape_ok(r.entry, r.exit, shapes, dtypes):
+        return replace(r, post_node=None, exit=add_output)
+    return r
+
+
 def _shape_ok(entry: str, exit_: str, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> bool:
     if entry not in shapes or exit_ not in shapes:
         return False
@@ -282,7 +340,7 @@ def find_units(
     residuals = residual_adds(index)
     dtypes = index.dtypes
     residuals = innermost([
-        r for r in residuals
+        r for r in (_fit_exit(index, r, shapes, dtypes) for r in residuals)
         if _shape_ok(r.entry, r.exit, shapes, dtypes)
         and r.exit not in index.subgraph_refs
     ])
