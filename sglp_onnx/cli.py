@@ -112,9 +112,13 @@ def _api_options(kwargs: dict, state: _State) -> dict:
 @click.option("--report", type=click.Path(dir_okay=False), help="JSON report. Default: OUTPUT with .json.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the CKA heatmap and importances.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
+@click.option("--renumber-cache", is_flag=True,
+              help="Rename the kept KV-cache inputs/outputs to consecutive layer numbers "
+                   "(past_key_values.0..n-1, present.0..n-1), as onnxruntime-genai expects. "
+                   "Changes those input/output names.")
 @click.pass_obj
 def compress(state: _State, model: str, output: str | None, report: str | None, plot: str | None,
-             force: bool, as_json: bool, **kwargs) -> None:
+             force: bool, renumber_cache: bool, as_json: bool, **kwargs) -> None:
     """Remove residual units from MODEL and write a validated, smaller ONNX file.
 
     \b
@@ -126,7 +130,8 @@ def compress(state: _State, model: str, output: str | None, report: str | None, 
     """
     from .pipeline import compress as run
 
-    result = run(model, output, report=report, plot=plot, force=force, **_api_options(kwargs, state))
+    result = run(model, output, report=report, plot=plot, force=force, renumber_cache=renumber_cache,
+                 **_api_options(kwargs, state))
     if as_json:
         from .report import to_json
 

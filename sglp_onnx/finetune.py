@@ -191,32 +191,10 @@ def cache_layer_numbers(report: dict, kept: Sequence[int]) -> list[int]:
 
 def rename_cache_tensors(model: onnx.ModelProto, numbers: Sequence[int]) -> None:
     """Rename `past_key_values.{i}.*` / `present.{i}.*` to layer `numbers[i]` in place (graph and subgraphs)."""
-    mapping = {f"{prefix}.{new}.{kv}": f"{prefix}.{old}.{kv}" for new, old in enumerate(numbers) if new != old
-               for prefix in ("past_key_values", "present") for kv in ("key", "value")}
-    if not mapping:
-        return
+    from .kv_cache import rename_tensors
 
-    def graphs(graph):
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    yield from graphs(attr.g)
-                for sub in attr.graphs:
-                    yield from graphs(sub)
-
-    every = list(graphs(model.graph))
-    names = {n for g in every for n in [*(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)),
-                                        *(t for node in g.node for t in (*node.input, *node.output))]}
-    clash = (set(mapping.values()) - set(mapping)) & names
-    if clash:
-        raise UserError(f"cannot give the cache tensors their pruned names: {sorted(clash)[:4]} already exist")
-    for g in every:
-        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
-            v.name = mapping.get(v.name, v.name)
-        for node in g.node:
-            node.input[:] = [mapping.get(t, t) for t in node.input]
-            node.output[:] = [mapping.get(t, t) for t in node.output]
+    rename_tensors(model, {f"{prefix}.{new}.{kv}": f"{prefix}.{old}.{kv}" for new, old in enumerate(numbers)
+                           if new != old for prefix in ("past_key_values", "present") for kv in ("key", "value")})
 
 
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
+
+import onnx
 
 from .errors import UserError
 from .units import PrunableUnit
@@ -17,6 +20,8 @@ GENAI_CONFIG = "genai_config.json"
 # Keys that hold a decoder's layer count in genai_config.json (its own
 # `num_hidden_layers`, and the spellings of configs copied from transformers).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+# The Optimum / onnxruntime-genai cache naming that renumbering understands.
+CACHE_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 
 
 def layer_map(units: Sequence[PrunableUnit], removed: Collection[int]) -> dict[int, int | None] | None:
@@ -41,6 +46,56 @@ def layer_map(units: Sequence[PrunableUnit], removed: Collection[int]) -> dict[i
             mapping[old] = new
             new += 1
     return mapping
+
+
+def renumbering(layers: Mapping[str, int | None], names: Iterable[str]) -> dict[str, str]:
+    """Cache tensor name -> the same name with the layer's new number.
+
+    `layers` is the report's `layer_map`; names outside the
+    `past_key_values.{i}.key|value` / `present.{i}.key|value` convention and
+    removed layers are left out.
+    """
+    mapping = {}
+    for name in names:
+        match = CACHE_NAME.match(name)
+        if match and layers.get(match.group(2)) is not None:
+            new = f"{match.group(1)}.{layers[match.group(2)]}.{match.group(3)}"
+            if new != name:
+                mapping[name] = new
+    return mapping
+
+
+def rename_tensors(model: onnx.ModelProto, mapping: Mapping[str, str]) -> None:
+    """Rename tensors everywhere in `model` (inputs, outputs, value infos,
+    initializers, node inputs and outputs, subgraphs), in place.
+
+    The mapping may permute names (`a -> b`, `b -> c`): every name is looked up
+    once. A new name that already exists and is not itself renamed is refused.
+    """
+    if not mapping:
+        return
+
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+    every = list(graphs(model.graph))
+    names = {n for g in every for n in [*(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)),
+                                        *(t for node in g.node for t in (*node.input, *node.output))]}
+    clash = (set(mapping.values()) - set(mapping)) & names
+    if clash:
+        raise UserError(f"cannot rename the cache tensors: {sorted(clash)[:4]} already exist in the model")
+    for g in every:
+        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
+            v.name = mapping.get(v.name, v.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(t, t) for t in node.input]
+            node.output[:] = [mapping.get(t, t) for t in node.output]
 
 
 def kv_cache_record(units: Sequence[PrunableUnit], removed: Collection[int]) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from .criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
 from .flops import node_flops, tensors_needed
 from .graph_index import GraphIndex
-from .kv_cache import genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
+from .kv_cache import CACHE_NAME, genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
 from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
 from .report import analysis_summary, summary, to_json, tool_info, unit_records
@@ -446,6 +446,32 @@ def _pair(model, paired, units, data: CalibrationSet, provider: str):
     return pairing, info
 
 
+def _renumber_cache(pruned: onnx.ModelProto, rep: dict, feed: dict[str, np.ndarray], *, provider: str) -> None:
+    """Rename the kept cache tensors to consecutive layer numbers, in place, and
+    check the renamed model (a pure renaming, so checker and one run suffice)."""
+    from .kv_cache import rename_tensors, renumbering
+    from .runtime import make_session
+    from .validation import full_check
+
+    kv = rep.get("kv_cache")
+    io_names = [i.name for i in pruned.graph.input] + [o.name for o in pruned.graph.output]
+    if not kv or not any(CACHE_NAME.match(n) for n in io_names):
+        raise UserError("--renumber-cache needs a model with a KV cache named past_key_values.{i}.key/value "
+                        "and present.{i}.key/value")
+    mapping = renumbering(kv["layer_map"], io_names)
+    rename_tensors(pruned, mapping)
+    try:
+        full_check(pruned)
+        session = make_session(pruned, provider)
+        outputs = session.run(None, {mapping.get(k, k): v for k, v in feed.items()
+                                     if mapping.get(k, k) in {i.name for i in session.get_inputs()}})
+    except Exception as exc:
+        raise InternalError(f"the model with renumbered cache tensors failed its check: {exc}") from exc
+    if not all(np.all(np.isfinite(o)) for o in outputs if np.issubdtype(o.dtype, np.floating)):
+        raise InternalError("the model with renumbered cache tensors produced NaN/Inf")
+    kv["renamed"] = dict(sorted(mapping.items()))
+
+
 def compress(
     model_path: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -453,6 +479,7 @@ def compress(
     report: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
     force: bool = False,
+    renumber_cache: bool = False,
     **options,
 ) -> CompressionResult:
     """Remove residual units from an ONNX model and write the validated result.
@@ -463,6 +490,9 @@ def compress(
     sequential).
     The output (default `MODEL.pruned.onnx`) and the JSON report (default
     beside the output) are written atomically, only after validation passed.
+    With `renumber_cache`, the kept KV-cache inputs and outputs are renamed
+    to consecutive layer numbers (what onnxruntime-genai expects) after
+    validation; by default every kept name stays as it was.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -501,6 +531,9 @@ def compress(
             raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc
 
     rep = analysis.report
+    if renumber_cache:
+        with _timed(timings, "validation"):
+            _renumber_cache(pruned, rep, feed, provider=options.get("provider", "cpu"))
     rep["output"] = str(out)
     rep["report_path"] = str(report_path)
     rep["validation"] = result.to_dict()
@@ -517,8 +550,10 @@ def compress(
             layers_after=rep["kv_cache"]["layers_after"], model_name=model_path.name, output_name=out.name)
         if genai_config is not None:
             rep["kv_cache"]["genai_config"] = str(genai_path)
-            rep["notes"].append(f"wrote {genai_path} for the pruned model: {'; '.join(changes)}; the kept "
-                                "cache tensors keep their names (see kv_cache.layer_map)")
+            naming = ("the kept cache tensors are renumbered 0..n-1" if rep["kv_cache"].get("renamed")
+                      else "the kept cache tensors keep their names (see kv_cache.layer_map; --renumber-cache "
+                           "renames them 0..n-1 as onnxruntime-genai expects)")
+            rep["notes"].append(f"wrote {genai_path} for the pruned model: {'; '.join(changes)}; {naming}")
         else:
             rep["notes"].extend(changes)
     if genai_config is None:
