@@ -21,6 +21,7 @@ from .calibration import CalibrationSet, check_calibration, load_npz, model_inpu
 from .errors import UserError
 from .flops import model_params, node_flops, tensors_needed
 from .model_files import _external_locations, load_model
+from .report import human_bytes, human_count
 from .representations import probe_shapes
 from .runtime import make_session, provider_chain
 
@@ -241,21 +242,7 @@ def format_results(results: Sequence[BenchResult]) -> str:
         for r in (r for r in results if r.batch_size == batch_size):
             lines.append(
                 f"{Path(r.model).name:<{width}}  {r.batch_size:>5}  {r.p50_ms:>8.3f}  {r.p90_ms:>8.3f}  "
-                f"{r.p99_ms:>8.3f}  {r.throughput:>10.1f}  {_human(r.params):>7}  {_human(r.flops):>7}  "
-                f"{_bytes(r.file_size):>8}  {r.latency_ratio:>6.3f}x  {r.flops_ratio:>5.3f}x")
+                f"{r.p99_ms:>8.3f}  {r.throughput:>10.1f}  {human_count(r.params):>7}  {human_count(r.flops):>7}  "
+                f"{human_bytes(r.file_size):>8}  {r.latency_ratio:>6.3f}x  {r.flops_ratio:>5.3f}x")
     lines += ["", "latency and FLOPs columns on the right: ratio to the first model (p50 latency; FLOPs per sample)"]
     return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

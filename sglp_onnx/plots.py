@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from .report import human_bytes, human_count
+
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every
 # common form of colour-vision deficiency. Segments cycle through six of
 # them; vermillion is kept for removed units and black for outlines.
@@ -30,21 +32,6 @@ GID_REMOVED_ROWS = "removed-units-rows"
 GID_REMOVED_COLS = "removed-units-cols"
 GID_REMOVED_BAR = "removed-unit-bar"
 
-
-def _human(n: float) -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
-def _bytes(n: float) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _segment_color(segment: int | None) -> str:
@@ -175,7 +162,7 @@ def _cost(ax, report: dict) -> None:
     if after:
         keys = [k for k in ("params", "flops", "file_size") if before.get(k)]
         labels = {"params": "parameters", "flops": "FLOPs / sample", "file_size": "file size"}
-        fmt = {"params": _human, "flops": _human, "file_size": _bytes}
+        fmt = {"params": human_count, "flops": human_count, "file_size": human_bytes}
         x = list(range(len(keys)))
         width = 0.38
         ax.bar([i - width / 2 for i in x], [100.0] * len(keys), width, color=OKABE_ITO[0], label="before")

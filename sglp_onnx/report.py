@@ -69,7 +69,8 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.3g}{unit}"
@@ -77,7 +78,8 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """3670016 -> '3.5 MiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -99,7 +101,7 @@ def summary(report: dict) -> str:
         imp = "-" if u["importance"] is None else f"{u['importance']:.4g}"
         seg = "-" if u["segment"] is None else str(u["segment"])
         name = u["name"] if len(u["name"]) <= 28 else "..." + u["name"][-25:]
-        lines.append(f"{u['index']:>3}  {name:<28} {_human(u['params']):>8} "
+        lines.append(f"{u['index']:>3}  {name:<28} {human_count(u['params']):>8} "
                      f"{100 * u['flops'] / total_flops:>6.2f}% {seg:>4} {imp:>11}  {'yes' if u['removed'] else ''}")
     if report.get("segments"):
         segs = ", ".join(f"[{a}..{b - 1}]" for a, b in report["segments"])
@@ -121,10 +123,10 @@ def summary(report: dict) -> str:
     if after:
         def ratio(key):
             return f"{after[key] / before[key]:.3f}x" if before[key] else "n/a"
-        lines.append(f"params  {_human(before['params']):>8} -> {_human(after['params']):>8}  ({ratio('params')})")
-        lines.append(f"FLOPs   {_human(before['flops']):>8} -> {_human(after['flops']):>8}  ({ratio('flops')}, "
+        lines.append(f"params  {human_count(before['params']):>8} -> {human_count(after['params']):>8}  ({ratio('params')})")
+        lines.append(f"FLOPs   {human_count(before['flops']):>8} -> {human_count(after['flops']):>8}  ({ratio('flops')}, "
                      "per sample)")
-        lines.append(f"size    {_bytes(before['file_size']):>10} -> {_bytes(after['file_size']):>10}  "
+        lines.append(f"size    {human_bytes(before['file_size']):>10} -> {human_bytes(after['file_size']):>10}  "
                      f"({ratio('file_size')})")
     validation = report.get("validation")
     if validation:
@@ -184,11 +186,11 @@ def analysis_summary(report: dict) -> str:
         rank = "-" if ranks[i] is None else str(ranks[i])
         imp = "-" if u["importance"] is None else f"{u['importance']:.4g}"
         lines.append(f"{i:>3}  {_short(u['name'], 22):<22} {_short(u['scope'] or '-', 22):<22} "
-                     f"{_human(u['params']):>7} {100 * u['flops'] / total_flops:>6.2f}% {seg:>3} {rank:>5} "
+                     f"{human_count(u['params']):>7} {100 * u['flops'] / total_flops:>6.2f}% {seg:>3} {rank:>5} "
                      f"{imp:>10} {prev:>8} {nxt:>8}  {'yes' if u['removed'] else ''}")
     lines.append(f"units cover {100 * sum(u['flops'] for u in units) / total_flops:.1f}% of the model's "
-                 f"{_human(report['before']['flops'])} FLOPs per sample and "
-                 f"{_human(sum(u['params'] for u in units))} of its {_human(report['before']['params'])} parameters")
+                 f"{human_count(report['before']['flops'])} FLOPs per sample and "
+                 f"{human_count(sum(u['params'] for u in units))} of its {human_count(report['before']['params'])} parameters")
     if any(r is not None for r in ranks):
         lines.append(f"rank: 1 = least important; importance: {report.get('importance_kind') or '-'}")
     if cka:
