@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
+from .graph_index import declared_dims
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -83,11 +84,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
-        tt = vi.type.tensor_type
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-        ) if tt.HasField("shape") else None
-        specs.append(InputSpec(vi.name, _ONNX_TO_NUMPY.get(tt.elem_type, object), dims))
+        dtype = _ONNX_TO_NUMPY.get(vi.type.tensor_type.elem_type, object)
+        specs.append(InputSpec(vi.name, dtype, declared_dims(vi)))
     return specs
 
 

@@ -25,6 +25,7 @@ import torch
 
 from .errors import UserError
 from .export import EXPORTERS, _first_line, _quiet, _root_cause, _verbose_requested
+from .hf_model import load_hf_model
 from .model_files import save_model
 
 # Symbolic dimension names, as Optimum writes them.
@@ -116,24 +117,6 @@ class _LogitsAndPresent(_ExportView):
         return (out.logits, *present)
 
 
-def load_causal_lm(model_dir: str | os.PathLike) -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(model_dir)` in float32 and eval mode."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"model folder not found: {path} (give a folder written by save_pretrained)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json; it is not a Hugging Face model folder")
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise UserError("exporting Hugging Face models needs transformers: pip install 'sglp-onnx[llm]'") from None
-    try:
-        with _quiet(True):
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except Exception as exc:  # transformers raises many unrelated types for a bad folder
-        raise UserError(f"cannot load a causal language model from {path}: {_first_line(exc)[:300]}") from None
-    return model.eval()
-
 
 def cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of the model's KV cache, read from one tiny forward pass.
@@ -189,7 +172,7 @@ def export_hf(
     if isinstance(model_dir_or_model, torch.nn.Module):
         model = model_dir_or_model
     else:
-        model = load_causal_lm(model_dir_or_model)
+        model = load_hf_model(model_dir_or_model, causal_lm=True)
     if not callable(getattr(model, "get_input_embeddings", None)):
         raise UserError(f"{type(model).__name__} is not a Hugging Face language model (no get_input_embeddings)")
     dtypes = {p.dtype for p in model.parameters()}

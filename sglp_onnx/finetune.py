@@ -24,6 +24,7 @@ import torch
 
 from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from .errors import UserError
+from .graph_index import declared_dims
 from .importance import TOLERANCE, first_tensor, is_causal_lm, run_torch
 from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
@@ -357,10 +358,9 @@ def _signature(model: onnx.ModelProto) -> tuple[list, list]:
     initializers = {i.name for i in model.graph.initializer}
 
     def describe(vi):
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
-            if tt.HasField("shape") else None
-        return vi.name, tt.elem_type, dims
+        dims = declared_dims(vi)
+        numbers = None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
+        return vi.name, vi.type.tensor_type.elem_type, numbers
 
     return ([describe(i) for i in model.graph.input if i.name not in initializers],
             [describe(o) for o in model.graph.output])

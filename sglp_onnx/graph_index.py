@@ -48,6 +48,15 @@ def _subgraph_references(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def declared_dims(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    """A tensor's dims as declared: numbers, symbolic names, None where neither
+    is given; None when no shape is declared at all."""
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in vi.type.tensor_type.shape.dim)
+
+
 def node_scope(node: onnx.NodeProto) -> str:
     """The dotted torch module path a node was exported from, or ''.
 

@@ -197,20 +197,38 @@ def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str
 
 def _budget_to_count(criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int, *,
                      remove, ratio, target_flops) -> tuple[int, Selection]:
-    L = len(units)
     if target_flops is None:
-        n = removal_count(L, remove=remove, ratio=ratio)
-        if n > L - 1:
-            raise UserError(f"cannot remove {n} of {L} units: at least one unit must stay "
-                            f"(at most {L - 1} can go)")
+        n = removal_count(len(units), remove=remove, ratio=ratio)  # refuses a count that leaves no unit
         return n, criterion.select(ctx, n)
-    goal = target_flops * total_flops
-    for n in range(1, L):
-        selection = criterion.select(ctx, n)
-        if sum(units[i].flops for i in selection.removed) >= goal:
-            return n, selection
-    raise UserError(f"--target-flops {target_flops} cannot be met: removing all but one unit removes only "
-                    f"{sum(u.flops for u in units) / max(total_flops, 1):.1%} of the FLOPs")
+    found, reason = _first_reaching(criterion, ctx, units, total_flops, [target_flops])
+    if target_flops not in found:
+        raise UserError(f"--target-flops {target_flops} cannot be met: {reason}")
+    return found[target_flops]
+
+
+def _first_reaching(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int,
+                    targets: Sequence[float]) -> tuple[dict[float, tuple[int, Selection]], str | None]:
+    """For each FLOPs fraction, the smallest removal count (and its selection)
+    that removes at least that fraction; one sweep over the counts serves every
+    target. Unreached targets are missing, and the second value says why."""
+    pending = sorted(set(targets))
+    found: dict[float, tuple[int, Selection]] = {}
+    most = 0
+    for n in range(1, len(units)):
+        if not pending:
+            return found, None
+        try:
+            selection = criterion.select(ctx, n)
+        except UserError as exc:  # e.g. an explicit --segments K caps the count at L - K
+            return found, str(exc)
+        flops = sum(units[i].flops for i in selection.removed)
+        most = max(most, flops)
+        while pending and flops >= pending[0] * total_flops:
+            found[pending.pop(0)] = (n, selection)
+    if not pending:
+        return found, None
+    return found, (f"removing 1 to {len(units) - 1} of the {len(units)} units (one always stays) removes at most "
+                   f"{most / max(total_flops, 1):.1%} of the FLOPs")
 
 
 def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int,
@@ -227,25 +245,7 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     for t in wanted:
         if not 0.0 < t < 1.0:
             raise UserError(f"suggestion targets must be FLOPs fractions in (0, 1), got {t}")
-    pending = sorted(wanted)
-    found: dict[float, tuple[int, Selection]] = {}
-    reason = None
-    most = 0
-    for n in range(1, len(units)):
-        if not pending:
-            break
-        try:
-            selection = criterion.select(ctx, n)
-        except UserError as exc:  # e.g. an explicit --segments K caps the count at L - K
-            reason = str(exc)
-            break
-        flops = sum(units[i].flops for i in selection.removed)
-        most = max(most, flops)
-        while pending and flops >= pending[0] * total_flops:
-            found[pending.pop(0)] = (n, selection)
-    if reason is None:
-        reason = (f"removing 1 to {len(units) - 1} of the {len(units)} units (one always stays) removes at most "
-                  f"{most / max(total_flops, 1):.1%} of the FLOPs")
+    found, reason = _first_reaching(criterion, ctx, units, total_flops, wanted)
     suggestions = []
     for t in wanted:
         if t not in found:

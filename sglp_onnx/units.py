@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from .errors import UserError
-from .graph_index import SHAPE_ONLY_OPS, GraphIndex
+from .graph_index import SHAPE_ONLY_OPS, GraphIndex, declared_dims
 
 # Ops that may follow a residual Add inside the block (`relu(x + f(x))`,
 # post-norm `LayerNorm(x + f(x))`): the unit's exit is their output.
@@ -361,21 +361,11 @@ def static_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, i
     dtypes: dict[str, int] = {}
     graph = inferred.graph
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        tt = vi.type.tensor_type
-        if tt.elem_type:
-            dtypes[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            dims = []
-            for d in tt.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(d.dim_value)
-                elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
-                else:
-                    dims = None
-                    break
-            if dims is not None:
-                shapes[vi.name] = tuple(dims)
+        if vi.type.tensor_type.elem_type:
+            dtypes[vi.name] = vi.type.tensor_type.elem_type
+        dims = declared_dims(vi)
+        if dims is not None and None not in dims:
+            shapes[vi.name] = dims
     return shapes, dtypes
 
 
@@ -431,17 +421,10 @@ def declared_type(model: onnx.ModelProto, name: str) -> tuple | None:
     symbolic name), else None. Two inputs with equal declared types always have
     equal shapes at run time: equal symbolic names denote equal sizes."""
     vi = next((i for i in model.graph.input if i.name == name), None)
-    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+    dims = None if vi is None else declared_dims(vi)
+    if dims is None or None in dims:
         return None
-    dims = []
-    for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            return None
-    return vi.type.tensor_type.elem_type, tuple(dims)
+    return vi.type.tensor_type.elem_type, dims
 
 
 def shape_twin(model: onnx.ModelProto, name: str, exclude: set[str]) -> str | None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .graph_index import declared_dims
 from .model_files import proto_size, saved_with_external_data
 from .runtime import PROTOBUF_LIMIT, make_session
 
@@ -39,9 +40,7 @@ def _signature(model: onnx.ModelProto) -> tuple[dict, dict]:
     initializers = {i.name for i in model.graph.initializer}
 
     def describe(vi):
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_param or d.dim_value for d in tt.shape.dim) if tt.HasField("shape") else None
-        return tt.elem_type, dims
+        return vi.type.tensor_type.elem_type, declared_dims(vi)
 
     inputs = {i.name: describe(i) for i in model.graph.input if i.name not in initializers}
     outputs = {o.name: describe(o) for o in model.graph.output}
