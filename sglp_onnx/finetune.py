@@ -25,7 +25,7 @@ import torch
 from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from .errors import UserError
 from .graph_index import declared_dims
-from .importance import TOLERANCE, first_tensor, is_causal_lm, run_torch
+from .importance import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
 from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
 from .report import to_json, tool_info
@@ -198,12 +198,6 @@ def rename_cache_tensors(model: onnx.ModelProto, numbers: Sequence[int]) -> None
                            if new != old for prefix in ("past_key_values", "present") for kv in ("key", "value")})
 
 
-def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0) / scale)
-
 
 def _torch_logits(model: torch.nn.Module, feed, input_order) -> torch.Tensor:
     logits = first_tensor(run_torch(model, feed, input_order))
@@ -215,11 +209,7 @@ def _torch_logits(model: torch.nn.Module, feed, input_order) -> torch.Tensor:
 def _loss_rows(logits: torch.Tensor, feed: dict[str, np.ndarray], causal: bool):
     """Logit rows that carry a loss and, for causal LMs, their next-token targets."""
     if causal and logits.ndim == 3 and "input_ids" in feed:
-        ids = torch.from_numpy(feed["input_ids"]).long()
-        mask = torch.from_numpy(feed.get("attention_mask", np.ones_like(feed["input_ids"]))).bool()
-        keep = (mask[:, 1:] & mask[:, :-1]).reshape(-1)
-        rows = logits[:, :-1].reshape(-1, logits.shape[-1])[keep]
-        return rows, ids[:, 1:].reshape(-1)[keep]
+        return next_token_rows(logits, feed)
     return logits.reshape(-1, logits.shape[-1]), None
 
 
@@ -381,27 +371,14 @@ def check_signature(pruned: onnx.ModelProto, new: onnx.ModelProto) -> None:
 
 
 def _validate(new: onnx.ModelProto, feed: dict[str, np.ndarray], provider: str) -> dict:
-    from .validation import full_check
+    from .validation import ValidationError, check_standalone
 
-    result = {"checker": False, "runs": False, "signature": False, "finite": False}
     try:
-        full_check(new)
-    except Exception as exc:
-        raise UserError(f"the fine-tuned export fails onnx.checker, so nothing was written: {exc}") from None
-    result["checker"] = True
-    try:
-        values = make_session(new, provider).run(None, feed)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot run the fine-tuned export, so nothing was written: {exc}") from None
-    result["runs"] = True
-    bad = [o.name for o, v in zip(new.graph.output, values)
-           if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
-    if bad:
-        raise UserError(f"the fine-tuned model outputs NaN/Inf in {', '.join(bad)}; lower --lr")
-    result["finite"] = True
-    return result
+        checks = check_standalone(new, feed, provider=provider, what="the fine-tuned export")
+    except ValidationError as exc:
+        hint = "; lower --lr" if "NaN/Inf" in str(exc) else ""
+        raise UserError(f"{exc}{hint}; nothing was written") from None
+    return {**checks, "signature": False}
 
 
 @dataclass
@@ -520,7 +497,7 @@ def finetune(
     except Exception as exc:
         raise UserError(f"the torch model failed on the training data: {type(exc).__name__}: {exc}") from None
     expected = make_session(pruned, provider).run([pruned.graph.output[0].name], probe_feed)[0]
-    error = _relative_error(got, expected)
+    error = relative_error(got, expected)
     if error > TOLERANCE:
         raise UserError(
             f"{'deleting' if hf else 'skipping'} the removed units' modules ({', '.join(plan.modules) or 'none'}) "

@@ -62,8 +62,8 @@ def first_tensor(value) -> torch.Tensor | None:
     return None
 
 
-def _close(a: np.ndarray | None, b: np.ndarray) -> float:
-    """Relative max error, or inf when shapes differ."""
+def relative_error(a: np.ndarray | None, b: np.ndarray) -> float:
+    """Max |a - b| relative to max(1, max |b|); inf when shapes differ or `a` is missing."""
     if a is None or a.shape != b.shape:
         return float("inf")
     scale = max(1.0, float(np.abs(b).max(initial=0.0)))
@@ -115,7 +115,7 @@ def pair_units(
             h.remove()
 
     final = first_tensor(result)
-    output_error = _close(None if final is None else final.detach().float().numpy(), onnx_outputs[0])
+    output_error = relative_error(None if final is None else final.detach().float().numpy(), onnx_outputs[0])
     if output_error > TOLERANCE:
         raise UserError(
             "the paired torch model does not reproduce the ONNX model's output on a calibration batch "
@@ -126,8 +126,8 @@ def pair_units(
     for unit in units:
         entry, exit_ = onnx_values[unit.entry], onnx_values[unit.exit]
         matches = [
-            (name, _close(out, exit_)) for name, (inp, out) in captured.items()
-            if name and _close(out, exit_) <= TOLERANCE and _close(inp, entry) <= TOLERANCE
+            (name, relative_error(out, exit_)) for name, (inp, out) in captured.items()
+            if name and relative_error(out, exit_) <= TOLERANCE and relative_error(inp, entry) <= TOLERANCE
         ]
         preferred = [m for m in matches if m[0] in (unit.scope, layer_key(unit.scope))]
         if preferred or matches:
@@ -179,6 +179,14 @@ def unit_parameters(model: torch.nn.Module, module_paths: Sequence[str]) -> list
     return list(params.values())
 
 
+def next_token_rows(logits: torch.Tensor, feed: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's (B, T, V) logit rows that predict a real next token, and those tokens."""
+    ids = torch.from_numpy(feed["input_ids"]).long()
+    mask = torch.from_numpy(feed.get("attention_mask", np.ones_like(feed["input_ids"]))).bool()
+    keep = (mask[:, 1:] & mask[:, :-1]).reshape(-1)
+    return logits[:, :-1].reshape(-1, logits.shape[-1])[keep], ids[:, 1:].reshape(-1)[keep]
+
+
 def task_loss(output, feed: dict[str, np.ndarray], labels: np.ndarray | None, *, causal_lm: bool) -> torch.Tensor:
     """Cross-entropy with labels, with the model's own argmax when there are
     none, or next-token cross-entropy for causal language models."""
@@ -186,11 +194,7 @@ def task_loss(output, feed: dict[str, np.ndarray], labels: np.ndarray | None, *,
     if logits is None:
         raise UserError("the paired torch model returned no tensor to compute a loss from")
     if causal_lm and logits.ndim == 3 and "input_ids" in feed:
-        ids = torch.from_numpy(feed["input_ids"]).long()
-        mask = torch.from_numpy(feed.get("attention_mask", np.ones_like(feed["input_ids"]))).bool()
-        keep = (mask[:, 1:] & mask[:, :-1]).reshape(-1)
-        flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])[keep]
-        return torch.nn.functional.cross_entropy(flat_logits, ids[:, 1:].reshape(-1)[keep], reduction="sum")
+        return torch.nn.functional.cross_entropy(*next_token_rows(logits, feed), reduction="sum")
     flat = logits.reshape(-1, logits.shape[-1])
     if labels is not None and labels.size == flat.shape[0]:
         target = torch.from_numpy(labels.reshape(-1)).long()

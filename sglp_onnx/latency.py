@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import CalibrationSet, check_calibration, load_npz, model_inputs, sidecar_path, synthetic_calibration
+from .calibration import (CalibrationSet, check_calibration, fixed_batch, load_npz, model_inputs, sidecar_path,
+                          synthetic_calibration)
 from .errors import UserError
 from .flops import model_params, node_flops, tensors_needed
 from .model_files import _external_locations, load_model
@@ -157,11 +158,9 @@ def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict
 
 def _check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str, batch_sizes: list[int],
                   path: Path) -> CalibrationSet:
-    for spec in model_inputs(model):
-        fixed = spec.shape[0] if spec.shape else None
-        if isinstance(fixed, int) and fixed > 0 and any(b != fixed for b in batch_sizes):
-            raise UserError(f"{path} has a fixed batch size of {fixed} on input {spec.name!r}; "
-                            f"bench it with --batch-size {fixed}")
+    fixed = fixed_batch(model_inputs(model))
+    if fixed and any(b != fixed for b in batch_sizes):
+        raise UserError(f"{path} has a fixed batch size of {fixed}; bench it with --batch-size {fixed}")
     return check_calibration(arrays, model, source=source)
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .errors import UserError
 from .graph_index import declared_dims
 from .model_files import proto_size, saved_with_external_data
 from .runtime import PROTOBUF_LIMIT, make_session
@@ -53,6 +54,30 @@ def full_check(model: onnx.ModelProto) -> None:
         return
     with saved_with_external_data(model) as path:
         onnx.checker.check_model(str(path), full_check=True)
+
+
+def check_standalone(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, provider: str = "cpu",
+                     what: str = "the model") -> dict[str, bool]:
+    """Full checker, one ONNX Runtime run on `feed` (inputs the model lacks are
+    ignored) and finite float outputs, for a model with no reference to compare
+    against; ValidationError names the first failed check."""
+    try:
+        full_check(model)
+    except Exception as exc:
+        raise ValidationError(f"{what} fails onnx.checker: {exc}") from exc
+    try:
+        session = make_session(model, provider)
+        names = {i.name for i in session.get_inputs()}
+        values = session.run(None, {k: v for k, v in feed.items() if k in names})
+    except UserError:  # an unusable provider is the caller's to fix
+        raise
+    except Exception as exc:
+        raise ValidationError(f"ONNX Runtime cannot run {what}: {exc}") from exc
+    bad = [o.name for o, v in zip(model.graph.output, values)
+           if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    if bad:
+        raise ValidationError(f"{what} outputs NaN/Inf in {', '.join(bad)}")
+    return {"checker": True, "runs": True, "finite": True}
 
 
 def validate(
