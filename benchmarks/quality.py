@@ -36,6 +36,7 @@ from benchmarks.machine import describe  # noqa: E402
 from sglp_onnx.calibration import CalibrationSet  # noqa: E402
 from sglp_onnx.export import load_torch_model  # noqa: E402
 from sglp_onnx.finetune import output_structure, skip_modules, teacher_outputs, train  # noqa: E402
+from sglp_onnx.metrics import measure  # noqa: E402
 from sglp_onnx.pipeline import analyze  # noqa: E402
 from sglp_onnx.runtime import make_session  # noqa: E402
 from sglp_onnx.surgery import remove_units  # noqa: E402
@@ -103,10 +104,8 @@ CRITERIA = [
 
 
 def onnx_accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
-    session = make_session(model)
-    name = session.get_inputs()[0].name
-    pred = np.concatenate([session.run(None, {name: x[s:s + batch]})[0].argmax(1) for s in range(0, len(x), batch)])
-    return float(np.mean(pred == y))
+    """Top-1 test accuracy, computed like `sglp-onnx eval` (the example CNNs' input is named "input")."""
+    return measure(model, CalibrationSet(inputs={"input": x}, labels=y), batch_size=batch)[0].accuracy
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.quality import CRITERIA  # noqa: E402  (the same rows as the CNN tables)
 from sglp_onnx.calibration import CalibrationSet  # noqa: E402
+from sglp_onnx.metrics import measure  # noqa: E402
 from sglp_onnx.runtime import make_session  # noqa: E402
 from sglp_onnx.surgery import remove_units  # noqa: E402
 
@@ -62,18 +62,8 @@ ORDER = ["input_ids", "attention_mask"]
 
 def onnx_perplexity(model, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -> float:
     """exp(mean next-token NLL) over tokens whose position and successor are both real."""
-    session = make_session(model)
-    nll, count = 0.0, 0
-    for start in range(0, len(ids), batch):
-        x, m = ids[start:start + batch], mask[start:start + batch]
-        logits = session.run(["logits"], {"input_ids": x, "attention_mask": m})[0].astype(np.float64)
-        logits = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        picked = np.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
-        keep = m[:, 1:].astype(bool) & m[:, :-1].astype(bool)
-        nll -= float(picked[keep].sum())
-        count += int(keep.sum())
-    return math.exp(nll / count)
+    data = CalibrationSet(inputs={"input_ids": ids, "attention_mask": mask})
+    return measure(model, data, batch_size=batch)[0].perplexity  # what `sglp-onnx eval` reports
 
 
 def removal_sets(analysis, counts: list[int]) -> dict[int, list[int]]:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 
-from .calibration import check_calibration, load_npz
+from .calibration import CalibrationSet, check_calibration, load_npz
 from .model_files import load_model
 from .runtime import make_session
 
@@ -35,6 +36,45 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def measure(
+    model: onnx.ModelProto | str | os.PathLike,
+    dataset: CalibrationSet,
+    *,
+    provider: str = "cpu",
+    batch_size: int = 64,
+) -> tuple[Metrics, list[np.ndarray]]:
+    """Accuracy (labels, (B, classes) logits) and perplexity (token ids, (B, T, V)
+    logits) of one model on `dataset`, and its top-1 predictions per batch."""
+    session = make_session(model, provider)
+    out_name = session.get_outputs()[0].name
+    correct = total = seen = 0
+    nll = tokens = 0.0
+    predictions: list[np.ndarray] = []
+    for feed, labels in dataset.batches(batch_size):
+        logits = session.run([out_name], feed)[0]
+        seen += len(logits)
+        pred = logits.argmax(-1)
+        predictions.append(pred)
+        if labels is not None and logits.ndim == 2:
+            correct += int((pred == labels).sum())
+            total += len(labels)
+        if logits.ndim == 3 and "input_ids" in feed:
+            ids = feed["input_ids"]
+            mask = feed.get("attention_mask", np.ones_like(ids)).astype(bool)
+            keep = mask[:, 1:] & mask[:, :-1]
+            logp = _log_softmax(logits[:, :-1])
+            picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            nll -= float(picked[keep].sum())
+            tokens += float(keep.sum())
+    # A fixed-batch model skips a partial last batch: count what was evaluated.
+    metrics = Metrics(model="" if isinstance(model, onnx.ModelProto) else str(model), samples=seen)
+    if total:
+        metrics.accuracy = correct / total
+    if tokens:
+        metrics.perplexity = float(np.exp(nll / tokens))
+    return metrics, predictions
+
+
 def evaluate(
     models: Sequence[str | os.PathLike],
     data: str | os.PathLike,
@@ -49,33 +89,8 @@ def evaluate(
     for k, path in enumerate(models):
         model = load_model(path)
         dataset = check_calibration(arrays, model, source=str(data))
-        session = make_session(model, provider)
-        out_name = session.get_outputs()[0].name
-        correct = total = seen = 0
-        nll = tokens = 0.0
-        predictions: list[np.ndarray] = []
-        for feed, labels in dataset.batches(batch_size):
-            logits = session.run([out_name], feed)[0]
-            seen += len(logits)
-            pred = logits.argmax(-1)
-            predictions.append(pred)
-            if labels is not None and logits.ndim == 2:
-                correct += int((pred == labels).sum())
-                total += len(labels)
-            if logits.ndim == 3 and "input_ids" in feed:
-                ids = feed["input_ids"]
-                mask = feed.get("attention_mask", np.ones_like(ids)).astype(bool)
-                keep = mask[:, 1:] & mask[:, :-1]
-                logp = _log_softmax(logits[:, :-1])
-                picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-                nll -= float(picked[keep].sum())
-                tokens += float(keep.sum())
-        # A fixed-batch model skips a partial last batch: count what was evaluated.
-        metrics = Metrics(model=str(path), samples=seen)
-        if total:
-            metrics.accuracy = correct / total
-        if tokens:
-            metrics.perplexity = float(np.exp(nll / tokens))
+        metrics, predictions = measure(model, dataset, provider=provider, batch_size=batch_size)
+        metrics.model = str(path)
         if k == 0:
             reference_predictions = predictions
         else:
