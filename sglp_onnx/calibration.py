@@ -26,6 +26,9 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.BOOL: np.bool_,
 }
 MASK_NAMES = ("attention_mask",)
+# One calibration sample in HOLDOUT_EVERY is held out from selection to
+# measure the pruned model's fidelity.
+HOLDOUT_EVERY = 5
 POSITION_NAMES = ("position_ids",)
 
 
@@ -71,6 +74,23 @@ class CalibrationSet:
             stop = min(start + batch_size, n)
             feed = {k: v[start:stop] for k, v in self.inputs.items()}
             yield feed, None if self.labels is None else self.labels[start:stop]
+
+    def subset(self, index: np.ndarray) -> "CalibrationSet":
+        return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
+                              labels=None if self.labels is None else self.labels[index],
+                              source=self.source, fixed_batch=self.fixed_batch)
+
+    def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["CalibrationSet", "CalibrationSet | None"]:
+        """(selection samples, held-out samples): every `every`-th sample is held
+        out, so both parts span the whole file (sorted or grouped data too).
+        Too few samples to hold any out (fewer than `every`, or fewer than a
+        fixed batch): (self, None)."""
+        n = self.n_samples
+        held = np.arange(every - 1, n, every)
+        if len(held) == 0 or (self.fixed_batch and len(held) < self.fixed_batch):
+            return self, None
+        kept = np.setdiff1d(np.arange(n), held)
+        return self.subset(kept), self.subset(held)
 
     def first(self, n: int) -> dict[str, np.ndarray]:
         """The first `n` samples (exactly the fixed batch for a fixed-batch model)."""

@@ -63,6 +63,19 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     state.verbose, state.quiet = verbose, quiet
 
 
+def _criterion_names() -> list[str]:
+    from .criteria import REGISTRY
+
+    default = _default_criterion()
+    return [default] + sorted(n for n in REGISTRY if n != default)
+
+
+def _default_criterion() -> str:
+    from .pipeline import DEFAULT_CRITERION
+
+    return DEFAULT_CRITERION
+
+
 def _selection_options(f):
     options = [
         click.option("--calib", type=click.Path(dir_okay=False),
@@ -71,8 +84,13 @@ def _selection_options(f):
         click.option("--remove", type=int, help="Number of units to remove."),
         click.option("--ratio", type=float, help="Fraction of units to remove, in (0, 1). Default 0.25."),
         click.option("--target-flops", type=float, help="Remove units until this fraction of FLOPs is gone."),
-        click.option("--criterion", default="sglp", show_default=True,
-                     help="sglp, cka-removal, block-influence, gradnorm, last or random."),
+        click.option("--max-loss", type=float,
+                     help="Remove as many units as possible while the held-out fidelity score stays at most X "
+                          "(logits: mean KL divergence from the original's outputs in nats per sample or token, "
+                          "e.g. 0.05; hidden states: mean cosine distance; else relative L2 error). "
+                          "--remove/--ratio/--target-flops then cap it."),
+        click.option("--criterion", default=_default_criterion(), show_default=True,
+                     help=f"{', '.join(_criterion_names())} (see README: Criteria)."),
         click.option("--segments", type=int, help="Number of Fisher segments K (default: automatic)."),
         click.option("--torch-model", metavar="MODULE:FACTORY|hf:DIR",
                      help="Factory of the torch model the ONNX file was exported from, or hf:DIR for a "
@@ -98,7 +116,8 @@ def _selection_options(f):
 def _api_options(kwargs: dict, state: _State) -> dict:
     return dict(
         calib=kwargs["calib"], remove=kwargs["remove"], ratio=kwargs["ratio"],
-        target_flops=kwargs["target_flops"], criterion=kwargs["criterion"], segments=kwargs["segments"],
+        target_flops=kwargs["target_flops"], max_loss=kwargs["max_loss"], criterion=kwargs["criterion"],
+        segments=kwargs["segments"],
         torch_model=kwargs["torch_model"], torch_weights=kwargs["torch_weights"],
         granularity=kwargs["granularity"], batch_size=kwargs["batch_size"], provider=kwargs["provider"],
         seed=kwargs["seed"], progress=_progress_factory(state), sequential=kwargs["sequential"],

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -36,6 +36,8 @@ from .units import PrunableUnit, find_units, probe_targets, with_flops
 from .validation import ValidationError, validate
 
 DEFAULT_RATIO = 0.25
+# The criterion that wins the quality benchmark (benchmarks/results/quality.md).
+DEFAULT_CRITERION = "damage"
 PROBE_SAMPLES = 2
 PAIRING_SAMPLES = 8
 # FLOPs fractions `analyze` suggests removal sets for.
@@ -107,11 +109,14 @@ def _timed(timings: dict[str, float], stage: str):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _check_budget(remove, ratio, target_flops) -> tuple[int | None, float | None, float | None]:
+def _check_budget(remove, ratio, target_flops, max_loss=None) -> tuple[int | None, float | None, float | None]:
     given = [x is not None for x in (remove, ratio, target_flops)]
     if sum(given) > 1:
         raise UserError("give only one of --remove, --ratio and --target-flops")
-    if sum(given) == 0:
+    if max_loss is not None and (isinstance(max_loss, bool) or not math.isfinite(float(max_loss))
+                                 or float(max_loss) < 0):
+        raise UserError(f"--max-loss must be a number >= 0, got {max_loss}")
+    if sum(given) == 0 and max_loss is None:
         ratio = DEFAULT_RATIO
     if remove is not None and (isinstance(remove, bool) or int(remove) != remove or remove < 0):
         raise UserError(f"--remove must be a whole number >= 0, got {remove}")
@@ -231,6 +236,34 @@ def _first_reaching(criterion: Criterion, ctx: Context, units: Sequence[Prunable
                    f"{most / max(total_flops, 1):.1%} of the FLOPs")
 
 
+def _max_loss_count(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int,
+                    score: Callable[[list[int]], dict], max_loss: float, *, remove, ratio,
+                    target_flops) -> tuple[int, Selection, list[str]]:
+    """The most units (or FLOPs) the criterion removes while `score(removed)`
+    stays within `max_loss`; --remove/--ratio/--target-flops, when given, cap it."""
+    if target_flops is None and (remove is not None or ratio is not None):
+        most = removal_count(len(units), remove=remove, ratio=ratio)
+    else:
+        most = len(units) - 1
+    best = (0, Selection(removed=[]))
+    tried = []
+    for n in range(1, most + 1):
+        try:
+            selection = criterion.select(ctx, n)
+        except UserError:  # e.g. an explicit --segments K caps the count at L - K
+            break
+        if target_flops is not None and sum(units[i].flops for i in selection.removed) > target_flops * total_flops:
+            break
+        record = score(selection.removed)
+        tried.append(f"{n}: {record['score']:.4g}")
+        if record["score"] > max_loss:
+            break
+        best = (n, selection)
+    notes = [f"--max-loss {max_loss:g}: held-out score by units removed: {', '.join(tried) or 'none tried'}; "
+             f"{best[0]} removed"]
+    return best[0], best[1], notes
+
+
 def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int,
                      targets: Sequence[float]) -> list[dict]:
     """For each FLOPs fraction in `targets`, the units `criterion` would remove to reach it.
@@ -241,6 +274,9 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     Selections reuse the evidence and GradNorm cached in `ctx`: no second
     calibration pass.
     """
+    if not ctx.flops_budget:  # rank as --target-flops does (per FLOP), without disturbing ctx's own searches
+        ctx.runner(), ctx.output_kind()  # built once, shared with the copy
+        ctx = replace(ctx, flops_budget=True, cache={})
     wanted = list(dict.fromkeys(float(t) for t in targets))
     for t in wanted:
         if not 0.0 < t < 1.0:
@@ -276,7 +312,8 @@ def analyze(
     remove: int | None = None,
     ratio: float | None = None,
     target_flops: float | None = None,
-    criterion: str = "sglp",
+    max_loss: float | None = None,
+    criterion: str = DEFAULT_CRITERION,
     segments: int | None = None,
     torch_model: str | None = None,
     torch_weights: str | os.PathLike | None = None,
@@ -300,7 +337,7 @@ def analyze(
     `force`); nothing else is written.
     """
     timings: dict[str, float] = {}
-    remove, ratio, target_flops = _check_budget(remove, ratio, target_flops)
+    remove, ratio, target_flops = _check_budget(remove, ratio, target_flops, max_loss)
     plot_path = Path(plot) if plot is not None else None
     if plot_path is not None:
         _check_writable(plot_path, force=force, what="plot", input_path=Path(model_path))
@@ -311,12 +348,17 @@ def analyze(
     if segments is not None and segments < 1:
         raise UserError(f"--segments must be at least 1, got {segments}")
     chosen = get_criterion(criterion)
+    if segments is not None and not chosen.uses_segments:
+        raise UserError(f"--segments K sets the Fisher segments of --criterion sglp; --criterion {criterion} "
+                        "does not segment")
     model_path = Path(model_path)
     with _timed(timings, "load"):
         model = load_model(model_path)
         data = _load_calibration(model_path, model, None if calib is None else str(calib),
-                                 needed=chosen.needs_calibration or torch_model is not None,
+                                 needed=chosen.needs_calibration or torch_model is not None or max_loss is not None,
                                  max_samples=max_calib_samples, seed=seed)
+        all_samples = data.n_samples
+        data, held_out = data.split_holdout()
     if chosen.needs_torch and torch_model is None:
         raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
                         "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
@@ -351,16 +393,35 @@ def analyze(
 
     ctx = Context(model=model, units=units, calib=data, batch_size=batch_size, provider=provider, seed=seed,
                   segments=segments, gradnorm_fn=gradnorm_fn, progress=progress, timings=timings,
-                  sequential=sequential)
+                  sequential=sequential, flops_budget=target_flops is not None)
+    fidelity_data = held_out if held_out is not None else data
+
+    def held_out_fidelity(*removal_sets) -> list[dict]:
+        from .fidelity import measure_sets
+
+        return measure_sets(ctx.runner(), ctx.output_kind(), fidelity_data, removal_sets, batch_size=batch_size)
+
+    budget_notes: list[str] = []
     with _timed(timings, "selection"):
-        n_remove, selection = _budget_to_count(chosen, ctx, units, total_flops, remove=remove, ratio=ratio,
-                                               target_flops=target_flops)
+        if max_loss is None:
+            n_remove, selection = _budget_to_count(chosen, ctx, units, total_flops, remove=remove, ratio=ratio,
+                                                   target_flops=target_flops)
+        else:
+            n_remove, selection, budget_notes = _max_loss_count(
+                chosen, ctx, units, total_flops, lambda r: held_out_fidelity(r)[0], float(max_loss),
+                remove=remove, ratio=ratio, target_flops=target_flops)
     # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
     timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
     suggestions = None
     if suggest:
         with _timed(timings, "suggestions"):
             suggestions = suggest_removals(chosen, ctx, units, total_flops, suggest)
+    with _timed(timings, "fidelity"):
+        sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
+        records = iter(held_out_fidelity(*sets))
+        fidelity = _fidelity_record(next(records), ctx, data, held_out)
+        for x in suggestions or []:
+            x["fidelity"] = _fidelity_record(next(records), ctx, data, held_out) if x["achievable"] else None
 
     removed = set(selection.removed)
     seg_ids = segments_of(selection.segments) if selection.segments else None
@@ -370,10 +431,14 @@ def analyze(
         "input": str(model_path),
         "criterion": criterion,
         "granularity": granularity,
-        "budget": {"remove": remove, "ratio": ratio, "target_flops": target_flops, "units_removed": n_remove},
+        "budget": {"remove": remove, "ratio": ratio, "target_flops": target_flops, "max_loss": max_loss,
+                   "units_removed": n_remove},
+        "removed": [units[i].name for i in selection.removed],
         "calibration": {
             "source": data.source,
-            "samples": data.n_samples,
+            "samples": all_samples,
+            "selection_samples": data.n_samples,
+            "held_out_samples": 0 if held_out is None else held_out.n_samples,
             "rows": None if evidence is None else evidence.n_samples,
             "token_level": data.is_token_data,
             "batch_size": batch_size,
@@ -390,7 +455,8 @@ def analyze(
         "before": {"params": _model_params(model), "flops": total_flops,
                    "file_size": model_path.stat().st_size},
         "suggestions": suggestions,
-        "notes": list(selection.notes),
+        "fidelity": fidelity,
+        "notes": list(selection.notes) + budget_notes,
         "timings": timings,
     }
     if loss_note is not None and ctx._gradnorm is not None:
@@ -407,6 +473,21 @@ def analyze(
             plot_report(report, tmp)
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
                     total_flops=total_flops, timings=timings)
+
+
+def _fidelity_record(record: dict, ctx: Context, data: CalibrationSet, held_out: CalibrationSet | None) -> dict:
+    from .fidelity import describe, is_poor
+
+    kind = ctx.output_kind()
+    return {
+        **record,
+        "definition": describe(record["kind"], kind.form, token_level=data.is_token_data),
+        "output": kind.output,
+        "rule": kind.rule,
+        "held_out": held_out is not None,
+        "samples": (held_out or data).n_samples,
+        "poor": is_poor(record),
+    }
 
 
 def _model_params(model: onnx.ModelProto) -> int:

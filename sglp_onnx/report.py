@@ -135,6 +135,7 @@ def summary(report: dict) -> str:
         if validation.get("top1_agreement") is not None:
             extra = f", top-1 agreement with the input model on a calibration batch {validation['top1_agreement']:.1%}"
         lines.append(f"validation passed ({', '.join(checks)}){extra}")
+    lines += fidelity_lines(report)
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     timings = report.get("timings", {})
@@ -145,6 +146,33 @@ def summary(report: dict) -> str:
     if report.get("report_path"):
         lines.append(f"report {report['report_path']}")
     return "\n".join(lines)
+
+
+def fidelity_text(record: dict | None) -> str:
+    """`KL 0.0123 nats, top-1 agreement 98.4%` for a fidelity record."""
+    if not record:
+        return "-"
+    name = {"kl": "KL", "cosine": "cosine distance", "relative": "relative error"}[record["kind"]]
+    text = f"{name} {record['score']:.4g}" + (" nats" if record["kind"] == "kl" else "")
+    if record.get("top1_agreement") is not None:
+        text += f", top-1 agreement {record['top1_agreement']:.1%}"
+    return text
+
+
+def fidelity_lines(report: dict) -> list[str]:
+    """The fidelity line of a summary, and the warning when it is poor."""
+    record = report.get("fidelity")
+    if not record:
+        return []
+    where = (f"on {record['samples']} calibration samples held out from selection" if record["held_out"] else
+             f"on the {record['samples']} selection samples (too few calibration samples to hold any out)")
+    lines = [f"fidelity to the original: {fidelity_text(record)} ({record['rows']} rows {where}; "
+             f"{record['definition']})"]
+    if record["poor"] and report.get("removed"):
+        lines.append("warning: the pruned model has drifted far from the original; remove fewer units "
+                     "(--remove, --target-flops, or --max-loss to bound the drift), or heal it with "
+                     "`sglp-onnx finetune`")
+    return lines
 
 
 def tool_info() -> dict:
@@ -208,10 +236,12 @@ def analysis_summary(report: dict) -> str:
     lines.append(f"selected at {given[0].replace('_', '-')} {given[1]}: {len(chosen)} units: "
                  f"{', '.join(chosen) or 'none'}" if given else
                  f"selected {len(chosen)} units: {', '.join(chosen) or 'none'}")
+    lines += fidelity_lines(report)
     suggestions = report.get("suggestions")
     if suggestions:
         lines.append(f"removal suggestions ({report['criterion']}; same as compress --target-flops F):")
-        lines.append(f"  {'target':>6} {'units':>5} {'FLOPs removed':>13} {'params removed':>14}  units removed")
+        lines.append(f"  {'target':>6} {'units':>5} {'FLOPs removed':>13} {'params removed':>14}  "
+                     f"{'held-out fidelity':<40}  units removed")
         total_params = report["before"]["params"] or 1
         for s in suggestions:
             target = f"{100 * s['target_flops']:.0f}%"
@@ -219,7 +249,8 @@ def analysis_summary(report: dict) -> str:
                 lines.append(f"  {target:>6}  not reachable: {s['reason']}")
                 continue
             lines.append(f"  {target:>6} {s['units_removed']:>5} {100 * s['flops_removed_fraction']:>12.1f}% "
-                         f"{100 * s['params_removed'] / total_params:>13.1f}%  {', '.join(s['names'])}")
+                         f"{100 * s['params_removed'] / total_params:>13.1f}%  "
+                         f"{fidelity_text(s.get('fidelity')):<40}  {', '.join(s['names'])}")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     timings = report.get("timings", {})

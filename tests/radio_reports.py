@@ -25,7 +25,7 @@ def _compressed() -> dict:
     from sglp_onnx import compress
 
     out = Path(_scratch.name) / "cnn1d.pruned.onnx"
-    return compress(MODEL, out, ratio=RATIO, force=True).report
+    return compress(MODEL, out, ratio=RATIO, criterion="sglp", force=True).report
 
 
 @functools.lru_cache(maxsize=None)

@@ -115,7 +115,7 @@ def test_suggestions_equal_what_target_flops_removes(target):
 def test_sglp_suggestion_matches_compress_target_flops():
     report = analyze_report()
     suggestion = next(s for s in report["suggestions"] if s["target_flops"] == 0.25)
-    chosen = analyze(MODEL, target_flops=0.25, suggest=None).report
+    chosen = analyze(MODEL, criterion="sglp", target_flops=0.25, suggest=None).report
     assert suggestion["removed"] == [u["index"] for u in chosen["units"] if u["removed"]]
     total = report["before"]["flops"]
     assert suggestion["flops_removed"] == sum(report["units"][i]["flops"] for i in suggestion["removed"])

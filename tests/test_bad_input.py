@@ -242,7 +242,7 @@ def test_remove_negative(ws, capsys):
 
 def test_explicit_segments_make_the_request_impossible(ws, capsys):
     # Three segments over four units keep three: only one can go.
-    run_main(ws, capsys, compress_args(ws, "--remove", "2", "--segments", "3"), says="at most 1")
+    run_main(ws, capsys, compress_args(ws, "--remove", "2", "--segments", "3", "--criterion", "sglp"), says="at most 1")
 
 
 def test_more_segments_than_units(ws, capsys):

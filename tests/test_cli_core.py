@@ -62,7 +62,7 @@ def test_remove_zero_writes_a_model_with_exactly_the_same_outputs(tmp_path, caps
 
 def test_report_fields_and_numbers(tmp_path, capsys):
     model = _stage(tmp_path)
-    code, out, err = _cli(capsys, "compress", model, "--remove", 2)
+    code, out, err = _cli(capsys, "compress", model, "--remove", 2, "--criterion", "sglp")
     assert code == 0, err
     assert "removed 2 of 5 units" in out
     pruned = tmp_path / "model.pruned.onnx"
@@ -171,7 +171,7 @@ def test_paired_torch_model_gives_gradnorm(tmp_path, capsys):
     model = _stage(tmp_path)
     weights = tmp_path / "w.pt"
     torch.save(exported("resnet", "legacy")[0].state_dict(), weights)
-    code, _, err = _cli(capsys, "compress", model, "--remove", 2, "--torch-model", "graphs:tiny_resnet",
+    code, _, err = _cli(capsys, "compress", model, "--remove", 2, "--criterion", "sglp", "--torch-model", "graphs:tiny_resnet",
                         "--torch-weights", weights)
     assert code == 0, err
     report = _report(tmp_path / "model.pruned.json")

@@ -72,7 +72,7 @@ def test_sglp_with_torch_model(tmp_path, small_calib):
     outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
     for out in outs:
         _compress_in_process(out, "--calib", str(small_calib), "--ratio", "0.3", "--batch-size", "12",
-                             "--torch-model", "models.cnn1d:cnn1d_radio", "--torch-weights", str(WEIGHTS))
+                             "--criterion", "sglp", "--torch-model", "models.cnn1d:cnn1d_radio", "--torch-weights", str(WEIGHTS))
     _assert_same(*outs)
     report = json.loads(outs[0].with_suffix(".json").read_text())
     assert report["importance_kind"] == "GradNorm"

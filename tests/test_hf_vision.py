@@ -128,7 +128,7 @@ def test_hf_model_pairs_with_its_factory_for_gradnorm(tmp_path_factory, name, ex
     _, folder = _staged(name, exporter, tmp_path_factory)
     config, blocks = MODELS[name]
     result = compress(folder / "model.onnx", folder / "gradnorm.onnx", calib=folder / "calib.npz", remove=2,
-                      force=True, torch_model=f"hf_factories:{name}", torch_weights=folder / "weights.pt")
+                      criterion="sglp", force=True, torch_model=f"hf_factories:{name}", torch_weights=folder / "weights.pt")
     report = result.report
     assert report["importance_kind"] == "GradNorm"
     assert [u["modules"] for u in report["pairing"]["units"]] == [[s] for s in blocks(config())]

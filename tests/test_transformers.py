@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from sglp_onnx import validate_report
-from sglp_onnx.calibration import check_calibration
+from sglp_onnx.calibration import HOLDOUT_EVERY, check_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from sglp_onnx.export import export_torch
@@ -70,6 +70,13 @@ CONFIGS = {
         num_attention_heads=4, intermediate_size=64, num_labels=5, initializer_range=0.2)),
 }
 CAUSAL = ("llama", "qwen2", "gpt2")
+
+
+
+def selection_tokens(folder) -> int:
+    """Unpadded tokens of the calibration samples selection reads (every 5th sample is held out)."""
+    mask = np.load(folder / "calib.npz")["attention_mask"]
+    return int(mask[np.arange(len(mask)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1].sum())
 
 
 def token_batch(n: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -226,7 +233,7 @@ def test_compress_equals_transformers_with_layers_deleted(staged, arch, exporter
         np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
         # Token-level CKA: one sample per unpadded calibration token.
         if report["cka"] is not None:
-            assert report["calibration"]["rows"] == int(np.load(folder / "calib.npz")["attention_mask"].sum())
+            assert report["calibration"]["rows"] == selection_tokens(folder)
 
     if "torch_model" in options:
         assert report["importance_kind"] == "GradNorm"
@@ -315,12 +322,12 @@ def test_cache_model_pairs_with_hf_folder_without_a_cache(staged):
     folder = staged("llama")
     path = staged("llama", "legacy", with_cache=True)
     report = compress(path, folder / "paired.kv.onnx", calib=folder / "calib.npz", remove=1,
-                      torch_model=f"hf:{folder / 'hf'}", batch_size=8, force=True).report
+                      criterion="sglp", torch_model=f"hf:{folder / 'hf'}", batch_size=8, force=True).report
     assert_valid(report)
     assert [u["modules"] for u in report["pairing"]["units"]] == [[f"model.layers.{i}"] for i in range(LAYERS)]
     assert report["pairing"]["output_relative_error"] < 1e-4
     assert report["importance_kind"] == "GradNorm"
-    assert report["calibration"]["rows"] == int(np.load(folder / "calib.npz")["attention_mask"].sum())
+    assert report["calibration"]["rows"] == selection_tokens(folder)
     # A calibration file with a non-empty past cannot be compared with a cache-free run.
     model = onnx.load(str(path))
     data = dict(np.load(folder / "calib.npz"))

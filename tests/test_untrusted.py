@@ -238,7 +238,7 @@ def test_safetensors_weights_of_the_radio_model_pair_and_rank(tmp_path):
     np.savez(calib, input=full["input"][:12], labels=full["labels"][:12])
     out = tmp_path / "out.onnx"
     code = main(["-q", "compress", str(root / "models" / "cnn1d_radio.onnx"), "-o", str(out), "--calib", str(calib),
-                 "--remove", "3", "--torch-model", "models.cnn1d:cnn1d_radio", "--torch-weights", str(weights)])
+                 "--remove", "3", "--criterion", "sglp", "--torch-model", "models.cnn1d:cnn1d_radio", "--torch-weights", str(weights)])
     assert code == 0
     import json
 

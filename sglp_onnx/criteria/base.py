@@ -56,8 +56,29 @@ class Context:
     cache: dict[str, object] = field(default_factory=dict)
     # Run the calibration pass piece by piece (`--sequential`, see sequential.py).
     sequential: bool = False
+    # The budget is in FLOPs (`--target-flops`): measured-damage criteria
+    # then rank by damage per FLOP removed.
+    flops_budget: bool = False
     _evidence: Evidence | None = None
     _gradnorm: np.ndarray | None = None
+    _runner: object | None = None
+    _output_kind: object | None = None
+
+    def output_kind(self):
+        """How the model's first output is scored (fidelity.output_kind), computed once."""
+        if self._output_kind is None:
+            from ..fidelity import output_kind
+
+            self._output_kind = output_kind(self.model)
+        return self._output_kind
+
+    def runner(self):
+        """The gated graph's runner for the scored output (gating.GatedRunner), built once."""
+        if self._runner is None:
+            from ..gating import GatedRunner
+
+            self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
+        return self._runner
 
     def evidence(self) -> Evidence:
         if self._evidence is None:
@@ -98,6 +119,8 @@ class Criterion(ABC):
     summary: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
     needs_torch: ClassVar[bool] = False
+    # Reads --segments (the Fisher segmentation of SGLP).
+    uses_segments: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, ctx: Context, n_remove: int) -> Selection:

@@ -3,13 +3,11 @@ Similarity Metric Perspective", ICPR 2024, arXiv 2405.17081): greedily bypass
 the unit whose removal keeps the network's final representation most similar,
 by linear CKA, to the original network's.
 
-Candidate networks are never written out. One *gated* copy of the graph reads,
-after every unit, `Where(skip_u, entry_u, exit_u)` with a boolean input
-`skip_u`, so a single ONNX Runtime session runs the original, the current
-greedy network and every candidate. A candidate differs from the current
-network only from the unit it bypasses on, so it is run as a *suffix*: a
-session that starts at that unit's exit, fed with the current network's value
-of the unit's entry (captured by one full run per greedy step).
+Candidate networks are never written out: they run through the gated graph
+of `gating.py`. A candidate differs from the current greedy network only from
+the unit it bypasses on, so it is run as a *suffix* from that unit, fed with
+the current network's value of the unit's entry (captured by one full run per
+greedy step).
 """
 
 from __future__ import annotations
@@ -17,25 +15,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
 
 from ..errors import UserError
+from ..gating import GATE_PREFIX, GatedRunner, gated_model, suffix_model  # noqa: F401 (re-exported)
 from ..graph_index import GraphIndex
 from ..representations import as_samples
-from ..runtime import make_session, session_with_outputs
 from ..similarity import MinibatchCKA
-from ..units import PrunableUnit
 from .base import Context, Criterion, Selection, register
 
 # Ops that can be the classifier or LM head: the tensor they read (besides
 # their weights) is the network's final representation.
 HEAD_OPS = {"Gemm", "MatMul", "Conv", "FusedGemm", "FusedMatMul", "FusedConv"}
-GATE_PREFIX = "sglp_skip."
 # The original network's final representation is kept in memory across
 # greedy steps up to this size; above it, it is recomputed every step.
 REFERENCE_CACHE_BYTES = 256 * 2**20
@@ -69,69 +62,6 @@ def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
     return first, f"first graph output {first!r} (no Gemm/MatMul/Conv head found)"
 
 
-def gated_model(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` where unit u's exit is `Where(skip_u, entry_u, exit_u)`.
-
-    `skip_u` is a new boolean scalar input per unit (names returned in unit
-    order). Every tensor keeps its name: the unit's own result is renamed and
-    the Where node produces the exit, so consumers, graph outputs and chained
-    units (a unit whose entry is the previous exit) need no rewiring. With all
-    gates false the network is the original; with gates set it computes what
-    `surgery.remove_units` would produce.
-    """
-    gated = onnx.ModelProto()
-    gated.CopyFrom(model)
-    graph = gated.graph
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    gates = []
-    after: dict[int, list[onnx.NodeProto]] = {}
-    for k, unit in enumerate(units):
-        i = producer.get(unit.exit)
-        if i is None:
-            raise UserError(f"unit {unit.name}: its exit {unit.exit!r} is not computed by a node")
-        node = graph.node[i]
-        inner = f"{unit.exit}/sglp_ungated"
-        node.output[list(node.output).index(unit.exit)] = inner
-        gate = f"{GATE_PREFIX}{k}"
-        gates.append(gate)
-        graph.input.append(helper.make_tensor_value_info(gate, TensorProto.BOOL, []))
-        after.setdefault(i, []).append(
-            helper.make_node("Where", [gate, unit.entry, inner], [unit.exit], name=f"sglp_gate/{k}"))
-    # Keep the node list topologically sorted: each Where right after the
-    # node whose output it gates.
-    nodes = []
-    for i, node in enumerate(graph.node):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        nodes.append(copy)
-        nodes.extend(after.get(i, ()))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return gated, gates
-
-
-def suffix_model(gated: onnx.ModelProto, start: str, start_dtype: np.dtype, outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of `gated` that computes `outputs` from tensor `start` (made a graph input).
-
-    Nodes only the replaced prefix needed are dropped; nodes that later parts
-    still read from the original inputs (masks, positions) stay.
-    """
-    graph = gs.import_onnx(gated)
-    tensors = graph.tensors()
-    entry = tensors[start]
-    entry.inputs.clear()
-    entry.dtype = start_dtype
-    entry.shape = None
-    graph.inputs.append(entry)
-    graph.outputs = [tensors[name] for name in outputs]
-    graph.cleanup(remove_unused_graph_inputs=True).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = gated.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(gated.opset_import)
-    return model
-
-
 @dataclass
 class GreedyState:
     """The greedy removal order found so far on one context."""
@@ -157,20 +87,11 @@ class GreedyCKA:
         self.units = list(ctx.units)
         rep, rule = final_representation(ctx.model)
         self.state = GreedyState(representation=rep, representation_rule=rule)
-        self.gated, self.gates = gated_model(ctx.model, self.units)
-        # One session for every full run: the representation plus every
-        # unit's entry (what the partial runs start from).
-        self.exposed = [rep] + [n for n in dict.fromkeys(u.entry for u in self.units) if n != rep]
-        self.full = session_with_outputs(self.gated, self.exposed, ctx.provider)
-        self.full_inputs = {i.name for i in self.full.get_inputs()}
+        self.runner = GatedRunner(ctx.model, self.units, [rep], provider=ctx.provider)
         self.use_suffix = use_suffix
-        self._suffix: dict[int, object] = {}
         self._reference: list[np.ndarray] | None = None
 
     # -- running networks ------------------------------------------------
-    def _gate_feed(self, removed: set[int]) -> dict[str, np.ndarray]:
-        return {g: np.array(k in removed) for k, g in enumerate(self.gates)}
-
     def _rows(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
         calib = self.ctx.calib
         mask_name = calib.token_mask_name
@@ -178,24 +99,12 @@ class GreedyCKA:
         return as_samples(value, token_level=calib.is_token_data, token_mask=mask)
 
     def _run_full(self, feed: dict[str, np.ndarray], removed: set[int], *, entries: bool) -> dict[str, np.ndarray]:
-        names = self.exposed if entries else [self.state.representation]
-        run_feed = {**{k: v for k, v in feed.items() if k in self.full_inputs}, **self._gate_feed(removed)}
-        return dict(zip(names, self.full.run(names, run_feed)))
-
-    def _suffix_session(self, unit: int, dtype: np.dtype):
-        if unit not in self._suffix:
-            model = suffix_model(self.gated, self.units[unit].exit, dtype, [self.state.representation])
-            session = make_session(model, self.ctx.provider)
-            self._suffix[unit] = (session, {i.name for i in session.get_inputs()})
-        return self._suffix[unit]
+        return self.runner.run(feed, removed, entries=entries)
 
     def _run_candidate(self, feed, removed: set[int], unit: int, current: dict[str, np.ndarray]) -> np.ndarray:
         if not self.use_suffix:
             return self._run_full(feed, removed | {unit}, entries=False)[self.state.representation]
-        entry_value = current[self.units[unit].entry]
-        session, inputs = self._suffix_session(unit, entry_value.dtype)
-        run_feed = {**feed, **self._gate_feed(removed), self.units[unit].exit: entry_value}
-        return session.run([self.state.representation], {k: v for k, v in run_feed.items() if k in inputs})[0]
+        return self.runner.run_extension(feed, removed, unit, current)[self.state.representation]
 
     # -- one greedy step ---------------------------------------------------
     def _batches(self, label: str):

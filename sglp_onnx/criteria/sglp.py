@@ -15,6 +15,7 @@ from .base import Context, Criterion, Selection, register
 @register
 class SGLP(Criterion):
     name = "sglp"
+    uses_segments = True
     summary = "SGLP: CKA + Fisher segmentation, GradNorm inside each segment (default)"
 
     def select(self, ctx: Context, n_remove: int) -> Selection:

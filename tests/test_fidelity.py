@@ -1,0 +1,208 @@
+"""Fidelity and measured-damage selection: the score against a hand computation
+on pruned models written by surgery, the output kind read from the graph,
+exhaustive and greedy search against brute force, --max-loss, and the report
+and terminal lines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import criteria_models as cm
+from sglp_onnx.calibration import HOLDOUT_EVERY
+from sglp_onnx.cli import main
+from sglp_onnx.fidelity import FidelityMeter, OutputKind, output_kind
+from sglp_onnx.pipeline import DEFAULT_CRITERION, analyze, compress
+from sglp_onnx.runtime import make_session
+from sglp_onnx.surgery import remove_units
+from tiny_graphs import make_model, residual_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+RADIO = ROOT / "models" / "cnn1d_radio.onnx"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def hand_kl(original: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
+    """Mean KL(original || pruned) per sample and top-1 agreement, written out directly."""
+    p = make_session(original).run(None, {"input": x})[0]
+    q = make_session(pruned).run(None, {"input": x})[0]
+    lp, lq = log_softmax(p), log_softmax(q)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+    return kl, float(np.mean(p.argmax(1) == q.argmax(1)))
+
+
+@pytest.fixture()
+def mlp(tmp_path) -> Path:
+    onnx.save(residual_mlp(n_blocks=5, seed=4), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m.calib.npz", input=rng.standard_normal((40, 8)).astype(np.float32))
+    return tmp_path / "m.onnx"
+
+
+def held_out(path: Path) -> np.ndarray:
+    x = np.load(path.with_suffix(".calib.npz"))["input"]
+    return x[np.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+
+
+def test_report_fidelity_equals_a_hand_computed_kl_on_the_held_out_samples(mlp):
+    analysis = analyze(mlp, criterion="last", remove=2, suggest=None)
+    fid = analysis.report["fidelity"]
+    pruned = remove_units(analysis.model, analysis.removed_units)
+    kl, agreement = hand_kl(analysis.model, pruned, held_out(mlp))
+    assert fid["kind"] == "kl" and fid["held_out"] and fid["samples"] == 8 == fid["rows"]
+    assert fid["score"] == pytest.approx(kl, rel=1e-5, abs=1e-9)
+    assert fid["top1_agreement"] == pytest.approx(agreement)
+    assert analysis.report["calibration"]["selection_samples"] == 32
+    assert analysis.report["calibration"]["held_out_samples"] == 8
+
+
+def test_removing_nothing_has_zero_loss_and_full_agreement(mlp):
+    fid = analyze(mlp, remove=0, suggest=None).report["fidelity"]
+    assert fid["score"] == 0.0 and fid["top1_agreement"] == 1.0 and not fid["poor"]
+
+
+def test_exhaustive_picks_the_set_with_the_lowest_joint_damage(mlp):
+    analysis = analyze(mlp, criterion="damage-exhaustive", remove=2, suggest=None)
+    x = np.load(mlp.with_suffix(".calib.npz"))["input"]
+    x = x[np.arange(len(x)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]  # selection reads these only
+    scores = {s: hand_kl(analysis.model, remove_units(analysis.model, [analysis.units[i] for i in s]), x)[0]
+              for s in itertools.combinations(range(len(analysis.units)), 2)}
+    assert tuple(analysis.selection.removed) == min(scores, key=scores.get)
+    # The default is exhaustive here (10 sets): the same choice.
+    assert analyze(mlp, remove=2, suggest=None).selection.removed == analysis.selection.removed
+
+
+def test_greedy_first_step_is_the_single_unit_with_least_damage(mlp):
+    analysis = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None)
+    x = np.load(mlp.with_suffix(".calib.npz"))["input"]
+    x = x[np.arange(len(x)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    singles = [hand_kl(analysis.model, remove_units(analysis.model, [u]), x)[0] for u in analysis.units]
+    # Partial passes from the bypassed unit equal whole pruned models.
+    np.testing.assert_allclose(analysis.selection.importance, singles, rtol=1e-5, atol=1e-9)
+    assert int(np.argmin(singles)) in analysis.selection.removed
+    assert analysis.selection.passes["forward_partial"] == 5 + 4 + 3
+
+
+def test_fast_variant_limits_the_candidates(mlp):
+    full = analyze(mlp, criterion="damage-greedy", remove=4, suggest=None).selection.passes
+    fast = analyze(mlp, criterion="damage-fast", remove=4, suggest=None).selection.passes
+    assert full["forward_partial"] == 5 + 4 + 3 + 2
+    assert fast["forward_partial"] <= full["forward_partial"]
+
+
+def test_the_zeroed_block_goes_first_and_costs_nothing(tmp_path):
+    path = cm.write_model(cm.last_zeroed_mlp, tmp_path, "z")
+    analysis = analyze(path, criterion="damage-greedy", remove=1, suggest=None)
+    assert [analysis.units[i].name for i in analysis.selection.removed] == [f"blocks.{cm.ZEROED}"]
+    assert analysis.report["fidelity"]["score"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_max_loss_removes_as_many_units_as_the_budget_allows(tmp_path):
+    path = cm.write_model(cm.last_zeroed_mlp, tmp_path, "z")
+    units = len(analyze(path, criterion="last", remove=1, suggest=None).units)
+    # Only the zeroed block is free: a zero budget removes exactly it.
+    zero = analyze(path, criterion="damage-greedy", max_loss=1e-9, suggest=None)
+    assert [zero.units[i].name for i in zero.selection.removed] == [f"blocks.{cm.ZEROED}"]
+    assert zero.report["budget"]["max_loss"] == 1e-9
+    everything = analyze(path, criterion="damage-greedy", max_loss=1e9, suggest=None)
+    assert len(everything.selection.removed) == units - 1
+    capped = analyze(path, criterion="damage-greedy", max_loss=1e9, remove=2, suggest=None)
+    assert len(capped.selection.removed) == 2
+    # The budget holds on the held-out samples it is measured on.
+    middle = analyze(path, criterion="damage-greedy", max_loss=0.05, suggest=None)
+    assert middle.report["fidelity"]["score"] <= 0.05
+
+
+def test_suggestions_carry_their_held_out_fidelity():
+    report = analyze(RADIO, criterion="last", suggest=[0.1, 0.5]).report
+    low, high = (s["fidelity"] for s in report["suggestions"])
+    assert 0 <= low["score"] < high["score"]
+    assert low["held_out"] and low["kind"] == "kl"
+
+
+def test_terminal_prints_fidelity_and_warns_when_the_model_drifts(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code = main(["compress", str(RADIO), "-o", str(out), "--criterion", "last", "--ratio", "0.6"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "fidelity to the original: KL" in printed and "top-1 agreement" in printed
+    assert "warning: the pruned model has drifted" in printed
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["fidelity"]["poor"] and report["fidelity"]["top1_agreement"] < 0.9
+    assert report["removed"] == [u["name"] for u in report["units"] if u["removed"]]
+
+
+def test_max_loss_and_segments_are_checked_before_any_work(tmp_path, capsys):
+    for args, says in [(["--max-loss", "-1"], "--max-loss"), (["--max-loss", "nan"], "--max-loss"),
+                       (["--segments", "2", "--criterion", "damage"], "--segments")]:
+        code = main(["compress", str(RADIO), "-o", str(tmp_path / "x.onnx"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err
+        assert not (tmp_path / "x.onnx").exists()
+
+
+def test_default_criterion_is_measured_damage():
+    assert DEFAULT_CRITERION == "damage"
+    assert analyze(RADIO, remove=1, suggest=None).report["criterion"] == "damage"
+
+
+# -- the output kind read from the graph -----------------------------------
+
+def _tail(op: str, **attrs) -> onnx.ModelProto:
+    """input (2, 4) -> x + W x -> OP -> output."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["b"]), helper.make_node("Add", ["input", "b"], ["h"])]
+    if op == "Gemm":
+        nodes.append(helper.make_node("MatMul", ["h", "w"], ["output"]))
+    elif op == "none":
+        nodes.append(helper.make_node("Relu", ["h"], ["output"]))
+    else:
+        extra = {"LayerNormalization": ["w_scale"]}.get(op, [])
+        nodes.append(helper.make_node(op, ["h", *extra], ["output"], **attrs))
+    inits = [w, helper.make_tensor("w_scale", TensorProto.FLOAT, [4], [1.0] * 4)]
+    return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+                      [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])], inits)
+
+
+@pytest.mark.parametrize("op, kind, form", [("Gemm", "kl", "logits"), ("Softmax", "kl", "probabilities"),
+                                            ("LayerNormalization", "cosine", "hidden state"),
+                                            ("none", "relative", "tensor")])
+def test_output_kind_is_read_from_the_producers(op, kind, form):
+    found = output_kind(_tail(op))
+    assert (found.kind, found.form, found.output) == (kind, form, "output")
+
+
+def test_meters_match_their_definitions():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    cos = FidelityMeter(OutputKind("o", "cosine", "hidden state", ""), token_level=False)
+    cos.update(a[:3], b[:3])
+    cos.update(a[3:], b[3:])
+    want = np.mean(1 - (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert cos.score == pytest.approx(want)
+    rel = FidelityMeter(OutputKind("o", "relative", "tensor", ""), token_level=False)
+    rel.update(a, b)
+    assert rel.score == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a))
+    # A sequence output scores unpadded tokens only.
+    seq = FidelityMeter(OutputKind("o", "kl", "logits", ""), token_level=True)
+    logits = rng.standard_normal((2, 3, 4))
+    noisy = logits + rng.standard_normal((2, 3, 4))
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    seq.update(logits, noisy, mask)
+    keep = mask.astype(bool)
+    lp, lq = log_softmax(logits[keep]), log_softmax(noisy[keep])
+    assert seq.rows == 3 and seq.score == pytest.approx(np.mean(np.sum(np.exp(lp) * (lp - lq), 1)))
+    # NaN in the pruned output is scored, never NaN.
+    bad = FidelityMeter(OutputKind("o", "kl", "logits", ""), token_level=False)
+    bad.update(a, np.full_like(a, np.nan))
+    assert np.isfinite(bad.score)
