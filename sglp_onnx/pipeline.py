@@ -274,13 +274,14 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     Selections reuse the evidence and GradNorm cached in `ctx`: no second
     calibration pass.
     """
-    if not ctx.flops_budget:  # rank as --target-flops does (per FLOP), without disturbing ctx's own searches
-        ctx.runner(), ctx.output_kind()  # built once, shared with the copy
-        ctx = replace(ctx, flops_budget=True, cache={})
     wanted = list(dict.fromkeys(float(t) for t in targets))
     for t in wanted:
         if not 0.0 < t < 1.0:
             raise UserError(f"suggestion targets must be FLOPs fractions in (0, 1), got {t}")
+    if ctx is not None and not ctx.flops_budget:
+        # Rank as --target-flops does (per FLOP), without disturbing ctx's own searches.
+        ctx.runner(), ctx.output_kind()  # built once, shared with the copy
+        ctx = replace(ctx, flops_budget=True, cache={})
     found, reason = _first_reaching(criterion, ctx, units, total_flops, wanted)
     suggestions = []
     for t in wanted:

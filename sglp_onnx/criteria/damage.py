@@ -12,7 +12,8 @@ calibration samples used for selection.
   lowest.
 - `damage-exhaustive`: every removal set of the requested size scored
   jointly; refused when there are more than EXHAUSTIVE_LIMIT sets.
-- `damage`: exhaustive where the sets are few enough, else greedy.
+- `damage` (the default): exhaustive where that costs no more passes than
+  the greedy would (one removal, all but one), else the greedy.
 """
 
 from __future__ import annotations
@@ -234,11 +235,14 @@ def _exhaustive_selection(ctx: Context, n_remove: int, name: str) -> Selection:
 @register
 class Damage(_Greedy):
     name = "damage"
-    summary = (f"measured damage: every removal set scored jointly when there are at most {EXHAUSTIVE_LIMIT}, "
-               "else the greedy")
+    summary = "measured damage: the greedy, or every removal set where that costs no more passes"
 
     def select(self, ctx: Context, n_remove: int) -> Selection:
         _check(ctx, n_remove, self.name)
-        if 0 < n_remove and math.comb(len(ctx.units), n_remove) <= EXHAUSTIVE_LIMIT:
+        L = len(ctx.units)
+        # Exhaustive only where it costs no more full passes than the greedy's
+        # partial passes (n = 1, n = L - 1, ...): the default stays as cheap as cka-removal.
+        greedy_passes = sum(L - k for k in range(n_remove))
+        if 0 < n_remove and math.comb(L, n_remove) <= min(EXHAUSTIVE_LIMIT, greedy_passes):
             return _exhaustive_selection(ctx, n_remove, self.name)
         return super().select(ctx, n_remove)
