@@ -129,7 +129,8 @@ def run(*, finetune: bool, log) -> dict:
     test = dict(np.load(TEST))
     base = onnx_perplexity(str(ONNX), test["input_ids"], test["attention_mask"])
     log(f"unpruned held-out perplexity {base:.3f}")
-    probe = analyze(ONNX, criterion="last", remove=1, suggest=None, batch_size=CALIB_BATCH)
+    probe = analyze(ONNX, criterion="last", remove=1, suggest=None, batch_size=CALIB_BATCH,
+                    torch_model=f"hf:{MODEL_DIR.relative_to(ROOT)}")
     n_layers = len(probe.units)
     counts = [round(f * n_layers) for f in FRACTIONS]
     targets = suggestion_targets(probe.units, probe.total_flops, counts)
@@ -138,8 +139,10 @@ def run(*, finetune: bool, log) -> dict:
               "test_tokens": int((test["attention_mask"][:, 1:] * test["attention_mask"][:, :-1]).sum()),
               "unpruned_perplexity": base, "finetune": None, "rows": []}
     healer = Healer(test, log) if finetune else None
-    modules_of: dict[str, list[str]] = {}
-    for label, criterion, paired in CRITERIA:
+    modules_of = {u["unit"]: u["modules"] for u in probe.report["pairing"]["units"]}
+    # The default with the paired model given too: GradNorm must never make its choice worse.
+    rows = CRITERIA[:1] + [("damage (paired torch model given)", CRITERIA[0][1], True)] + CRITERIA[1:]
+    for label, criterion, paired in rows:
         seeds = range(RANDOM_SEEDS) if criterion == "random" else [0]
         runs = []
         for seed in seeds:

@@ -278,8 +278,9 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     for t in wanted:
         if not 0.0 < t < 1.0:
             raise UserError(f"suggestion targets must be FLOPs fractions in (0, 1), got {t}")
-    if ctx is not None and not ctx.flops_budget:
-        # Rank as --target-flops does (per FLOP), without disturbing ctx's own searches.
+    if ctx is not None and not ctx.flops_budget and len({u.flops for u in units}) > 1:
+        # Rank as --target-flops does (per FLOP: different from per unit only when
+        # the units' FLOPs differ), without disturbing ctx's own searches.
         ctx.runner(), ctx.output_kind()  # built once, shared with the copy
         ctx = replace(ctx, flops_budget=True, cache={})
     found, reason = _first_reaching(criterion, ctx, units, total_flops, wanted)

@@ -13,7 +13,7 @@ calibration samples used for selection.
 - `damage-exhaustive`: every removal set of the requested size scored
   jointly; refused when there are more than EXHAUSTIVE_LIMIT sets.
 - `damage` (the default): exhaustive where that costs no more passes than
-  the greedy would (one removal, all but one), else the greedy.
+  the greedy would (all units but one), else the greedy.
 """
 
 from __future__ import annotations
@@ -241,8 +241,9 @@ class Damage(_Greedy):
         _check(ctx, n_remove, self.name)
         L = len(ctx.units)
         # Exhaustive only where it costs no more full passes than the greedy's
-        # partial passes (n = 1, n = L - 1, ...): the default stays as cheap as cka-removal.
+        # partial passes (n = L - 1, ...; one removal is the greedy's first step,
+        # exact already): the default stays as cheap as cka-removal.
         greedy_passes = sum(L - k for k in range(n_remove))
-        if 0 < n_remove and math.comb(L, n_remove) <= min(EXHAUSTIVE_LIMIT, greedy_passes):
+        if 1 < n_remove and math.comb(L, n_remove) <= min(EXHAUSTIVE_LIMIT, greedy_passes):
             return _exhaustive_selection(ctx, n_remove, self.name)
         return super().select(ctx, n_remove)
