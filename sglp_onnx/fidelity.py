@@ -23,13 +23,12 @@ of their sign (NaN as 0), so a removal that overflows is scored, not lost.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from .graph_index import GraphIndex
+from .graph_index import GraphIndex, is_weighted_head, walk_back
 from .representations import as_samples
 
 HEAD_OPS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "QGemm",
@@ -60,28 +59,22 @@ class OutputKind:
 
 def output_kind(model: onnx.ModelProto) -> OutputKind:
     """The scoring rule for the model's first graph output, from its producers."""
-    index = GraphIndex(model)
     first = model.graph.output[0].name
-    queue = deque([first])
-    seen: set[int] = set()
-    while queue:
-        p = index.producer.get(queue.popleft())
-        if p is None or p in seen:
-            continue
-        seen.add(p)
-        node = index.nodes[p]
+
+    def visit(node, computed):
         op = node.op_type
         what = f"{node.name or op} ({op})"
-        computed = [t for t in node.input if t and not index.is_constant(t)]
         if op in DISTRIBUTION_OPS:
             return OutputKind(first, "kl", DISTRIBUTION_OPS[op], f"{first!r} comes out of {what}")
-        if op in HEAD_OPS and len(computed) == 1 and len(computed) < len([t for t in node.input if t]):
+        if is_weighted_head(node, computed, HEAD_OPS):
             return OutputKind(first, "kl", "logits", f"{first!r} comes out of the head {what}")
         if op in NORM_OPS:
             return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of {what}")
-        if op in PASS_THROUGH and len(computed) == 1:
-            queue.append(computed[0])
-    return OutputKind(first, "relative", "tensor", f"{first!r}: no head, distribution or normalisation before it")
+        return computed if op in PASS_THROUGH and len(computed) == 1 else []
+
+    found = walk_back(GraphIndex(model), first, visit)
+    return found or OutputKind(first, "relative", "tensor",
+                               f"{first!r}: no head, distribution or normalisation before it")
 
 
 def _finite(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -252,3 +252,29 @@ class GraphIndex:
             queue.extend(i for i in self.nodes[p].input if i)
             queue.extend(self.implicit_inputs.get(p, ()))
         return seen
+
+
+def walk_back(index: GraphIndex, start: str, visit: Callable[[onnx.NodeProto, list[str]], object]):
+    """Breadth-first from tensor `start` towards the inputs, each producer once.
+
+    `visit(node, computed_inputs)` returns either a list of tensors to walk on
+    from, or any other value, which ends the walk and is returned (None when
+    the walk runs out)."""
+    queue = deque([start])
+    seen: set[int] = set()
+    while queue:
+        p = index.producer.get(queue.popleft())
+        if p is None or p in seen:
+            continue
+        seen.add(p)
+        node = index.nodes[p]
+        got = visit(node, [t for t in node.input if t and not index.is_constant(t)])
+        if not isinstance(got, list):
+            return got
+        queue.extend(got)
+    return None
+
+
+def is_weighted_head(node: onnx.NodeProto, computed: list[str], ops: set[str]) -> bool:
+    """A node of `ops` reading one computed tensor and at least one constant (its weights)."""
+    return node.op_type in ops and len(computed) == 1 and len(computed) < len([t for t in node.input if t])

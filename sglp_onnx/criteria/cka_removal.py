@@ -13,7 +13,6 @@ greedy step).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +20,7 @@ import onnx
 
 from ..errors import UserError
 from ..gating import GATE_PREFIX, GatedRunner, gated_model, suffix_model  # noqa: F401 (re-exported)
-from ..graph_index import GraphIndex
+from ..graph_index import GraphIndex, is_weighted_head, walk_back
 from ..representations import as_samples
 from ..similarity import MinibatchCKA
 from .base import Context, Criterion, Selection, register
@@ -45,21 +44,15 @@ def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
     one row per token). A graph with no such node falls back to the first
     output itself (the logits).
     """
-    index = GraphIndex(model)
     first = model.graph.output[0].name
-    queue = deque([first])
-    seen: set[int] = set()
-    while queue:
-        p = index.producer.get(queue.popleft())
-        if p is None or p in seen:
-            continue
-        seen.add(p)
-        node = index.nodes[p]
-        computed = [t for t in node.input if t and not index.is_constant(t)]
-        if node.op_type in HEAD_OPS and len(computed) == 1 and len(computed) < len([t for t in node.input if t]):
+
+    def visit(node, computed):
+        if is_weighted_head(node, computed, HEAD_OPS):
             return computed[0], f"input of the head node {node.name or node.op_type} ({node.op_type})"
-        queue.extend(computed)
-    return first, f"first graph output {first!r} (no Gemm/MatMul/Conv head found)"
+        return computed
+
+    found = walk_back(GraphIndex(model), first, visit)
+    return found or (first, f"first graph output {first!r} (no Gemm/MatMul/Conv head found)")
 
 
 @dataclass
