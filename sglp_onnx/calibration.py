@@ -173,6 +173,10 @@ def check_calibration(
         counts.add(len(labels))
     if len(counts) != 1:
         raise UserError(f"{source}: arrays disagree on the number of samples ({sorted(counts)})")
+    if labels is not None:
+        classes = output_classes(model, labels.ndim)
+        if classes is not None:
+            check_labels(labels, classes, source=source)
     n = counts.pop()
     if n == 0:
         raise UserError(f"{source} holds no samples")
@@ -183,6 +187,27 @@ def check_calibration(
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = labels[:max_samples] if labels is not None else None
     return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed)
+
+
+def output_classes(model: onnx.ModelProto, label_rank: int = 1) -> int | None:
+    """The number of classes `labels` of rank `label_rank` index: the fixed last
+    dimension of the first output when that output is (batch, classes) or
+    (batch, tokens, classes) logits for them; None when it cannot be told."""
+    if not model.graph.output:
+        return None
+    dims = declared_dims(model.graph.output[0])
+    if dims is None or len(dims) not in (2, 3) or len(dims) != label_rank + 1:
+        return None
+    last = dims[-1]
+    return last if isinstance(last, int) and last > 0 else None
+
+
+def check_labels(labels: np.ndarray, classes: int, *, source: str) -> None:
+    """Labels are class indices of the model's output: integers in [0, classes)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise UserError(f"{source}: 'labels' holds {int(bad)}, but the model has {classes} classes; labels must be "
+                        f"integers in [0, {classes})")
 
 
 def fixed_batch(specs: list[InputSpec]) -> int | None:

@@ -7,11 +7,14 @@ Ctrl-C (SIGINT), 143 terminated (SIGTERM); an interrupt leaves no partial file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
+import tempfile
 import threading
 import traceback
+from pathlib import Path
 from typing import Iterator
 
 import click
@@ -41,10 +44,67 @@ def _progress_factory(state: _State):
     return progress
 
 
+VERBOSE_HELP = "Progress bars even in pipes; tracebacks on internal errors; ONNX Runtime's own error log."
+QUIET_HELP = "Print nothing but errors."
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(_State).verbose = True
+        from .runtime import set_verbose
+
+        set_verbose(True)
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(_State).quiet = True
+
+
+def _verbosity_options(f):
+    """-v and -q, accepted after the command too (`sglp-onnx compress M -q`), meaning what they mean before it."""
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet, help=QUIET_HELP)(f)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help=VERBOSE_HELP)(f)
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        from .runtime import set_threads
+
+        set_threads(value)
+
+
+def _threads_option(f):
+    return click.option(
+        "--threads", type=click.IntRange(min=1), expose_value=False, callback=_set_threads,
+        help="Threads for ONNX Runtime (intra-op; inter-op 1) and torch. Default: 1 on a machine with at most "
+             "2 cores, else the libraries choose.")(f)
+
+
+def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from .plots import plot_format
+
+        try:
+            plot_format(value)
+        except UserError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While a command works, anything printed (a user's module, a library) goes
+    to stderr: stdout carries only the command's result (--json, --report -)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="sglp-onnx")
-@click.option("-v", "--verbose", is_flag=True, help="Progress bars even in pipes; tracebacks on internal errors.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """Remove whole residual layers from ONNX models (SGLP and baselines).
@@ -61,6 +121,10 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """
     state = ctx.ensure_object(_State)
     state.verbose, state.quiet = verbose, quiet
+    if verbose:
+        from .runtime import set_verbose
+
+        set_verbose(True)
 
 
 def _criterion_names() -> list[str]:
@@ -110,7 +174,7 @@ def _selection_options(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return _verbosity_options(_threads_option(f))
 
 
 def _api_options(kwargs: dict, state: _State) -> dict:
@@ -128,8 +192,10 @@ def _api_options(kwargs: dict, state: _State) -> dict:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: MODEL.pruned.onnx.")
 @_selection_options
-@click.option("--report", type=click.Path(dir_okay=False), help="JSON report. Default: OUTPUT with .json.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the CKA heatmap and importances.")
+@click.option("--report", type=click.Path(dir_okay=False, allow_dash=True),
+              help="JSON report; '-' prints it to stdout instead. Default: OUTPUT with .json, or stdout with --json.")
+@click.option("--plot", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Write the CKA heatmap and importances; .png, .svg or .pdf by the suffix.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @click.option("--renumber-cache", is_flag=True,
               help="Rename the kept KV-cache inputs/outputs to consecutive layer numbers "
@@ -149,9 +215,20 @@ def compress(state: _State, model: str, output: str | None, report: str | None, 
     """
     from .pipeline import compress as run
 
-    result = run(model, output, report=report, plot=plot, force=force, renumber_cache=renumber_cache,
-                 **_api_options(kwargs, state))
-    if as_json:
+    # The report goes to stdout for '--report -', and for --json unless a file is named.
+    to_stdout = report == "-" or (as_json and report is None)
+    with contextlib.ExitStack() as stack:
+        if to_stdout:
+            # The pipeline always writes a report: let it write one where nobody sees it.
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sglp-report-"))
+            report = str(Path(folder) / "report.json")
+        with _stdout_to_stderr():
+            result = run(model, output, report=report, plot=plot, force=force, renumber_cache=renumber_cache,
+                         **_api_options(kwargs, state))
+    if to_stdout:
+        result.report["report_path"] = "-"
+        result.report_path = None
+    if as_json or to_stdout:
         from .report import to_json
 
         click.echo(to_json(result.report), nl=False)
@@ -176,7 +253,8 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @_selection_options
 @click.option("--suggest", default="0.1,0.25,0.5", show_default=True, callback=_fractions, metavar="F1,F2,...",
               help="FLOPs fractions to suggest removal sets for ('none': no suggestions).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the CKA heatmap and importances.")
+@click.option("--plot", type=click.Path(dir_okay=False), callback=_plot_path,
+              help="Write the CKA heatmap and importances; .png, .svg or .pdf by the suffix.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
 @click.pass_obj
 def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...] | None, plot: str | None,
@@ -194,7 +272,8 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
     """
     from .pipeline import analyze as run
 
-    result = run(model, suggest=suggest, plot=plot, force=force, **_api_options(kwargs, state))
+    with _stdout_to_stderr():
+        result = run(model, suggest=suggest, plot=plot, force=force, **_api_options(kwargs, state))
     if as_json:
         from .report import to_json
 
@@ -210,6 +289,8 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_threads_option
+@_verbosity_options
 @click.pass_obj
 def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, provider: str, as_json: bool) -> None:
     """Accuracy (with labels), perplexity (causal LMs) and agreement with the first MODEL.
@@ -222,7 +303,8 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    results = evaluate(models, data, provider=provider, batch_size=batch_size)
+    with _stdout_to_stderr():
+        results = evaluate(models, data, provider=provider, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps([m.to_dict() for m in results], indent=2))
     elif not state.quiet:
@@ -241,6 +323,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
 @click.option("--data", type=click.Path(dir_okay=False),
               help="Inputs .npz (default: MODEL.calib.npz of the first model that has one, else synthetic).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_verbosity_options
 @click.pass_obj
 def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], runs: int, warmup: int,
           threads: int, provider: str, data: str | None, as_json: bool) -> None:
@@ -255,12 +338,25 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
     """
     from .latency import bench as run, format_results
 
-    results = run(models, batch_sizes=batch_sizes or (1,), runs=runs, warmup=warmup, provider=provider,
-                  threads=threads, data=data)
+    with _stdout_to_stderr():
+        results = run(models, batch_sizes=batch_sizes or (1,), runs=runs, warmup=warmup, provider=provider,
+                      threads=threads, data=data)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif not state.quiet:
         click.echo(format_results(results))
+
+
+def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers such as 1,3,32,32, got {value!r}") from None
+    if not all(d >= 1 for d in dims):
+        raise click.BadParameter(f"every dimension must be at least 1, got {value!r}")
+    return dims
 
 
 @cli.command()
@@ -268,13 +364,15 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights to load into the model.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
-@click.option("--input-shape", help="Example input shape such as 1,3,32,32 when the model has no example_inputs().")
+@click.option("--input-shape", callback=_input_shape,
+              help="Example input shape such as 1,3,32,32 when the model has no example_inputs().")
 @click.option("--with-cache", is_flag=True,
               help="hf:DIR only: add past_key_values.{i}.key|value inputs and present.{i}.key|value outputs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@_verbosity_options
 @click.pass_obj
 def export(state: _State, factory: str, output: str, torch_weights: str | None, exporter: str,
-           input_shape: str | None, with_cache: bool, force: bool) -> None:
+           input_shape: tuple[int, ...] | None, with_cache: bool, force: bool) -> None:
     """Export a torch model to a single-file ONNX model with a dynamic batch.
 
     hf:DIR exports a Hugging Face folder (save_pretrained) with inputs
@@ -286,21 +384,20 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
       sglp-onnx export models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt -o r56.onnx
       sglp-onnx export hf:models/tinyllama_pydoc --with-cache --exporter legacy -o llama.kv.onnx
     """
-    from pathlib import Path
+    with _stdout_to_stderr():
+        _export(factory, Path(output), torch_weights, exporter, input_shape, with_cache, force)
+    if not state.quiet:
+        click.echo(f"wrote {output}")
 
+
+def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, input_shape: tuple[int, ...] | None,
+            with_cache: bool, force: bool) -> None:
     import torch
 
     from .export import export_torch, load_torch_model
-    from .model_files import check_folder_writable
+    from .model_files import check_output_path
 
-    out = Path(output)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise UserError(f"the folder of the output does not exist: {out.parent}")
-    if out.is_dir():
-        raise UserError(f"the output {out} is a folder; give a file name")
-    check_folder_writable(out.parent)
+    check_output_path(out, force=force, what="output", inputs=[Path(torch_weights)] if torch_weights else [])
     from .hf_model import HF_PREFIX, is_hf_spec
 
     if is_hf_spec(factory):
@@ -311,25 +408,17 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
             raise UserError("--torch-weights and --input-shape go with MODULE:FACTORY; an hf:DIR folder holds "
                             "its weights and the export takes token ids")
         export_hf(load_hf_model(factory[len(HF_PREFIX):]), out, with_cache=with_cache, exporter=exporter)
-        if not state.quiet:
-            click.echo(f"wrote {out}")
         return
     if with_cache:
         raise UserError("--with-cache exports the KV cache of a Hugging Face causal LM: give hf:DIR")
     model = load_torch_model(factory, torch_weights)
     if input_shape:
-        try:
-            dims = tuple(int(d) for d in input_shape.split(","))
-        except ValueError:
-            raise UserError(f"--input-shape must be comma-separated integers, got {input_shape!r}") from None
-        example = (torch.zeros(dims),)
+        example = (torch.zeros(input_shape),)
     elif hasattr(model, "example_inputs"):
         example = tuple(model.example_inputs())
     else:
         raise UserError("the model has no example_inputs() method; pass --input-shape such as 1,3,32,32")
     export_torch(model, example, out, exporter=exporter)
-    if not state.quiet:
-        click.echo(f"wrote {out}")
 
 
 @cli.command()
@@ -340,13 +429,16 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
 @click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
 @click.option("--train-data", required=True, type=click.Path(dir_okay=False),
               help=".npz of training inputs (named after the model inputs) and 'labels'.")
-@click.option("--epochs", required=True, type=int, help="Passes over the training data.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate (cosine decay to 0).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the batch order and torch.")
-@click.option("--distill-weight", type=float, default=0.5, show_default=True,
-              help="Weight w of the distillation term: (1-w) CE + w T^2 KL(teacher || student).")
-@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature T.")
+@click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="AdamW learning rate (cosine decay to 0).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for the batch order and torch.")
+@click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight w of the distillation term: (1-w) CE + w T^2 KL(teacher || student), in [0, 1].")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Distillation temperature T (> 0).")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help=".npz to report metrics on before and after.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="The pruning report of PRUNED.onnx. Default: PRUNED.json beside it.")
@@ -356,6 +448,8 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
               help="ONNX Runtime provider for the checks and --eval-data.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@_threads_option
+@_verbosity_options
 @click.pass_obj
 def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     """Heal a pruned model: skip its removed units in the paired torch model,
@@ -370,7 +464,8 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     """
     from .finetune import finetune as run
 
-    result = run(model, progress=_progress_factory(state), **kwargs)
+    with _stdout_to_stderr():
+        result = run(model, progress=_progress_factory(state), **kwargs)
     if as_json:
         from .report import to_json
 

@@ -233,31 +233,53 @@ def _missing_is_target(exc: ModuleNotFoundError, module_name: str) -> bool:
     return module_name == missing or module_name.startswith(missing + ".")
 
 
-def _import_module(module_name: str, spec: str):
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (a module import, a factory call): what it prints
+    goes to stderr, so stdout carries only the tool's own output (--json), and
+    an exit or any other exception from it (KeyboardInterrupt aside) is a
+    UserError naming `what`."""
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if not _missing_is_target(exc, module_name):
-            raise UserError(f"importing {module_name!r} for {spec!r} failed: {_first_line(exc)}") from None
-    except Exception as exc:
-        raise UserError(f"importing {module_name!r} for {spec!r} failed: {_first_line(exc)}") from None
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except (KeyboardInterrupt, UserError):
+        raise
+    except SystemExit as exc:
+        raise UserError(f"{what} exited (SystemExit({exc.code!r})) instead of returning; "
+                        "it must not call sys.exit or exit()") from None
+    except BaseException as exc:
+        raise UserError(f"{what} failed: {_first_line(exc)}") from None
 
+
+def _import_module(module_name: str, spec: str):
+    what = f"importing {module_name!r} for {spec!r}"
+    module = _try_import(module_name, what)
+    if module is not None:
+        return module
     saved_path = list(sys.path)
     sys.path.insert(0, os.getcwd())
     try:
         importlib.invalidate_caches()
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if _missing_is_target(exc, module_name):
-            raise UserError(
-                f"cannot import module {module_name!r} for {spec!r}: not installed and not found under "
-                f"{os.getcwd()}; run from the folder that contains it or install it"
-            ) from None
-        raise UserError(f"importing {module_name!r} for {spec!r} failed: {_first_line(exc)}") from None
-    except Exception as exc:
-        raise UserError(f"importing {module_name!r} for {spec!r} failed: {_first_line(exc)}") from None
+        module = _try_import(module_name, what)
     finally:
         sys.path[:] = saved_path
+    if module is None:
+        raise UserError(
+            f"cannot import module {module_name!r} for {spec!r}: not installed and not found under "
+            f"{os.getcwd()}; run from the folder that contains it or install it"
+        )
+    return module
+
+
+def _try_import(module_name: str, what: str):
+    """The module, or None when it is not on sys.path; a failure of its own code is a UserError."""
+    with user_code(what):
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if _missing_is_target(exc, module_name):
+                return None
+            raise
 
 
 def _read_weights(path: Path) -> object:
@@ -310,10 +332,11 @@ def load_torch_model(spec: str, weights: str | os.PathLike | None = None) -> tor
     that carry code are refused, never run.
     """
     factory = load_factory(spec)
-    try:
+    with user_code(f"calling {spec!r}()"):
         model = factory()
-    except Exception as exc:
-        raise UserError(f"calling {spec!r}() failed: {_first_line(exc)}") from None
+    from .runtime import apply_torch_threads
+
+    apply_torch_threads()
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{spec!r}() returned a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:

@@ -29,7 +29,7 @@ from .importance import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, 
 from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
 from .report import to_json, tool_info
-from .runtime import make_session
+from .runtime import input_model_errors, make_session
 
 # Hinton, Vinyals, Dean, "Distilling the knowledge in a neural network" (2015):
 # soft targets at temperature T, the KL term scaled by T^2 so that its
@@ -252,6 +252,27 @@ def teacher_outputs(teacher: torch.nn.Module, data: CalibrationSet, input_order:
     return np.concatenate(rows)
 
 
+def check_training_options(*, epochs: int, lr: float, batch_size: int, seed: int, distill_weight: float,
+                           temperature: float) -> None:
+    """Refuse a training option that cannot work (NaN included), before any work."""
+    def whole(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+    if not whole(epochs) or epochs < 1:
+        raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}")
+    if not whole(batch_size) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    if not whole(seed) or seed < 0:
+        raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
+    # Written as `not (x in range)` so that NaN is refused too.
+    if not (0.0 < lr < math.inf):
+        raise UserError(f"--lr must be a positive number, got {lr!r}")
+    if not (0.0 <= distill_weight <= 1.0):
+        raise UserError(f"--distill-weight must be in [0, 1], got {distill_weight!r}")
+    if not (0.0 < temperature < math.inf):
+        raise UserError(f"--temperature must be a positive number, got {temperature!r}")
+
+
 def train(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
@@ -279,16 +300,8 @@ def train(
     the same every epoch: they are computed once (`teacher_outputs`) unless
     too large to keep, or taken from `teacher_logits` (one row per sample).
     """
-    if epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {epochs}")
-    if not 0.0 <= distill_weight <= 1.0:
-        raise UserError(f"--distill-weight must be in [0, 1], got {distill_weight}")
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
-    if lr <= 0:
-        raise UserError(f"--lr must be positive, got {lr}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                           temperature=temperature)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = data.n_samples
@@ -445,6 +458,8 @@ def finetune(
     with a JSON report beside it, atomically. `eval_data` adds metrics of the
     pruned model before and after fine-tuning.
     """
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                           temperature=temperature)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     pruned_path = Path(pruned_path)
@@ -496,7 +511,8 @@ def finetune(
         raise
     except Exception as exc:
         raise UserError(f"the torch model failed on the training data: {type(exc).__name__}: {exc}") from None
-    expected = make_session(pruned, provider).run([pruned.graph.output[0].name], probe_feed)[0]
+    with input_model_errors(f"the model {pruned_path}"):
+        expected = make_session(pruned, provider).run([pruned.graph.output[0].name], probe_feed)[0]
     error = relative_error(got, expected)
     if error > TOLERANCE:
         raise UserError(
@@ -579,7 +595,7 @@ def finetune(
         targets = [out, report_out] + ([data_path] if external else [])
         if external and data_path.exists() and not force:
             raise UserError(f"{data_path} exists; pass --force to overwrite it")
-        with atomic_paths(*targets) as temps:
+        with atomic_paths(*targets, overwrite=force) as temps:
             if external:
                 save_model(new, temps[0], external_data=True, data_file=temps[2], data_name=data_path.name)
             else:

@@ -58,5 +58,8 @@ def load_hf_model(directory: str | os.PathLike, *, causal_lm: bool = False) -> t
         except Exception as exc:  # transformers raises many unrelated types for a bad folder
             errors.append(f"{cls.__name__}: {_first_line(exc)[:200]}")
             continue
+        from .runtime import apply_torch_threads
+
+        apply_torch_threads()
         return model.float().eval()
     raise UserError(f"cannot load a model from {path} ({'; '.join(errors)})")

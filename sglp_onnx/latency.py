@@ -110,7 +110,7 @@ def bench(
         static.append(_static_facts(model, path, datasets[-1]))
         del model
 
-    sessions = [make_session(path, provider, threads=threads or None) for path in paths]
+    sessions = [make_session(path, provider, threads=threads) for path in paths]
     results: list[BenchResult] = []
     for batch_size in sizes:
         feeds = [_batch(dataset, batch_size) for dataset in datasets]

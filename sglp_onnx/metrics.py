@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .calibration import CalibrationSet, check_calibration, load_npz
+from .calibration import CalibrationSet, check_calibration, check_labels, load_npz
 from .model_files import load_model
-from .runtime import make_session
+from .runtime import input_model_errors, make_session
 
 
 @dataclass
@@ -56,6 +56,8 @@ def measure(
         pred = logits.argmax(-1)
         predictions.append(pred)
         if labels is not None and logits.ndim == 2:
+            # A static class count was checked when the data was loaded; a dynamic one only now.
+            check_labels(labels, logits.shape[-1], source=dataset.source)
             correct += int((pred == labels).sum())
             total += len(labels)
         if logits.ndim == 3 and "input_ids" in feed:
@@ -89,7 +91,8 @@ def evaluate(
     for k, path in enumerate(models):
         model = load_model(path)
         dataset = check_calibration(arrays, model, source=str(data))
-        metrics, predictions = measure(model, dataset, provider=provider, batch_size=batch_size)
+        with input_model_errors(f"the model {path}"):
+            metrics, predictions = measure(model, dataset, provider=provider, batch_size=batch_size)
         metrics.model = str(path)
         if k == 0:
             reference_predictions = predictions

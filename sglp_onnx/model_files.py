@@ -2,12 +2,14 @@
 
 Loading refuses anything that is not a readable ONNX model and any external
 data that points outside the model's folder; writing is all-or-nothing
-(temporary files in the destination folder, then `os.replace`).
+(temporary files in the destination folder, then `os.replace`, or a
+no-clobber `os.link` where nothing may be overwritten).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -20,6 +22,8 @@ import onnx
 
 from .errors import UserError
 
+# os.link fails with these where the file system has no hard links (FAT, some network mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 # Protobuf cannot serialise a message above 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PROTOBUF_LIMIT = 2**31 - 1
@@ -135,14 +139,23 @@ def beside(model_path: str | os.PathLike, suffix: str) -> Path:
 
 def check_output_path(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
     """Refuse an output path before any work: an input file, a missing or
-    unwritable folder, a folder, or an existing file without `force`."""
+    unwritable folder, a folder, a symbolic link or anything else that is not
+    a regular file, or an existing file without `force`."""
     if any(path.resolve() == p.resolve() for p in inputs):
         raise UserError(f"the {what} {path} is the input model or another input file; choose another path "
                         "(inputs are never overwritten)")
     if not path.parent.is_dir():
         raise UserError(f"the folder of the {what} does not exist: {path.parent}")
+    # The final rename would replace a link by a regular file (not write where
+    # it points) and a device or pipe by a file: refuse both, even with --force.
+    if path.is_symlink():
+        raise UserError(f"the {what} {path} is a symbolic link; give the path of a regular file "
+                        f"(for example the one it points to, {path.resolve()})")
     if path.is_dir():
         raise UserError(f"the {what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"the {what} {path} is not a regular file (a device, pipe or socket); "
+                        "give the path of a regular file")
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
     # os.access says yes to root even where the file system refuses files
@@ -175,7 +188,9 @@ def check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model, turning every way a file can be wrong into a UserError."""
+    """Load an ONNX model, turning every way a file can be wrong into a UserError
+    (unreadable, no nodes, duplicate node names, external data outside its
+    folder, refused by onnx.checker)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -190,13 +205,32 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
                         "complete and was written by onnx.save or torch.onnx.export") from None
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path} is not a usable ONNX model (no graph nodes or no opset)")
+    _check_unique_node_names(model, path)
     check_external_data_paths(model, path.parent)
+    try:
+        # From the path, so that external weights are neither read nor copied.
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, or a parse error of the C++ loader
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
+                        "again") from None
     if load_external_data and _external_locations(model):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise UserError(f"cannot read the external data of {path}: {exc}") from None
     return model
+
+
+def _check_unique_node_names(model: onnx.ModelProto, path: Path) -> None:
+    # Units, pairing and the report name nodes; two nodes with one name would
+    # be mixed up (onnx.checker does not refuse them, ONNX's IR asks for unique names).
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise UserError(f"{path} has two nodes named {node.name!r}; node names must be unique "
+                            "(rename one, or export the model again)")
+        seen.add(node.name)
 
 
 def check_folder_writable(folder: Path, *, what: str = "output") -> None:
@@ -250,12 +284,25 @@ def _interrupts_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), caught[0])
 
 
+def destination_name(path: str | os.PathLike) -> str:
+    """The name a temporary file of `atomic_paths` (`.NAME.XXXXXXXX.tmp`) will
+    be renamed to; any other path's own name."""
+    name = Path(path).name
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        return name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return name
+
+
 @contextlib.contextmanager
-def atomic_paths(*targets: str | os.PathLike) -> Iterator[list[Path]]:
+def atomic_paths(*targets: str | os.PathLike, overwrite: bool = True) -> Iterator[list[Path]]:
     """Yield temporary paths beside each target; rename them all into place on success.
 
     On any exception (KeyboardInterrupt included) the temporary files are
-    removed and no target is touched.
+    removed and no target is touched. With `overwrite`, existing targets are
+    replaced (`os.replace`); without it, each file is put in place with a
+    no-clobber `os.link`, so a target that appeared during the run (another
+    run writing the same path) is never replaced: the files already put in
+    place are taken back and a UserError says so.
     """
     targets_p = [Path(t) for t in targets]
     temps: list[Path] = []
@@ -273,8 +320,11 @@ def atomic_paths(*targets: str | os.PathLike) -> Iterator[list[Path]]:
         # marked so that the caller does not claim nothing was written.
         try:
             with _interrupts_deferred():
-                for tmp, target in zip(temps, targets_p):
-                    os.replace(tmp, target)
+                if overwrite:
+                    for tmp, target in zip(temps, targets_p):
+                        os.replace(tmp, target)
+                else:
+                    _link_all(temps, targets_p)
                 temps = []
         except KeyboardInterrupt as exc:
             exc.output_written = not temps
@@ -285,8 +335,45 @@ def atomic_paths(*targets: str | os.PathLike) -> Iterator[list[Path]]:
                 tmp.unlink()
 
 
+def _link_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Put every temporary file in place under its target's name without
+    replacing anything: all of them, or (a target exists) none."""
+    placed: list[tuple[Path, Path]] = []  # (temporary file, target) now in place
+    try:
+        for tmp, target in zip(temps, targets):
+            try:
+                os.link(tmp, target)  # atomic, and fails if target exists
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links: check, then rename (a
+                # narrow race instead of none).
+                if os.path.lexists(target):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(tmp), None,
+                                          str(target)) from None
+                os.replace(tmp, target)
+            placed.append((tmp, target))
+    except BaseException as exc:
+        for tmp, target in placed:
+            # Take back only our own file: a link of the temporary file (or,
+            # renamed, the one it became).
+            with contextlib.suppress(OSError):
+                if not tmp.exists() or os.path.samefile(tmp, target):
+                    target.unlink()
+        if isinstance(exc, FileExistsError):
+            raise UserError(f"{exc.filename2 or exc.filename} appeared while this run was writing (another run "
+                            "writing the same path?); nothing was written; pass --force to overwrite it") from None
+        raise
+    for tmp in temps:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
-               data_file: str | os.PathLike | None = None, data_name: str | None = None) -> None:
+               data_file: str | os.PathLike | None = None, data_name: str | None = None,
+               overwrite: bool = True) -> None:
     """Write `model` to `path` atomically.
 
     Small models become one self-contained file. Models near the protobuf
@@ -294,19 +381,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     by default `<name>.data` beside the model; both files are written
     atomically. A caller that renames temporary files itself passes the
     temporary `data_file` and the final `data_name` recorded in the model.
-    `model` is left as it was (see `write_with_external_data`).
+    Without `overwrite`, an existing `path` is never replaced (see
+    `atomic_paths`). `model` is left as it was (see `write_with_external_data`).
     """
     path = Path(path)
     if external_data is None:
         external_data = proto_size(model) > EXTERNAL_DATA_THRESHOLD if _external_locations(model) == [] else True
     if not external_data:
-        with atomic_paths(path) as (tmp,):
+        with atomic_paths(path, overwrite=overwrite) as (tmp,):
             onnx.save_model(model, str(tmp))
         return
     data_path = Path(data_file) if data_file is not None else path.with_name(path.name + ".data")
     data_name = data_name or data_path.name
     if Path(data_name).name != data_name:
         raise ValueError(f"data_name must be a bare file name, got {data_name!r}")
-    with atomic_paths(path, data_path) as (tmp_model, tmp_data):
+    with atomic_paths(path, data_path, overwrite=overwrite) as (tmp_model, tmp_data):
         # The model records the final data file name, whatever temporary name it is written under.
         write_with_external_data(model, tmp_model, tmp_data, location=data_name)

@@ -329,15 +329,22 @@ def analyze(
     suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
     plot: str | os.PathLike | None = None,
     force: bool = False,
+    threads: int | None = None,
 ) -> Analysis:
     """Find units, measure them and choose which to remove, without writing a model.
 
     Arguments mirror `sglp-onnx compress`; see `compress`. `suggest` lists
     FLOPs fractions for which the report's `suggestions` say which units the
     criterion would remove (None: no suggestions). `plot` writes the
-    figure of `plots.plot_report` there as PNG (an existing file only with
-    `force`); nothing else is written.
+    figure of `plots.plot_report` there as PNG, SVG or PDF by its suffix (an
+    existing file only with `force`); nothing else is written. `threads`
+    sets the ONNX Runtime and torch threads of this process from now on
+    (`runtime.set_threads`; None: leave the setting as it is).
     """
+    if threads is not None:
+        from .runtime import set_threads
+
+        set_threads(threads)
     timings: dict[str, float] = {}
     remove, ratio, target_flops = _check_budget(remove, ratio, target_flops, max_loss)
     plot_path = Path(plot) if plot is not None else None
@@ -565,7 +572,7 @@ def compress(
     Keyword options are those of `analyze` (calib, remove | ratio |
     target_flops, criterion, segments, torch_model, torch_weights,
     granularity, batch_size, provider, seed, max_calib_samples, progress,
-    sequential).
+    sequential, threads).
     The output (default `MODEL.pruned.onnx`) and the JSON report (default
     beside the output) are written atomically, only after validation passed.
     With `renumber_cache`, the kept KV-cache inputs and outputs are renamed
@@ -577,16 +584,24 @@ def compress(
     report_path = Path(report) if report is not None else default_report(out)
     if not model_path.exists():
         raise UserError(f"model file not found: {model_path}")
-    _check_writable(out, force=force, what="output", input_path=model_path)
-    _check_writable(report_path, force=force, what="report", input_path=model_path)
-    if report_path.resolve() == out.resolve():
-        raise UserError("the report and the output model must be different files")
     plot_path = Path(plot) if plot is not None else None
-    if plot_path is not None:
-        _check_writable(plot_path, force=force, what="plot", input_path=model_path)
     # An onnxruntime-genai config beside the input is rewritten for the output.
     genai_source = genai_config_source(model_path)
     genai_path = genai_config_target(model_path, out) if genai_source is not None else None
+    destinations = {"output model": out, "report": report_path, "plot": plot_path, "genai config": genai_path}
+    named = [(what, path) for what, path in destinations.items() if path is not None]
+    # Two targets on one file: the last rename would silently win.
+    for i, (what, path) in enumerate(named):
+        for other, other_path in named[:i]:
+            if path.resolve() == other_path.resolve():
+                raise UserError(f"the {other} and the {what} must be different files (both are {path})")
+    _check_writable(out, force=force, what="output", input_path=model_path)
+    _check_writable(report_path, force=force, what="report", input_path=model_path)
+    if plot_path is not None:
+        _check_writable(plot_path, force=force, what="plot", input_path=model_path)
+        from .plots import plot_format
+
+        plot_format(plot_path)
     if genai_path is not None:
         _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
 
@@ -647,7 +662,7 @@ def compress(
                 raise UserError(f"{data_path} exists; pass --force to overwrite it")
             targets.append(data_path)
         try:
-            with atomic_paths(*targets) as temps:
+            with atomic_paths(*targets, overwrite=force) as temps:
                 if external:
                     save_model(pruned, temps[0], external_data=True, data_file=temps[-1], data_name=data_path.name)
                 else:

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from .errors import UserError
 from .report import human_bytes, human_count
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every
@@ -216,6 +217,26 @@ def _cost(ax, report: dict) -> None:
     ax.set_axisbelow(True)
 
 
+# The formats --plot writes, by the suffix of its path.
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The figure format `path`'s suffix names, PNG without a suffix (a
+    temporary file of `model_files.atomic_paths` counts by its destination);
+    a UserError for any other suffix."""
+    from .model_files import destination_name
+
+    name = destination_name(path)
+    suffix = os.path.splitext(name)[1].lower()
+    if not suffix:
+        return "png"
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"the plot {name} must end in .png, .svg or .pdf (the suffix chooses the format), "
+                        f"not {suffix}")
+    return PLOT_FORMATS[suffix]
+
+
 def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
     """Draw `report` (from `compress` or `analyze`) as one three-panel figure.
 
@@ -224,8 +245,10 @@ def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
     importance (or FLOPs share when the criterion has no score) coloured by
     segment, removed units hatched; (c) parameters, FLOPs and file size
     before and after, or, for an analysis, the removal suggestions. When
-    `path` is given the figure is written there as PNG. Returns the figure.
+    `path` is given the figure is written there as PNG, SVG or PDF, as its
+    suffix says (see `plot_format`). Returns the figure.
     """
+    fmt = plot_format(path) if path is not None else None
     units = report["units"]
     removed = [i for i, u in enumerate(units) if u.get("removed")]
     fig = Figure(figsize=(15, 7.2), dpi=110, layout="constrained")
@@ -241,6 +264,6 @@ def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
     fig.suptitle(f"sglp-onnx {name}: criterion {report.get('criterion')}, {verb} {len(removed)} of "
                  f"{len(units)} units", fontsize=13, fontweight="bold")
     if path is not None:
-        # format="png": `compress` passes a temporary name without the suffix.
-        fig.savefig(path, format="png", dpi=110)
+        # An explicit format: `compress` passes a temporary name (.NAME.XXXXXXXX.tmp).
+        fig.savefig(path, format=fmt, dpi=110)
     return fig

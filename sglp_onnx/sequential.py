@@ -26,7 +26,7 @@ from .calibration import CalibrationSet
 from .errors import UserError
 from .graph_index import _subgraph_references
 from .representations import _NUMPY_TO_ONNX, Batch
-from .runtime import make_session
+from .runtime import InputSession, input_model_errors, make_session
 
 
 @dataclass
@@ -183,7 +183,9 @@ def stream_sequential(
                 session = None  # release the previous piece's weights before loading the next
                 types = {t: _onnx_type(calib.inputs[t].dtype if t in graph_inputs else store.dtype(t), t)
                          for t in piece.inputs}
-                session = make_session(piece_model(model, piece, types), provider)
+                # A piece of the user's model on the user's data: its failures are the input's.
+                with input_model_errors():
+                    session = InputSession(make_session(piece_model(model, piece, types), provider))
                 feeds = calib.batches(batch_size)
                 if current >= 0:
                     _drop_consumed(store, pieces[current], reads_left, current, keep)
