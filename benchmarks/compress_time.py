@@ -22,7 +22,7 @@ from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
 MODEL = ROOT / "models" / "resnet56_digits.onnx"
-OPTIONS = dict(torch_model="models.resnet_cifar:resnet56_digits",
+OPTIONS = dict(criterion="sglp", torch_model="models.resnet_cifar:resnet56_digits",
                torch_weights=str(ROOT / "models" / "resnet56_digits.pt"), ratio=0.3)
 
 

@@ -56,7 +56,7 @@ def variants(name: str, folder: Path) -> list[tuple[str, Path, int, int]]:
     rows = [("original", source, 0, 0)]
     for target in TARGETS:
         out = folder / f"{name}.flops{int(target * 100)}.onnx"
-        result = compress(source, out, target_flops=target, force=True)
+        result = compress(source, out, target_flops=target, criterion="sglp", force=True)
         rows.append((f"-{target:.0%} FLOPs target", out, len(result.selection.removed), len(result.units)))
     model = load_model(source)
     calib = load_calibration(sidecar_path(source), model, max_samples=8)

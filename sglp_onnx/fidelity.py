@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from .graph_index import GraphIndex, is_weighted_head, walk_back
+from .metrics import log_softmax
 from .representations import as_samples
 
 HEAD_OPS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "QGemm",
@@ -88,8 +89,7 @@ def _finite(x: np.ndarray) -> np.ndarray:
 def _log_distribution(x: np.ndarray, form: str) -> np.ndarray:
     if form == "probabilities":
         return np.log(np.clip(x, 1e-30, None))
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return log_softmax(x)
 
 
 class FidelityMeter:

@@ -30,7 +30,8 @@ class Metrics:
         return asdict(self)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis, in float64."""
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -64,7 +65,7 @@ def measure(
             ids = feed["input_ids"]
             mask = feed.get("attention_mask", np.ones_like(ids)).astype(bool)
             keep = mask[:, 1:] & mask[:, :-1]
-            logp = _log_softmax(logits[:, :-1])
+            logp = log_softmax(logits[:, :-1])
             picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
             nll -= float(picked[keep].sum())
             tokens += float(keep.sum())

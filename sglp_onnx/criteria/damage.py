@@ -91,7 +91,10 @@ class DamageSearch:
                 self.full_passes += b == 0
             if keep is not None:
                 kept_bytes += reference.nbytes
-                keep = keep + [reference] if kept_bytes <= REFERENCE_CACHE_BYTES else None
+                if kept_bytes <= REFERENCE_CACHE_BYTES:
+                    keep.append(reference)
+                else:  # too large to keep: recomputed in later steps instead
+                    keep = None
             mask = self.mask(feed)
             for k in candidates:
                 meters[k].update(reference, self.runner.run_extension(feed, removed, k, current)[target], mask)
@@ -121,9 +124,8 @@ class DamageSearch:
         self.seconds += time.perf_counter() - start
 
 
-def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int, float]:
-    """The removal set of size n with the lowest joint damage: (set, score, passes, seconds)."""
-    start = time.perf_counter()
+def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
+    """The removal set of size n with the lowest joint damage: (set, score, passes)."""
     search = DamageSearch(ctx)
     L = len(ctx.units)
     sets = list(itertools.combinations(range(L), n))
@@ -142,10 +144,10 @@ def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int, float]:
         return score, tuple(-k for k in reversed(sets[i]))
 
     best = min(range(len(sets)), key=cost)
-    return list(sets[best]), meters[best].score, len(sets) + 1, time.perf_counter() - start
+    return list(sets[best]), meters[best].score, len(sets) + 1
 
 
-def _check(ctx: Context, n_remove: int, name: str) -> None:
+def _check(ctx: Context, n_remove: int) -> None:
     L = len(ctx.units)
     if n_remove >= L:
         raise UserError(f"cannot remove {n_remove} of {L} units: at least one unit must stay")
@@ -161,7 +163,7 @@ class _Greedy(Criterion):
     needs_calibration = True
 
     def select(self, ctx: Context, n_remove: int) -> Selection:
-        _check(ctx, n_remove, self.name)
+        _check(ctx, n_remove)
         if n_remove <= 0:
             return Selection(removed=[], notes=[f"{self.name}: nothing to remove, no forward pass run"])
         search = ctx.cache.get(self.name)
@@ -206,7 +208,7 @@ class DamageExhaustive(Criterion):
     needs_calibration = True
 
     def select(self, ctx: Context, n_remove: int) -> Selection:
-        _check(ctx, n_remove, self.name)
+        _check(ctx, n_remove)
         if n_remove <= 0:
             return Selection(removed=[], notes=[f"{self.name}: nothing to remove, no forward pass run"])
         count = math.comb(len(ctx.units), n_remove)
@@ -220,7 +222,7 @@ def _exhaustive_selection(ctx: Context, n_remove: int, name: str) -> Selection:
     key = (name, "exhaustive", n_remove)
     if key not in ctx.cache:
         ctx.cache[key] = exhaustive(ctx, n_remove)
-    removed, score, passes, seconds = ctx.cache[key]
+    removed, score, passes = ctx.cache[key]
     kind = ctx.output_kind()
     per = " per FLOP removed" if ctx.flops_budget else ""
     return Selection(
@@ -238,7 +240,7 @@ class Damage(_Greedy):
     summary = "measured damage: the greedy, or every removal set where that costs no more passes"
 
     def select(self, ctx: Context, n_remove: int) -> Selection:
-        _check(ctx, n_remove, self.name)
+        _check(ctx, n_remove)
         L = len(ctx.units)
         # Exhaustive only where it costs no more full passes than the greedy's
         # partial passes (n = L - 1, ...; one removal is the greedy's first step,
