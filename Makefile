@@ -23,6 +23,7 @@ demo: setup
 	@mkdir -p $(OUT)
 	@echo "== compress: remove 30% of ResNet-56's residual blocks (default criterion: measured damage) =="
 	$(BIN)/sglp-onnx compress $(MODEL) -o $(OUT)/resnet56_digits.pruned.onnx --ratio 0.3 --force \
+		--torch-model models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt \
 		--plot $(OUT)/resnet56_digits.cka.png
 	@echo
 	@echo "== test accuracy on the held-out digits (before, after) =="
