@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime  # noqa: E402
 
 from benchmarks.machine import publish  # noqa: E402
-from sglp_onnx.latency import bench  # noqa: E402
-from sglp_onnx.calibration import load_calibration, sidecar_path  # noqa: E402
-from sglp_onnx.model_files import load_model, save_model  # noqa: E402
+from sglp_onnx.tools.bench import bench  # noqa: E402
+from sglp_onnx.files.calibration import load_calibration, sidecar_path  # noqa: E402
+from sglp_onnx.files.model_files import load_model, save_model  # noqa: E402
 from sglp_onnx.pipeline import _discover, compress  # noqa: E402
-from sglp_onnx.surgery import remove_units  # noqa: E402
+from sglp_onnx.surgery.remove import remove_units  # noqa: E402
 
 MODELS = ("resnet56_digits", "resnet110_digits", "cnn1d_radio")
 TARGETS = (0.3, 0.5)

@@ -8,7 +8,7 @@ criterion's cost, both targets included: the removal sets come from the
 `--target-flops` rule through the analysis's suggestions), then for each
 removal set the pruned ONNX model's test accuracy, and the test accuracy of
 the paired torch model with the same units skipped after EPOCHS epochs of
-`sglp_onnx.finetune.train` on the model's TRAINING data (written here from
+`sglp_onnx.tools.finetune.train` on the model's TRAINING data (written here from
 models/digits_data.py and models/radio_signals.py; never the test set).
 `random` runs with seeds 0..RANDOM_SEEDS-1 and reports mean +- std.
 Writes benchmarks/results/quality.md (and quality.json with every number).
@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from sglp_onnx.calibration import CalibrationSet  # noqa: E402
-from sglp_onnx.export import load_torch_model  # noqa: E402
-from sglp_onnx.finetune import output_structure, skip_modules, teacher_outputs, train  # noqa: E402
-from sglp_onnx.metrics import measure  # noqa: E402
+from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
+from sglp_onnx.tools.export.torch_export import load_torch_model  # noqa: E402
+from sglp_onnx.tools.finetune import output_structure, skip_modules, teacher_outputs, train  # noqa: E402
+from sglp_onnx.evidence.metrics import measure  # noqa: E402
 from sglp_onnx.pipeline import analyze  # noqa: E402
-from sglp_onnx.runtime import make_session  # noqa: E402
-from sglp_onnx.surgery import remove_units  # noqa: E402
+from sglp_onnx.graph.runtime import make_session  # noqa: E402
+from sglp_onnx.surgery.remove import remove_units  # noqa: E402
 
 TARGETS = (0.3, 0.5)
 RANDOM_SEEDS = 3
@@ -283,7 +283,7 @@ def render(results: list[dict], *, epochs: int, lr: float, wall: float, threads:
         "the criterion chooses that removes at least that fraction of the FLOPs (the `--target-flops` rule). "
         "**no FT**: test accuracy of the pruned ONNX model. "
         f"**FT**: test accuracy after {epochs} epochs of fine-tuning the paired torch model with the same "
-        f"units skipped (`sglp_onnx.finetune.train`: AdamW lr {lr:g} with cosine decay, batch {FT_BATCH}, "
+        f"units skipped (`sglp_onnx.tools.finetune.train`: AdamW lr {lr:g} with cosine decay, batch {FT_BATCH}, "
         "loss 0.5 CE + 0.5 T² KL from the unpruned model at T = 2, seed 0) on the model's training split. "
         f"`random` is mean ± std over seeds 0..{RANDOM_SEEDS - 1}. **time** is the wall time of the "
         "criterion's `analyze` call (loading, unit discovery, torch pairing, calibration pass, GradNorm, "

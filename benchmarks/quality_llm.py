@@ -10,7 +10,7 @@ models/tinyllama_pydoc.calib.npz and scored on the held-out topics in
 models/pydoc.test.npz. SGLP and GradNorm pair with `--torch-model
 hf:models/tinyllama_pydoc`. For each criterion one `analyze` gives both
 removal sets (2 and 3 layers: its `--remove 3` selection and the suggestion
-for 2). The fine-tune is `sglp_onnx.finetune.train` on the paired
+for 2). The fine-tune is `sglp_onnx.tools.finetune.train` on the paired
 transformers model with the removed layers skipped, on windows of the
 TRAINING text (never the held-out topics).
 
@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.quality import CRITERIA  # noqa: E402  (the same rows as the CNN tables)
-from sglp_onnx.calibration import CalibrationSet  # noqa: E402
-from sglp_onnx.metrics import measure  # noqa: E402
-from sglp_onnx.runtime import make_session  # noqa: E402
-from sglp_onnx.surgery import remove_units  # noqa: E402
+from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
+from sglp_onnx.evidence.metrics import measure  # noqa: E402
+from sglp_onnx.graph.runtime import make_session  # noqa: E402
+from sglp_onnx.surgery.remove import remove_units  # noqa: E402
 
 BEGIN, END = "<!-- llm:begin -->", "<!-- llm:end -->"
 MODEL_DIR = ROOT / "models" / "tinyllama_pydoc"
@@ -87,8 +87,8 @@ class Healer:
 
     def __init__(self, test: dict[str, np.ndarray], log) -> None:
         from models.pydoc_text import fixed_windows, token_stream
-        from sglp_onnx.finetune import teacher_outputs
-        from sglp_onnx.hf_model import load_hf_model
+        from sglp_onnx.tools.finetune import teacher_outputs
+        from sglp_onnx.paired.hf_model import load_hf_model
 
         windows = fixed_windows(token_stream("train"), test["input_ids"].shape[1])
         pick = np.sort(np.random.default_rng(0).choice(len(windows), size=FT_WINDOWS, replace=False))
@@ -102,7 +102,7 @@ class Healer:
 
     def __call__(self, modules: list[str], pruned_onnx) -> dict:
         from models.train_llm import perplexity
-        from sglp_onnx.finetune import output_structure, skip_modules, train
+        from sglp_onnx.tools.finetune import output_structure, skip_modules, train
 
         key = frozenset(modules)
         if key not in self.cache:
@@ -215,7 +215,7 @@ def render(result: dict | None, *, wall: float, threads: int, missing: str | Non
     ]
     if ft:
         lines += [f"**FT**: perplexity after fine-tuning the paired transformers model with the same layers "
-                  f"skipped, `sglp_onnx.finetune.train` for {ft['epochs']} epoch on {ft['windows']} random "
+                  f"skipped, `sglp_onnx.tools.finetune.train` for {ft['epochs']} epoch on {ft['windows']} random "
                   f"128-byte windows of the training text (lr {ft['lr']:g} with cosine decay, batch "
                   f"{ft['batch_size']}, 0.5 CE + 0.5 T² KL from the unpruned model at T = 2, seed 0; the "
                   "learning rate is finetune.py's default, not tuned on anything). The perplexity is that of "

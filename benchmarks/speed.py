@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 
 from benchmarks.machine import describe, publish  # noqa: E402
-from sglp_onnx.criteria import REGISTRY  # noqa: E402
+from sglp_onnx.selection.criteria import REGISTRY  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
 # name, paired torch factory, weights (None: the factory loads them)

@@ -116,7 +116,7 @@ def train(
     WARMUP_EPOCHS linear warm-up), momentum (0.9), weight_decay (5e-4),
     threads (1, torch intra-op threads), out_dir (the models/ folder).
     """
-    from sglp_onnx.export import export_torch
+    from sglp_onnx.tools.export.torch_export import export_torch
 
     epochs = epochs if epochs is not None else DEFAULT_EPOCHS.get(depth, 40)
     seed_everything(seed, threads=threads)

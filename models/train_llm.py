@@ -133,7 +133,7 @@ def export_onnx(model_dir: Path) -> None:
     """Both ONNX exports (dynamo), then the ONNX Runtime perplexity as a cross-check."""
     import onnxruntime as ort
 
-    from sglp_onnx.export_hf import export_hf
+    from sglp_onnx.tools.export.hf import export_hf
 
     export_hf(model_dir, ONNX_PATH, with_cache=False)
     export_hf(model_dir, KV_ONNX_PATH, with_cache=True)

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from sglp_onnx.export import export_torch
+    from sglp_onnx.tools.export.torch_export import export_torch
 
     test = test_set(args.test_per_class)
     model = train(

@@ -24,25 +24,25 @@ _LAZY: dict[str, tuple[str, str]] = {
     "analyze": ("pipeline", "analyze"),
     "Analysis": ("pipeline", "Analysis"),
     "CompressionResult": ("pipeline", "CompressionResult"),
-    "evaluate": ("metrics", "evaluate"),
-    "bench": ("latency", "bench"),
-    "export_torch": ("export", "export_torch"),
-    "finetune": ("finetune", "finetune"),
-    "FinetuneResult": ("finetune", "FinetuneResult"),
-    "PrunableUnit": ("units", "PrunableUnit"),
-    "validate_report": ("report", "validate_report"),
-    "plot_report": ("plots", "plot_report"),
+    "evaluate": ("evidence.metrics", "evaluate"),
+    "bench": ("tools.bench", "bench"),
+    "export_torch": ("tools.export.torch_export", "export_torch"),
+    "finetune": ("tools.finetune", "finetune"),
+    "FinetuneResult": ("tools.finetune", "FinetuneResult"),
+    "PrunableUnit": ("units.discovery", "PrunableUnit"),
+    "validate_report": ("report.summary", "validate_report"),
+    "plot_report": ("report.plots", "plot_report"),
 }
 
 if TYPE_CHECKING:
-    from .latency import bench
-    from .metrics import evaluate
-    from .export import export_torch
-    from .finetune import FinetuneResult, finetune
+    from .tools.bench import bench
+    from .evidence.metrics import evaluate
+    from .tools.export.torch_export import export_torch
+    from .tools.finetune import FinetuneResult, finetune
     from .pipeline import Analysis, CompressionResult, analyze, compress
-    from .plots import plot_report
-    from .report import validate_report
-    from .units import PrunableUnit
+    from .report.plots import plot_report
+    from .report.summary import validate_report
+    from .units.discovery import PrunableUnit
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,7 @@ QUIET_HELP = "Print nothing but errors."
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         ctx.ensure_object(_State).verbose = True
-        from .runtime import set_verbose
+        from .graph.runtime import set_verbose
 
         set_verbose(True)
 
@@ -70,7 +70,7 @@ def _verbosity_options(f):
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
     if value is not None:
-        from .runtime import set_threads
+        from .graph.runtime import set_threads
 
         set_threads(value)
 
@@ -84,7 +84,7 @@ def _threads_option(f):
 
 def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
-        from .plots import plot_format
+        from .report.plots import plot_format
 
         try:
             plot_format(value)
@@ -122,13 +122,13 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     state = ctx.ensure_object(_State)
     state.verbose, state.quiet = verbose, quiet
     if verbose:
-        from .runtime import set_verbose
+        from .graph.runtime import set_verbose
 
         set_verbose(True)
 
 
 def _criterion_names() -> list[str]:
-    from .criteria import REGISTRY
+    from .selection.criteria import REGISTRY
 
     default = _default_criterion()
     return [default] + sorted(n for n in REGISTRY if n != default)
@@ -229,7 +229,7 @@ def compress(state: _State, model: str, output: str | None, report: str | None, 
         result.report["report_path"] = "-"
         result.report_path = None
     if as_json or to_stdout:
-        from .report import to_json
+        from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
     elif not state.quiet:
@@ -275,7 +275,7 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
     with _stdout_to_stderr():
         result = run(model, suggest=suggest, plot=plot, force=force, **_api_options(kwargs, state))
     if as_json:
-        from .report import to_json
+        from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
     elif not state.quiet:
@@ -299,7 +299,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
     Example:
       sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
     """
-    from .metrics import evaluate, format_metrics
+    from .evidence.metrics import evaluate, format_metrics
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -336,7 +336,7 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
     Example:
       sglp-onnx bench model.onnx model.pruned.onnx --batch-size 1 --batch-size 64
     """
-    from .latency import bench as run, format_results
+    from .tools.bench import bench as run, format_results
 
     with _stdout_to_stderr():
         results = run(models, batch_sizes=batch_sizes or (1,), runs=runs, warmup=warmup, provider=provider,
@@ -394,15 +394,15 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
             with_cache: bool, force: bool) -> None:
     import torch
 
-    from .export import export_torch, load_torch_model
-    from .model_files import check_output_path
+    from .tools.export.torch_export import export_torch, load_torch_model
+    from .files.model_files import check_output_path
 
     check_output_path(out, force=force, what="output", inputs=[Path(torch_weights)] if torch_weights else [])
-    from .hf_model import HF_PREFIX, is_hf_spec
+    from .paired.hf_model import HF_PREFIX, is_hf_spec
 
     if is_hf_spec(factory):
-        from .export_hf import export_hf
-        from .hf_model import load_hf_model
+        from .tools.export.hf import export_hf
+        from .paired.hf_model import load_hf_model
 
         if torch_weights or input_shape:
             raise UserError("--torch-weights and --input-shape go with MODULE:FACTORY; an hf:DIR folder holds "
@@ -462,12 +462,12 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
           --torch-weights models/resnet56_digits.pt --train-data train.npz --epochs 3 --eval-data test.npz
       sglp-onnx finetune llama.kv.pruned.onnx --torch-model hf:models/tinyllama --train-data tokens.npz --epochs 1
     """
-    from .finetune import finetune as run
+    from .tools.finetune import finetune as run
 
     with _stdout_to_stderr():
         result = run(model, progress=_progress_factory(state), **kwargs)
     if as_json:
-        from .report import to_json
+        from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
     elif not state.quiet:

@@ -19,21 +19,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .allocation import removal_count
-from .calibration import CalibrationSet, load_calibration, model_inputs, sidecar_path, synthetic_calibration
-from .criteria import Context, Criterion, Selection, get_criterion
+from .selection.allocation import removal_count
+from .files.calibration import CalibrationSet, load_calibration, model_inputs, sidecar_path, synthetic_calibration
+from .selection.criteria import Context, Criterion, Selection, get_criterion
 from .errors import UserError
-from .flops import node_flops, tensors_needed
-from .graph_index import GraphIndex
-from .kv_cache import CACHE_NAME, genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
-from .model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
+from .graph.flops import node_flops, tensors_needed
+from .graph.index import GraphIndex
+from .surgery.kv_cache import CACHE_NAME, genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
+from .files.model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
                           save_model)
-from .report import analysis_summary, summary, to_json, tool_info, unit_records
-from .representations import probe, probe_shapes
-from .segmentation import segments_of
-from .surgery import remove_units
-from .units import PrunableUnit, find_units, probe_targets, with_flops
-from .validation import ValidationError, validate
+from .report.summary import analysis_summary, summary, to_json, tool_info, unit_records
+from .evidence.activations import probe, probe_shapes
+from .selection.segmentation import segments_of
+from .surgery.remove import remove_units
+from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
+from .surgery.validation import ValidationError, validate
 
 DEFAULT_RATIO = 0.25
 # The criterion that wins the quality benchmark (benchmarks/results/quality.md).
@@ -153,21 +153,21 @@ def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | Non
 
 def _load_paired_model(spec: str, weights: str | None):
     """`MODULE:FACTORY` (with optional weights), or `hf:DIR` for a Hugging Face folder."""
-    from .hf_model import HF_PREFIX, is_hf_spec, load_hf_model
+    from .paired.hf_model import HF_PREFIX, is_hf_spec, load_hf_model
 
     if is_hf_spec(spec):
         if weights is not None:
             raise UserError("--torch-weights goes with --torch-model MODULE:FACTORY; an hf:DIR folder holds "
                             "its own weights")
         return load_hf_model(spec[len(HF_PREFIX):])
-    from .export import load_torch_model
+    from .tools.export.torch_export import load_torch_model
 
     return load_torch_model(spec, weights)
 
 
 def _cache_inputs(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> set[str]:
     """Graph inputs that are a decoder layer's past KV cache: owned by a unit and cache-shaped."""
-    from .calibration import is_cache_input
+    from .files.calibration import is_cache_input
 
     specs = model_inputs(model)
     owned = {i for u in units for i in u.owned_inputs}
@@ -188,7 +188,7 @@ def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str
         feed = calib.first(PROBE_SAMPLES)
         n_probe = next(iter(feed.values())).shape[0]
         if sequential:
-            from .sequential import probe_shapes_sequential
+            from .evidence.sequential import probe_shapes_sequential
 
             shapes, dtypes = probe_shapes_sequential(model, feed, names, provider=provider)
         else:
@@ -342,7 +342,7 @@ def analyze(
     (`runtime.set_threads`; None: leave the setting as it is).
     """
     if threads is not None:
-        from .runtime import set_threads
+        from .graph.runtime import set_threads
 
         set_threads(threads)
     timings: dict[str, float] = {}
@@ -388,7 +388,7 @@ def analyze(
             pairing, pairing_info = _pair(model, paired, units, data, provider)
 
         def gradnorm_fn():
-            from .importance import gradnorm
+            from .paired.gradnorm import gradnorm
 
             order = [s.name for s in model_inputs(model) if s.name not in cache_inputs]
             batches = ((_torch_feed(feed, cache_inputs), labels) for feed, labels in data.batches(batch_size))
@@ -396,7 +396,7 @@ def analyze(
                 batches = progress(batches, "gradients")
             return gradnorm(paired, pairing, batches, order)
 
-        from .importance import loss_description
+        from .paired.gradnorm import loss_description
 
         loss_note = f"GradNorm loss: {loss_description(paired, data)}"
 
@@ -406,7 +406,7 @@ def analyze(
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets) -> list[dict]:
-        from .fidelity import measure_sets
+        from .evidence.fidelity import measure_sets
 
         return measure_sets(ctx.runner(), ctx.output_kind(), fidelity_data, removal_sets, batch_size=batch_size)
 
@@ -477,7 +477,7 @@ def analyze(
                                f"batches of {data.fixed_batch}, not {batch_size}")
     if plot_path is not None:
         with _timed(timings, "plot"), atomic_paths(plot_path) as (tmp,):
-            from .plots import plot_report
+            from .report.plots import plot_report
 
             plot_report(report, tmp)
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
@@ -485,7 +485,7 @@ def analyze(
 
 
 def _fidelity_record(record: dict, ctx: Context, data: CalibrationSet, held_out: CalibrationSet | None) -> dict:
-    from .fidelity import describe, is_poor
+    from .evidence.fidelity import describe, is_poor
 
     kind = ctx.output_kind()
     return {
@@ -500,7 +500,7 @@ def _fidelity_record(record: dict, ctx: Context, data: CalibrationSet, held_out:
 
 
 def _model_params(model: onnx.ModelProto) -> int:
-    from .flops import model_params
+    from .graph.flops import model_params
 
     return model_params(model)
 
@@ -516,7 +516,7 @@ def _check_empty_cache(data: CalibrationSet, cache_inputs: set[str]) -> None:
 
 
 def _pair(model, paired, units, data: CalibrationSet, provider: str):
-    from .importance import pair_units
+    from .paired.gradnorm import pair_units
 
     feed = data.first(PAIRING_SAMPLES)
     names = list(dict.fromkeys(t for u in units for t in (u.entry, u.exit)))
@@ -539,8 +539,8 @@ def _pair(model, paired, units, data: CalibrationSet, provider: str):
 def _renumber_cache(pruned: onnx.ModelProto, rep: dict, feed: dict[str, np.ndarray], *, provider: str) -> None:
     """Rename the kept cache tensors to consecutive layer numbers, in place, and
     check the renamed model (a pure renaming, so checker and one run suffice)."""
-    from .kv_cache import rename_tensors, renumbering
-    from .validation import check_standalone
+    from .surgery.kv_cache import rename_tensors, renumbering
+    from .surgery.validation import check_standalone
 
     kv = rep.get("kv_cache")
     io_names = [i.name for i in pruned.graph.input] + [o.name for o in pruned.graph.output]
@@ -599,7 +599,7 @@ def compress(
     _check_writable(report_path, force=force, what="report", input_path=model_path)
     if plot_path is not None:
         _check_writable(plot_path, force=force, what="plot", input_path=model_path)
-        from .plots import plot_format
+        from .report.plots import plot_format
 
         plot_format(plot_path)
     if genai_path is not None:
@@ -669,7 +669,7 @@ def compress(
                     save_model(pruned, temps[0], external_data=False)
                 rep["after"]["file_size"] = temps[0].stat().st_size + (temps[-1].stat().st_size if external else 0)
                 if plot_path is not None:
-                    from .plots import plot_report
+                    from .report.plots import plot_report
 
                     plot_report(rep, temps[2])
                 if genai_path is not None:

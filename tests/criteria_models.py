@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sglp_onnx.export import export_torch
+from sglp_onnx.tools.export.torch_export import export_torch
 
 IN_DIM, WIDTH, HIDDEN, CLASSES, DEPTH = 5, 8, 12, 3, 5
 ZEROED = 2  # index of the block whose branch is zeroed

@@ -2,7 +2,7 @@
 helper for both torch exporters, and an independent rewiring of ONNX graphs.
 
 `rewire` is written straight on the protobuf, without onnx-graphsurgeon or
-sglp_onnx.surgery, so that it can serve as the reference the surgery is
+sglp_onnx.surgery.remove, so that it can serve as the reference the surgery is
 compared against.
 """
 
@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from sglp_onnx.export import export_torch
+from sglp_onnx.tools.export.torch_export import export_torch
 
 EXPORTERS = ("dynamo", "legacy")
 
@@ -230,7 +230,7 @@ def torch_out(model: nn.Module, x: np.ndarray) -> np.ndarray:
 
 def export(model: nn.Module, x: torch.Tensor | np.ndarray, path: str | Path, exporter: str,
            *, input_names: Sequence[str] = ("input",), output_names: Sequence[str] = ("logits",)) -> onnx.ModelProto:
-    """Export with `sglp_onnx.export.export_torch` (dynamic batch) and return the written model."""
+    """Export with `sglp_onnx.tools.export.torch_export.export_torch` (dynamic batch) and return the written model."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     return export_torch(model, (x,), path, exporter=exporter, input_names=input_names, output_names=output_names)
@@ -399,8 +399,8 @@ def example_input(name: str, n: int, seed: int = 0) -> np.ndarray:
 
 def discover(model: onnx.ModelProto, feed: dict[str, np.ndarray] | np.ndarray, *, granularity: str = "layer"):
     """Units as the pipeline finds them: with shapes probed on one batch."""
-    from sglp_onnx.representations import probe_shapes
-    from sglp_onnx.units import find_units, probe_targets
+    from sglp_onnx.evidence.activations import probe_shapes
+    from sglp_onnx.units.discovery import find_units, probe_targets
 
     if isinstance(feed, np.ndarray):
         feed = {model.graph.input[0].name: feed}

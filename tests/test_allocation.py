@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglp_onnx.allocation import allocate, choose_removals, removal_count
+from sglp_onnx.selection.allocation import allocate, choose_removals, removal_count
 from sglp_onnx.errors import UserError
 
 FAST = settings(max_examples=100, deadline=None)

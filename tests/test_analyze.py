@@ -14,10 +14,10 @@ import pytest
 
 from radio_reports import MODEL, RATIO, analyze_report
 from sglp_onnx import UserError, analyze
-from sglp_onnx.criteria import Criterion, Selection
+from sglp_onnx.selection.criteria import Criterion, Selection
 from sglp_onnx.pipeline import suggest_removals
-from sglp_onnx.report import analysis_summary
-from sglp_onnx.units import PrunableUnit
+from sglp_onnx.report.summary import analysis_summary
+from sglp_onnx.units.discovery import PrunableUnit
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 

@@ -35,8 +35,8 @@ def test_api_mirrors_the_commands():
 
 
 def test_functions_stay_functions_after_their_modules_are_imported():
-    from sglp_onnx.latency import format_results  # noqa: F401
-    from sglp_onnx.metrics import format_metrics  # noqa: F401
+    from sglp_onnx.tools.bench import format_results  # noqa: F401
+    from sglp_onnx.evidence.metrics import format_metrics  # noqa: F401
 
     assert callable(sglp_onnx.evaluate) and sglp_onnx.evaluate.__name__ == "evaluate"
     assert callable(sglp_onnx.bench) and sglp_onnx.bench.__name__ == "bench"

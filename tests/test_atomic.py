@@ -19,7 +19,7 @@ import pytest
 
 import sglp_onnx.pipeline as pipeline
 from sglp_onnx.cli import main
-from sglp_onnx.model_files import _interrupts_deferred, atomic_paths, load_model
+from sglp_onnx.files.model_files import _interrupts_deferred, atomic_paths, load_model
 from test_bad_input import snapshot
 from tiny_graphs import write_model_and_calibration
 
@@ -158,7 +158,7 @@ def _boom(*args, **kwargs):
         "sglp_onnx.pipeline.remove_units",
         "sglp_onnx.pipeline.validate",
         "sglp_onnx.pipeline.to_json",  # after the model is in its temporary file
-        "sglp_onnx.plots.plot_report",
+        "sglp_onnx.report.plots.plot_report",
         "sglp_onnx.pipeline.save_model",
     ],
 )

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sglp_onnx.latency import BenchResult, _interleaved, bench, format_results
+from sglp_onnx.tools.bench import BenchResult, _interleaved, bench, format_results
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from tiny_graphs import calibration, residual_mlp, write_model_and_calibration
@@ -107,7 +107,7 @@ def test_cli_json_and_exit_codes(two_models, capsys):
 def test_unusable_gpu_provider_is_one_line_and_exit_2(two_models, provider, capfd):
     import onnxruntime as ort
 
-    from sglp_onnx.runtime import make_session
+    from sglp_onnx.graph.runtime import make_session
 
     try:
         make_session(str(two_models[0]), provider)

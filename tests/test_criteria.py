@@ -11,15 +11,15 @@ import pytest
 
 import criteria_models as cm
 from sglp_onnx.cli import main
-from sglp_onnx.criteria import Context, get_criterion
-from sglp_onnx.criteria.cka_removal import GreedyCKA, final_representation, gated_model
+from sglp_onnx.selection.criteria import Context, get_criterion
+from sglp_onnx.selection.criteria.cka_removal import GreedyCKA, final_representation, gated_model
 from sglp_onnx.errors import UserError
-from sglp_onnx.model_files import load_model
+from sglp_onnx.files.model_files import load_model
 from sglp_onnx.pipeline import analyze
-from sglp_onnx.representations import as_samples
-from sglp_onnx.runtime import make_session, session_with_outputs
-from sglp_onnx.similarity import MinibatchCKA
-from sglp_onnx.surgery import remove_units, substitutions
+from sglp_onnx.evidence.activations import as_samples
+from sglp_onnx.graph.runtime import make_session, session_with_outputs
+from sglp_onnx.evidence.similarity import MinibatchCKA
+from sglp_onnx.surgery.remove import remove_units, substitutions
 from tiny_graphs import residual_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_final_representation_falls_back_to_the_first_output():
 
 def test_cka_removal_without_calibration_data_is_a_user_error():
     model = residual_mlp(n_blocks=3)
-    from sglp_onnx.units import find_units
+    from sglp_onnx.units.discovery import find_units
 
     ctx = Context(model=model, units=find_units(model), calib=None)
     with pytest.raises(UserError, match="calibration data"):

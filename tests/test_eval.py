@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sglp_onnx.cli import main
-from sglp_onnx.metrics import evaluate
-from sglp_onnx.runtime import make_session
-from sglp_onnx.surgery import remove_units
-from sglp_onnx.units import find_units
+from sglp_onnx.evidence.metrics import evaluate
+from sglp_onnx.graph.runtime import make_session
+from sglp_onnx.surgery.remove import remove_units
+from sglp_onnx.units.discovery import find_units
 from tiny_graphs import IR_VERSION, calibration, residual_mlp
 
 

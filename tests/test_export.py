@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sglp_onnx.errors import UserError
-from sglp_onnx.export import export_torch, load_factory, load_torch_model
+from sglp_onnx.tools.export.torch_export import export_torch, load_factory, load_torch_model
 
 
 class TinyResidual(nn.Module):

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from sglp_onnx.errors import UserError
-from sglp_onnx.export_hf import export_hf, input_names, output_names
+from sglp_onnx.tools.export.hf import export_hf, input_names, output_names
 
 VOCAB = 97
 LAYERS = 2

@@ -15,12 +15,12 @@ import pytest
 from onnx import TensorProto, helper
 
 import criteria_models as cm
-from sglp_onnx.calibration import HOLDOUT_EVERY
+from sglp_onnx.files.calibration import HOLDOUT_EVERY
 from sglp_onnx.cli import main
-from sglp_onnx.fidelity import FidelityMeter, OutputKind, output_kind
+from sglp_onnx.evidence.fidelity import FidelityMeter, OutputKind, output_kind
 from sglp_onnx.pipeline import DEFAULT_CRITERION, analyze, compress
-from sglp_onnx.runtime import make_session
-from sglp_onnx.surgery import remove_units
+from sglp_onnx.graph.runtime import make_session
+from sglp_onnx.surgery.remove import remove_units
 from tiny_graphs import make_model, residual_mlp
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import criteria_models as cm
-from sglp_onnx.calibration import CalibrationSet
+from sglp_onnx.files.calibration import CalibrationSet
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
-from sglp_onnx.finetune import (SkipModule, distillation_loss, finetune, output_structure, read_plan,
+from sglp_onnx.tools.finetune import (SkipModule, distillation_loss, finetune, output_structure, read_plan,
                                 skip_modules, train)
-from sglp_onnx.model_files import load_model
-from sglp_onnx.runtime import make_session
+from sglp_onnx.files.model_files import load_model
+from sglp_onnx.graph.runtime import make_session
 
 FACTORY = "criteria_models:dead_branch_mlp"
 

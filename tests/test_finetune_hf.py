@@ -18,11 +18,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
-from sglp_onnx.export_hf import export_hf
-from sglp_onnx.finetune import delete_layers, finetune, rename_cache_tensors
-from sglp_onnx.hf_model import load_hf_model
+from sglp_onnx.tools.export.hf import export_hf
+from sglp_onnx.tools.finetune import delete_layers, finetune, rename_cache_tensors
+from sglp_onnx.paired.hf_model import load_hf_model
 from sglp_onnx.pipeline import compress
-from sglp_onnx.runtime import make_session
+from sglp_onnx.graph.runtime import make_session
 from test_transformers import hf_greedy, onnx_greedy
 
 VOCAB = 64

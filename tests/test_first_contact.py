@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import sglp_onnx.pipeline as pipeline
-import sglp_onnx.runtime as runtime
+import sglp_onnx.graph.runtime as runtime
 from graphs import exported
 from sglp_onnx.cli import main
 from test_atomic import _read_until
@@ -342,7 +342,7 @@ def test_finetune_options_are_refused_before_any_work(ws, capsys, option, value,
 
 def test_finetune_api_refuses_nan_before_any_work(tmp_path):
     from sglp_onnx.errors import UserError
-    from sglp_onnx.finetune import finetune
+    from sglp_onnx.tools.finetune import finetune
 
     with pytest.raises(UserError, match="--temperature"):
         finetune(tmp_path / "absent.onnx", torch_model="x:y", train_data=tmp_path / "absent.npz", epochs=1,

@@ -19,10 +19,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sglp_onnx.calibration import CalibrationSet
-from sglp_onnx.flops import node_flops, tensors_needed
+from sglp_onnx.files.calibration import CalibrationSet
+from sglp_onnx.graph.flops import node_flops, tensors_needed
 from sglp_onnx.pipeline import _discover
-from sglp_onnx.representations import probe_shapes
+from sglp_onnx.evidence.activations import probe_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TOLERANCE = 0.05
@@ -153,7 +153,7 @@ def test_matmul_with_vector_on_the_right():
 
 
 def test_attention_counts_the_past_kv_cache():
-    from sglp_onnx.flops import _count
+    from sglp_onnx.graph.flops import _count
 
     node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"])
     b, h, t, past, d = 1, 4, 1, 9, 8
@@ -237,7 +237,7 @@ class TinyTransformer(nn.Module):
 
 
 def test_transformer_flops_match_torch(tmp_path):
-    from sglp_onnx.export import export_torch
+    from sglp_onnx.tools.export.torch_export import export_torch
 
     torch.manual_seed(0)
     net = TinyTransformer().eval()
@@ -263,7 +263,7 @@ def _llama_wrapper(lm):
 def test_tiny_llama_from_config_flops_match_torch(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sglp_onnx.export import export_torch
+    from sglp_onnx.tools.export.torch_export import export_torch
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

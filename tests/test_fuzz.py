@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sglp_onnx.allocation import allocate, choose_removals
+from sglp_onnx.selection.allocation import allocate, choose_removals
 from sglp_onnx.errors import UserError
-from sglp_onnx.representations import probe, probe_shapes
-from sglp_onnx.segmentation import choose_k, fisher_segments, loss_curve, segments_of
-from sglp_onnx.similarity import MinibatchCKA
-from sglp_onnx.surgery import remove_units
-from sglp_onnx.units import find_units, probe_targets
-from sglp_onnx.validation import validate
+from sglp_onnx.evidence.activations import probe, probe_shapes
+from sglp_onnx.selection.segmentation import choose_k, fisher_segments, loss_curve, segments_of
+from sglp_onnx.evidence.similarity import MinibatchCKA
+from sglp_onnx.surgery.remove import remove_units
+from sglp_onnx.units.discovery import find_units, probe_targets
+from sglp_onnx.surgery.validation import validate
 from tiny_graphs import IR_VERSION, OPSET
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,9 +14,9 @@ from torch import nn
 
 from graphs import LinearBlock, ResidualMLP, discover, export, exported, residual_mlp, seeded
 from sglp_onnx.errors import UserError
-from sglp_onnx.importance import gradnorm, pair_units, task_loss
+from sglp_onnx.paired.gradnorm import gradnorm, pair_units, task_loss
 from sglp_onnx.pipeline import analyze
-from sglp_onnx.representations import probe
+from sglp_onnx.evidence.activations import probe
 
 
 def _pair(torch_model, onnx_model, units, x):

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import sglp_onnx.runtime as runtime
-import sglp_onnx.validation as validation
-from sglp_onnx.model_files import (_DATA_ALIGNMENT, load_model, proto_size, save_model, saved_with_external_data,
+import sglp_onnx.graph.runtime as runtime
+import sglp_onnx.surgery.validation as validation
+from sglp_onnx.files.model_files import (_DATA_ALIGNMENT, load_model, proto_size, save_model, saved_with_external_data,
                                    write_with_external_data)
 from tiny_graphs import residual_mlp
 

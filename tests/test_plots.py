@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from radio_reports import analyze_report, compress_report
-from sglp_onnx.plots import GID_REMOVED_BAR, GID_REMOVED_COLS, GID_REMOVED_ROWS, plot_report
+from sglp_onnx.report.plots import GID_REMOVED_BAR, GID_REMOVED_COLS, GID_REMOVED_ROWS, plot_report
 
 
 def png_size(path: Path) -> tuple[int, int]:

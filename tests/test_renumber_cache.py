@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sglp_onnx import validate_report
 from sglp_onnx.cli import main
-from sglp_onnx.export_hf import export_hf
+from sglp_onnx.tools.export.hf import export_hf
 
 
 def _run(path, feed):

@@ -11,7 +11,7 @@ import pytest
 
 from radio_reports import analyze_report, compress_report
 from sglp_onnx import validate_report
-from sglp_onnx.report import report_schema, to_json
+from sglp_onnx.report.summary import report_schema, to_json
 
 
 def walk_properties(schema: dict, path: str = "$"):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglp_onnx.errors import UserError
-from sglp_onnx.segmentation import (
+from sglp_onnx.selection.segmentation import (
     Segmentation,
     choose_k,
     fisher_segments,

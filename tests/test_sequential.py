@@ -13,14 +13,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import sglp_onnx.sequential as sequential
-from sglp_onnx.calibration import CalibrationSet, load_calibration
+import sglp_onnx.evidence.sequential as sequential
+from sglp_onnx.files.calibration import CalibrationSet, load_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
-from sglp_onnx.evidence import collect_evidence
+from sglp_onnx.evidence.calibration_pass import collect_evidence
 from sglp_onnx.pipeline import _discover
-from sglp_onnx.representations import stream
-from sglp_onnx.sequential import split_at, stream_sequential
+from sglp_onnx.evidence.activations import stream
+from sglp_onnx.evidence.sequential import split_at, stream_sequential
 from tiny_graphs import _weight, make_model, residual_mlp, write_model_and_calibration
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

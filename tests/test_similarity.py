@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sglp_onnx.errors import UserError
-from sglp_onnx.similarity import MeanCosineDistance, MinibatchCKA, hsic1, linear_cka
+from sglp_onnx.evidence.similarity import MeanCosineDistance, MinibatchCKA, hsic1, linear_cka
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -293,7 +293,7 @@ def test_mean_cosine_distance_needs_samples():
 
 
 def test_wide_units_in_column_blocks_float32_and_inputs_untouched(monkeypatch):
-    import sglp_onnx.similarity as similarity
+    import sglp_onnx.evidence.similarity as similarity
 
     rng = np.random.default_rng(9)
     features = related_features(rng, 12, [10, 7, 3])

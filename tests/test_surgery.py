@@ -23,8 +23,8 @@ from graphs import (
     torch_out,
     with_identity,
 )
-from sglp_onnx.surgery import remove_units, substitutions
-from sglp_onnx.units import PrunableUnit
+from sglp_onnx.surgery.remove import remove_units, substitutions
+from sglp_onnx.units.discovery import PrunableUnit
 
 # (model, indices of removed units): singles, adjacent pairs (k and k+1 both
 # removed), a whole stage, units on both sides of a projection block, everything.

@@ -35,12 +35,12 @@ from transformers import (
 )
 
 from sglp_onnx import validate_report
-from sglp_onnx.calibration import HOLDOUT_EVERY, check_calibration
+from sglp_onnx.files.calibration import HOLDOUT_EVERY, check_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
-from sglp_onnx.export import export_torch
-from sglp_onnx.export_hf import export_hf
-from sglp_onnx.hf_model import load_hf_model
+from sglp_onnx.tools.export.torch_export import export_torch
+from sglp_onnx.tools.export.hf import export_hf
+from sglp_onnx.paired.hf_model import load_hf_model
 from sglp_onnx.pipeline import compress
 
 VOCAB = 97
@@ -354,7 +354,7 @@ def test_calibration_without_past_gets_an_empty_cache_and_positions(staged):
     np.testing.assert_allclose(logits[real], plain[real], atol=1e-5)
 
     # Cache-like means a past length of its own: embeddings share the token ids' length.
-    from sglp_onnx.calibration import InputSpec, is_cache_input
+    from sglp_onnx.files.calibration import InputSpec, is_cache_input
 
     ids = InputSpec("ids", np.int64, ("batch", "sequence"))
     past = InputSpec("k", np.float32, ("batch", 2, "past", 8))
@@ -365,7 +365,7 @@ def test_calibration_without_past_gets_an_empty_cache_and_positions(staged):
 
 
 def test_token_samples_follow_the_mask_of_the_new_tokens():
-    from sglp_onnx.representations import as_samples
+    from sglp_onnx.evidence.activations import as_samples
 
     hidden = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     mask = np.array([[1, 1, 1], [1, 1, 0]])
@@ -494,8 +494,8 @@ def cache_graph(layers: int = 3, width: int = 4) -> onnx.ModelProto:
 
 
 def test_past_input_read_elsewhere_only_for_its_shape_goes_with_its_layer():
-    from sglp_onnx.surgery import remove_units
-    from sglp_onnx.units import find_units
+    from sglp_onnx.surgery.remove import remove_units
+    from sglp_onnx.units.discovery import find_units
 
     model = cache_graph()
     units = find_units(model)

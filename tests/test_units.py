@@ -22,9 +22,9 @@ from graphs import (
     run,
 )
 from sglp_onnx.errors import UserError
-from sglp_onnx.graph_index import GraphIndex
-from sglp_onnx.surgery import remove_units
-from sglp_onnx.units import find_units, layer_key, residual_adds
+from sglp_onnx.graph.index import GraphIndex
+from sglp_onnx.surgery.remove import remove_units
+from sglp_onnx.units.discovery import find_units, layer_key, residual_adds
 
 
 def _load(name: str, exporter: str):

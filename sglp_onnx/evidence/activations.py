@@ -1,0 +1,105 @@
+"""Collecting unit representations: expose tensors as extra outputs and run
+ONNX Runtime over the calibration set once, batch by batch.
+
+Batches are yielded, never accumulated, so memory stays at one batch of
+activations whatever the calibration size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from ..files.calibration import CalibrationSet
+from ..graph.runtime import session_with_outputs
+
+_NUMPY_TO_ONNX = {
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+    np.dtype(np.int64): onnx.TensorProto.INT64,
+    np.dtype(np.int32): onnx.TensorProto.INT32,
+    np.dtype(np.bool_): onnx.TensorProto.BOOL,
+}
+
+
+def probe(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray], names: Sequence[str], *, provider: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """Values of `names` (and the model's outputs) for one input batch."""
+    names = list(dict.fromkeys(names))
+    session = session_with_outputs(model, names, provider)
+    wanted = [o.name for o in session.get_outputs()]
+    values = session.run(wanted, feed)
+    return dict(zip(wanted, values))
+
+
+def probe_shapes(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray], names: Sequence[str], *, provider: str = "cpu"
+) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Concrete shapes and ONNX dtypes of `names` for one batch."""
+    values = probe(model, feed, names, provider=provider)
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    dtypes = {k: _NUMPY_TO_ONNX[v.dtype] for k, v in values.items() if v.dtype in _NUMPY_TO_ONNX}
+    return shapes, dtypes
+
+
+def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray | None = None) -> np.ndarray:
+    """Rows are samples: one per input, or one per (unpadded) token for sequence models.
+
+    A CNN feature map (B, C, H, W) becomes (B, C*H*W); a transformer hidden
+    state (B, T, D) becomes (tokens, D), keeping only tokens whose mask is 1.
+    A mask longer than T (a model with a KV cache masks past + new tokens)
+    is read for its last T positions, the new tokens.
+    """
+    if token_level and array.ndim >= 3:
+        if token_mask is not None and token_mask.ndim == 2 and token_mask.shape[0] == array.shape[0] \
+                and token_mask.shape[1] >= array.shape[1]:
+            keep = token_mask[:, token_mask.shape[1] - array.shape[1]:].astype(bool)
+            return array[keep].reshape(-1, int(np.prod(array.shape[2:])))
+        return array.reshape(array.shape[0] * array.shape[1], -1)
+    return array.reshape(array.shape[0], -1)
+
+
+@dataclass
+class Batch:
+    """One calibration batch: the feed, its labels, the model outputs and the exposed tensors."""
+
+    feed: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    outputs: dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]
+
+    def samples(self, name: str, calib: CalibrationSet) -> np.ndarray:
+        mask_name = calib.token_mask_name
+        mask = self.feed.get(mask_name) if mask_name else None
+        return as_samples(self.tensors[name], token_level=calib.is_token_data, token_mask=mask)
+
+
+def stream(
+    model: onnx.ModelProto,
+    calib: CalibrationSet,
+    names: Sequence[str],
+    *,
+    batch_size: int,
+    provider: str = "cpu",
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> Iterator[Batch]:
+    """Run the model over `calib` once, yielding each batch with `names` exposed."""
+    output_names = [o.name for o in model.graph.output]
+    session = session_with_outputs(model, names, provider)
+    fetch = output_names + [n for n in dict.fromkeys(names) if n not in output_names]
+    batches = calib.batches(batch_size)
+    if progress is not None:
+        batches = progress(batches)
+    for feed, labels in batches:
+        values = dict(zip(fetch, session.run(fetch, feed)))
+        yield Batch(
+            feed=feed,
+            labels=labels,
+            outputs={k: values[k] for k in output_names},
+            tensors={k: values[k] for k in names},
+        )

@@ -1,0 +1,73 @@
+"""The single calibration pass: every unit's entry and exit streamed through
+the similarity accumulators (pairwise CKA, entry-to-exit CKA, block
+influence) and one batch kept for validation and pairing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from ..files.calibration import CalibrationSet
+from .activations import stream
+from .similarity import MeanCosineDistance, MinibatchCKA
+from ..units.discovery import PrunableUnit
+
+
+@dataclass
+class Evidence:
+    """What one pass over the calibration set measured."""
+
+    cka: np.ndarray  # (U, U) linear CKA between unit exits
+    entry_exit_cka: np.ndarray  # (U,) CKA between each unit's entry and exit
+    block_influence: np.ndarray  # (U,) mean 1 - cos(entry, exit) (ShortGPT)
+    n_samples: int  # rows seen: inputs, or unpadded tokens for sequence models
+    nonfinite_values: int
+    batches: int
+
+
+def collect_evidence(
+    model: onnx.ModelProto,
+    calib: CalibrationSet,
+    units: Sequence[PrunableUnit],
+    *,
+    batch_size: int,
+    provider: str = "cpu",
+    progress: Callable[[Iterator], Iterator] | None = None,
+    sequential: bool = False,
+) -> Evidence:
+    """One pass over `calib`; with `sequential`, the graph runs piece by piece
+    (cut at unit exits, see `sequential.stream_sequential`) with the same result."""
+    exits = [u.exit for u in units]
+    extra_entries = [e for e in dict.fromkeys(u.entry for u in units) if e not in exits]
+    tracked = exits + extra_entries
+    position = {name: i for i, name in enumerate(tracked)}
+    cka = MinibatchCKA(len(tracked))
+    influence = MeanCosineDistance(len(units))
+    n_batches = 0
+    if sequential:
+        from .sequential import stream_sequential
+
+        batches = stream_sequential(model, calib, tracked, boundaries=exits, batch_size=batch_size,
+                                    provider=provider, progress=progress)
+    else:
+        batches = stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress)
+    for batch in batches:
+        rows = {name: batch.samples(name, calib) for name in tracked}
+        cka.update([rows[name] for name in tracked])
+        influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])
+        n_batches += 1
+    full = cka.result()
+    U = len(units)
+    entry_exit = np.array([full[position[u.entry], position[u.exit]] for u in units])
+    return Evidence(
+        cka=full[:U, :U],
+        entry_exit_cka=entry_exit,
+        block_influence=influence.result(),
+        n_samples=cka.n_samples,
+        nonfinite_values=cka.nonfinite_values,
+        batches=n_batches,
+    )

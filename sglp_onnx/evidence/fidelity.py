@@ -1,0 +1,178 @@
+"""Fidelity: one label-free number for how close a removal set keeps the model.
+
+The score compares the pruned network's first graph output with the
+original's on the same inputs, in a way chosen from what that output is
+(read from the graph, never from names):
+
+- ``kl``: the output is logits (a head: Gemm/MatMul with constant weights,
+  possibly followed by a bias, a scale or reshapes) or probabilities
+  (Softmax/LogSoftmax). Score: mean KL(original || pruned) of the output
+  distributions over the last axis, in nats, per sample for a (B, C)
+  output and per unpadded token for a (B, T, V) sequence output. Top-1
+  agreement (argmax equal) is reported beside it.
+- ``cosine``: the output is a hidden state or an embedding (it comes out of
+  a normalisation, a Tanh pooler or an L2 normalisation). Score: mean
+  cosine distance 1 - cos(original row, pruned row), rows as above.
+- ``relative``: anything else (regression outputs, detection tensors).
+  Score: ||pruned - original|| / ||original|| over the whole output.
+
+Every score is 0 for the original itself and grows with the damage.
+Non-finite values in the pruned output count as the largest finite value
+of their sign (NaN as 0), so a removal that overflows is scored, not lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..graph.index import GraphIndex, is_weighted_head, walk_back
+from .metrics import log_softmax
+from .activations import as_samples
+
+HEAD_OPS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "QGemm",
+            "QLinearMatMul", "Einsum"}
+NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "RMSNormalization", "LpNormalization", "Tanh",
+            "BatchNormalization", "GroupNormalization", "InstanceNormalization"}
+DISTRIBUTION_OPS = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}
+# Ops a head's result may pass through on its way to the graph output.
+PASS_THROUGH = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub",
+                "DequantizeLinear"}
+KINDS = ("kl", "cosine", "relative")
+UNITS = {"kl": "nats", "cosine": "cosine distance", "relative": "relative error"}
+# The terminal warns above these scores (or below 90% top-1 agreement).
+AGREEMENT_WARNING = 0.90
+SCORE_WARNING = {"kl": 0.25, "cosine": 0.10, "relative": 0.30}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What the scored output is, and how that was read from the graph."""
+
+    output: str
+    kind: str  # one of KINDS
+    form: str  # logits | probabilities | log-probabilities | hidden state | tensor
+    rule: str
+
+
+def output_kind(model: onnx.ModelProto) -> OutputKind:
+    """The scoring rule for the model's first graph output, from its producers."""
+    first = model.graph.output[0].name
+
+    def visit(node, computed):
+        op = node.op_type
+        what = f"{node.name or op} ({op})"
+        if op in DISTRIBUTION_OPS:
+            return OutputKind(first, "kl", DISTRIBUTION_OPS[op], f"{first!r} comes out of {what}")
+        if is_weighted_head(node, computed, HEAD_OPS):
+            return OutputKind(first, "kl", "logits", f"{first!r} comes out of the head {what}")
+        if op in NORM_OPS:
+            return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of {what}")
+        return computed if op in PASS_THROUGH and len(computed) == 1 else []
+
+    found = walk_back(GraphIndex(model), first, visit)
+    return found or OutputKind(first, "relative", "tensor",
+                               f"{first!r}: no head, distribution or normalisation before it")
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if np.isfinite(x).all():
+        return x
+    big = np.finfo(np.float64).max / 4
+    return np.nan_to_num(x, nan=0.0, posinf=big, neginf=-big)
+
+
+def _log_distribution(x: np.ndarray, form: str) -> np.ndarray:
+    if form == "probabilities":
+        return np.log(np.clip(x, 1e-30, None))
+    return log_softmax(x)
+
+
+class FidelityMeter:
+    """Accumulates one removal set's score against the original, batch by batch."""
+
+    def __init__(self, kind: OutputKind, *, token_level: bool) -> None:
+        self.kind = kind
+        self.token_level = token_level
+        self.effective = kind.kind
+        self.rows = 0
+        self.total = 0.0
+        self.agree = 0
+        self.err2 = 0.0
+        self.ref2 = 0.0
+
+    def _rows(self, value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return as_samples(value, token_level=self.token_level, token_mask=mask)
+
+    def update(self, reference: np.ndarray, pruned: np.ndarray, mask: np.ndarray | None = None) -> None:
+        ref, got = _finite(reference), _finite(pruned)
+        if self.effective == "kl" and not (ref.ndim == 2 or (ref.ndim == 3 and self.token_level)) \
+                or self.effective == "kl" and ref.shape[-1] < 2:
+            self.effective = "relative"  # not one distribution per row: compare as a tensor
+        if self.effective == "relative":
+            self.err2 += float(((got - ref) ** 2).sum())
+            self.ref2 += float((ref ** 2).sum())
+            self.rows += ref.shape[0] if ref.ndim else 1
+            return
+        ref, got = self._rows(ref, mask), self._rows(got, mask)
+        self.rows += len(ref)
+        if self.effective == "kl":
+            form = self.kind.form
+            logp, logq = _log_distribution(ref, form), _log_distribution(got, form)
+            self.total += float((np.exp(logp) * (logp - logq)).sum())
+            self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        else:
+            dot = (ref * got).sum(-1)
+            norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
+            same = np.isclose(norms, 0.0) & np.isclose(np.abs(ref).sum(-1) + np.abs(got).sum(-1), 0.0)
+            cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+            self.total += float(np.where(same, 0.0, 1.0 - cos).sum())
+
+    @property
+    def score(self) -> float:
+        if self.effective == "relative":
+            return float(np.sqrt(self.err2 / self.ref2)) if self.ref2 > 0 else float(np.sqrt(self.err2))
+        return max(0.0, self.total / self.rows) if self.rows else 0.0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.rows if self.effective == "kl" and self.rows else None
+
+    def record(self) -> dict:
+        return {"kind": self.effective, "score": self.score, "unit": UNITS[self.effective],
+                "top1_agreement": self.agreement, "rows": self.rows}
+
+
+def is_poor(record: dict) -> bool:
+    """True when a fidelity record should be warned about on the terminal."""
+    agreement = record.get("top1_agreement")
+    if agreement is not None:
+        return agreement < AGREEMENT_WARNING
+    return record["score"] > SCORE_WARNING[record["kind"]]
+
+
+def describe(kind: str, form: str, *, token_level: bool) -> str:
+    """The score's definition, for the report and the terminal."""
+    row = "unpadded token" if token_level else "sample"
+    return {"kl": f"mean KL divergence of the pruned model's {form} from the original's, nats per {row}",
+            "cosine": f"mean cosine distance of the pruned model's output to the original's, per {row}",
+            "relative": "relative L2 error of the pruned model's output against the original's"}[kind]
+
+
+def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: int) -> list[dict]:
+    """Fidelity records of several removal sets on `data`, in one pass: the
+    original's output once per batch, then each set through the gated graph."""
+    sets = [frozenset(s) for s in removal_sets]
+    meters = {s: FidelityMeter(kind, token_level=data.is_token_data) for s in dict.fromkeys(sets)}
+    mask_name = data.token_mask_name
+    for feed, _ in data.batches(batch_size):
+        reference = runner.run(feed, set())[kind.output]
+        mask = feed.get(mask_name) if mask_name else None
+        for s, meter in meters.items():
+            value = reference if not s else runner.run(feed, s)[kind.output]
+            meter.update(reference, value, mask)
+    return [meters[s].record() for s in sets]

@@ -1,0 +1,322 @@
+"""Calibration data: an `.npz` with one array per model input plus optional
+`labels`, checked against the model's inputs and served in batches.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from ..graph.index import declared_dims
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+MASK_NAMES = ("attention_mask",)
+# One calibration sample in HOLDOUT_EVERY is held out from selection to
+# measure the pruned model's fidelity.
+HOLDOUT_EVERY = 5
+POSITION_NAMES = ("position_ids",)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: type
+    shape: tuple  # ints for fixed dims, str/None for dynamic ones
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs (name -> array with samples on axis 0) and optional labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+    # Set when the model's batch dimension is a fixed number (exports often
+    # pin it to 1): every batch then has exactly that many samples.
+    fixed_batch: int | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def token_mask_name(self) -> str | None:
+        return next((n for n in MASK_NAMES if n in self.inputs), None)
+
+    @property
+    def is_token_data(self) -> bool:
+        """Sequence models: an integer input of rank 2 (token ids)."""
+        return any(np.issubdtype(a.dtype, np.integer) and a.ndim == 2 for a in self.inputs.values())
+
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        n = self.n_samples
+        if self.fixed_batch:
+            # A partial last batch cannot be fed to a fixed-batch model.
+            batch_size, n = self.fixed_batch, n - n % self.fixed_batch
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            feed = {k: v[start:stop] for k, v in self.inputs.items()}
+            yield feed, None if self.labels is None else self.labels[start:stop]
+
+    def subset(self, index: np.ndarray) -> "CalibrationSet":
+        return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
+                              labels=None if self.labels is None else self.labels[index],
+                              source=self.source, fixed_batch=self.fixed_batch)
+
+    def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["CalibrationSet", "CalibrationSet | None"]:
+        """(selection samples, held-out samples): every `every`-th sample is held
+        out, so both parts span the whole file (sorted or grouped data too).
+        Too few samples to hold any out (fewer than `every`, or fewer than a
+        fixed batch): (self, None)."""
+        n = self.n_samples
+        held = np.arange(every - 1, n, every)
+        if len(held) == 0 or (self.fixed_batch and len(held) < self.fixed_batch):
+            return self, None
+        kept = np.setdiff1d(np.arange(n), held)
+        return self.subset(kept), self.subset(held)
+
+    def first(self, n: int) -> dict[str, np.ndarray]:
+        """The first `n` samples (exactly the fixed batch for a fixed-batch model)."""
+        n = self.fixed_batch or n
+        return {k: v[:n] for k, v in self.inputs.items()}
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        dtype = _ONNX_TO_NUMPY.get(vi.type.tensor_type.elem_type, object)
+        specs.append(InputSpec(vi.name, dtype, declared_dims(vi)))
+    return specs
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """`MODEL.calib.npz` beside `MODEL.onnx`."""
+    from .model_files import beside
+
+    return beside(model_path, ".calib.npz")
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    # np.load also reads .npy and pickles: anything but a zip archive is refused
+    # here, with advice on how to write one (never on how to unpickle it).
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable .npz file (not a zip archive); "
+                        "write one with numpy.savez(path, input=..., labels=...)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
+            raise UserError(f"{path} is not a readable .npz file: it holds object (pickled) arrays, which are "
+                            "never loaded; store plain numeric arrays") from None
+        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    except Exception as exc:  # zipfile, zlib and numpy's header parser raise unrelated types
+        raise UserError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); "
+                        "write it again with numpy.savez") from None
+    not_arrays = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if not_arrays:
+        raise UserError(f"{path} is not a readable .npz file: members {not_arrays[:3]} are not .npy arrays; "
+                        "write it with numpy.savez")
+    return arrays
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, max_samples: int | None = None) -> CalibrationSet:
+    """Load and check an `.npz` against the model's inputs."""
+    arrays = load_npz(path)
+    return check_calibration(arrays, model, source=str(path), max_samples=max_samples)
+
+
+def check_calibration(
+    arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, source: str = "calibration data",
+    max_samples: int | None = None,
+) -> CalibrationSet:
+    specs = model_inputs(model)
+    arrays = {**arrays, **_implied_inputs(arrays, specs)}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise UserError(
+            f"{source} lacks the model input(s) {', '.join(missing)}; "
+            f"it has {', '.join(sorted(arrays)) or 'no arrays'} (arrays must be named after the model's inputs)"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        inputs[spec.name] = _check_array(array, spec, source)
+    counts = {len(a) for a in inputs.values()}
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.ndim < 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{source}: 'labels' must be an integer array with one entry per sample")
+        counts.add(len(labels))
+    if len(counts) != 1:
+        raise UserError(f"{source}: arrays disagree on the number of samples ({sorted(counts)})")
+    if labels is not None:
+        classes = output_classes(model, labels.ndim)
+        if classes is not None:
+            check_labels(labels, classes, source=source)
+    n = counts.pop()
+    if n == 0:
+        raise UserError(f"{source} holds no samples")
+    fixed = fixed_batch(specs)
+    if fixed and n < fixed:
+        raise UserError(f"{source} holds {n} samples but the model's batch dimension is fixed to {fixed}")
+    if max_samples is not None and n > max_samples:
+        inputs = {k: v[:max_samples] for k, v in inputs.items()}
+        labels = labels[:max_samples] if labels is not None else None
+    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed)
+
+
+def output_classes(model: onnx.ModelProto, label_rank: int = 1) -> int | None:
+    """The number of classes `labels` of rank `label_rank` index: the fixed last
+    dimension of the first output when that output is (batch, classes) or
+    (batch, tokens, classes) logits for them; None when it cannot be told."""
+    if not model.graph.output:
+        return None
+    dims = declared_dims(model.graph.output[0])
+    if dims is None or len(dims) not in (2, 3) or len(dims) != label_rank + 1:
+        return None
+    last = dims[-1]
+    return last if isinstance(last, int) and last > 0 else None
+
+
+def check_labels(labels: np.ndarray, classes: int, *, source: str) -> None:
+    """Labels are class indices of the model's output: integers in [0, classes)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise UserError(f"{source}: 'labels' holds {int(bad)}, but the model has {classes} classes; labels must be "
+                        f"integers in [0, {classes})")
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size a model with a numeric (not symbolic) batch dimension accepts."""
+    for spec in specs:
+        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+            return spec.shape[0]
+    return None
+
+
+def is_cache_input(spec: InputSpec, specs: list[InputSpec]) -> bool:
+    """A KV-cache-like input of a sequence model: float, rank >= 3, every dim
+    after the batch fixed except one dynamic (past) length, in a model that
+    also takes rank-2 integer token ids whose dims do not include that length
+    (an embeddings input shares the token ids' sequence length)."""
+    if spec.shape is None or len(spec.shape) < 3 or np.dtype(spec.dtype).kind != "f":
+        return False
+    dynamic = [d for d in spec.shape[1:] if not (isinstance(d, int) and d > 0)]
+    tokens = [s for s in specs if s.shape is not None and len(s.shape) == 2 and np.dtype(s.dtype).kind in "iu"]
+    if len(dynamic) != 1 or not tokens:
+        return False
+    return not (isinstance(dynamic[0], str) and any(dynamic[0] == s.shape[1] for s in tokens))
+
+
+def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Inputs a calibration file for a model with a KV cache may leave out.
+
+    A missing past KV-cache input is empty (past length 0: the calibration
+    sequences are whole prompts, as in a prefill); a missing `position_ids`
+    counts 0, 1, ... along each sequence, which is what transformers uses when
+    it is given none. The sample count comes from the arrays present.
+    """
+    present = [a for a in arrays.values() if isinstance(a, np.ndarray) and a.ndim >= 1]
+    if not present:
+        return {}
+    n = len(present[0])
+    implied: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name in arrays:
+            continue
+        if is_cache_input(spec, specs):
+            shape = [n] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]]
+            implied[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        elif spec.name in POSITION_NAMES and np.dtype(spec.dtype).kind in "iu":
+            # Token ids span the new tokens, an attention mask the past ones too.
+            lengths = [a.shape[1] for a in present if a.ndim == 2 and np.issubdtype(a.dtype, np.integer)]
+            if lengths:
+                new, total = min(lengths), max(lengths)
+                positions = np.arange(total - new, total, dtype=spec.dtype)
+                implied[spec.name] = np.broadcast_to(positions, (n, new)).copy()
+    return implied
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    where = f"{source}: input {spec.name!r}"
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise UserError(f"{where} has dtype {array.dtype}; expected {np.dtype(spec.dtype).name}")
+    expected = np.dtype(spec.dtype)
+    if array.dtype != expected:
+        same_kind = _kind(array.dtype) == _kind(expected)
+        if not same_kind:
+            raise UserError(f"{where} has dtype {array.dtype}; the model expects {expected.name}")
+        array = array.astype(expected)
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise UserError(
+                f"{where} has rank {array.ndim} (shape {array.shape}); the model expects rank "
+                f"{len(spec.shape)} ({_fmt_shape(spec.shape)}) with samples on axis 0"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+            if axis > 0 and isinstance(want, int) and want > 0 and want != got:
+                raise UserError(
+                    f"{where} has shape {array.shape}; the model expects {_fmt_shape(spec.shape)}"
+                )
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise UserError(f"{where} contains NaN or Inf values; clean the calibration data")
+    return array
+
+
+def _kind(dtype: np.dtype) -> str:
+    # Casting within a kind (float64 -> float32, int32 -> int64) is harmless;
+    # across kinds (floats for token ids) it hides a wrong file.
+    return "i" if dtype.kind in "iu" else dtype.kind
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
+def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: int = 4,
+                          dynamic_size: int = 16) -> CalibrationSet:
+    """Stand-in inputs for criteria that need no data (`last`, `random`): they
+    serve only to bind shapes for FLOPs and to validate the output."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    specs = model_inputs(model)
+    fixed = fixed_batch(specs)
+    n_samples = fixed * max(1, n_samples // fixed) if fixed else n_samples
+    for spec in specs:
+        if is_cache_input(spec, specs) or spec.name in POSITION_NAMES:
+            continue  # implied by the others, below
+        dims = spec.shape or (None,)
+        shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
+        dtype = np.dtype(spec.dtype)
+        if spec.name in MASK_NAMES or dtype == np.bool_:
+            inputs[spec.name] = np.ones(shape, dtype=dtype)
+        elif dtype.kind == "f":
+            inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            inputs[spec.name] = np.zeros(shape, dtype=dtype)
+    inputs.update(_implied_inputs(inputs, specs))
+    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed)

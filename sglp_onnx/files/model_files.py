@@ -1,0 +1,400 @@
+"""Reading and writing ONNX files safely.
+
+Loading refuses anything that is not a readable ONNX model and any external
+data that points outside the model's folder; writing is all-or-nothing
+(temporary files in the destination folder, then `os.replace`, or a
+no-clobber `os.link` where nothing may be overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import onnx
+
+from ..errors import UserError
+
+# os.link fails with these where the file system has no hard links (FAT, some network mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+# Protobuf cannot serialise a message above 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialised size of `model` in bytes, or PROTOBUF_LIMIT when it is larger
+    (protobuf raises instead of measuring a message above 2 GiB)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError
+        return PROTOBUF_LIMIT
+
+
+@contextlib.contextmanager
+def saved_with_external_data(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` saved in a temporary folder with its weights in a side file, for
+    readers that need a path (ONNX Runtime, which maps the side file instead of
+    copying it, and the checker above 2 GiB). `model` is not modified."""
+    with tempfile.TemporaryDirectory(prefix="sglp-model-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_with_external_data(model, path, path.with_name("model.onnx.data"), location="model.onnx.data")
+        yield path
+
+
+# Offsets of external tensors are page aligned so that ONNX Runtime can map them.
+_DATA_ALIGNMENT = 4096
+
+
+def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, *, location: str,
+                             size_threshold: int = 1024) -> None:
+    """Write `model` with every numeric initializer of `size_threshold` bytes or
+    more in `data_path`, recorded in the model as `location`.
+
+    Unlike `onnx.save_model(..., save_as_external_data=True)`, this neither
+    strips `model` nor copies it: a stub graph with the same nodes and
+    external-data references is saved, and the weights are streamed to the
+    data file one tensor at a time. (Stripping and reloading a protobuf
+    message does not give its memory back, so it would double the footprint.)
+    """
+    stub = onnx.ModelProto()
+    _copy_fields(model, stub, skip="graph")
+    _copy_fields(model.graph, stub.graph, skip="initializer")
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            target = stub.graph.initializer.add()
+            size = _tensor_bytes(tensor)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or size is None or size < size_threshold:
+                target.CopyFrom(tensor)
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+            data.write(b"\0" * (-data.tell() % _DATA_ALIGNMENT))
+            offset = data.tell()
+            data.write(raw)
+            target.name = tensor.name
+            target.data_type = tensor.data_type
+            target.dims.extend(tensor.dims)
+            if tensor.doc_string:
+                target.doc_string = tensor.doc_string
+            target.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                target.external_data.add(key=key, value=value)
+            del raw
+    onnx.save_model(stub, str(model_path))
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        # protobuf >= 5.x has is_repeated; older versions only the label.
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a numeric tensor's values; None for strings and unknown types."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * itemsize
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    locations = []
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.append(entry.value)
+    return locations
+
+
+def beside(model_path: str | os.PathLike, suffix: str) -> Path:
+    """A file next to `model_path` named after it: `beside("m.onnx", ".calib.npz")` is `m.calib.npz`."""
+    path = Path(model_path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + suffix)
+
+
+def check_output_path(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
+    """Refuse an output path before any work: an input file, a missing or
+    unwritable folder, a folder, a symbolic link or anything else that is not
+    a regular file, or an existing file without `force`."""
+    if any(path.resolve() == p.resolve() for p in inputs):
+        raise UserError(f"the {what} {path} is the input model or another input file; choose another path "
+                        "(inputs are never overwritten)")
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of the {what} does not exist: {path.parent}")
+    # The final rename would replace a link by a regular file (not write where
+    # it points) and a device or pipe by a file: refuse both, even with --force.
+    if path.is_symlink():
+        raise UserError(f"the {what} {path} is a symbolic link; give the path of a regular file "
+                        f"(for example the one it points to, {path.resolve()})")
+    if path.is_dir():
+        raise UserError(f"the {what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"the {what} {path} is not a regular file (a device, pipe or socket); "
+                        "give the path of a regular file")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    # os.access says yes to root even where the file system refuses files
+    # (/proc, read-only mounts): try the real thing before hours of work.
+    check_folder_writable(path.parent, what=what)
+
+
+def check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations that escape `base_dir`.
+
+    Absolute paths, `..` components and symlinks that resolve outside the
+    model's folder are all refused before a byte of them is read.
+    """
+    base = base_dir.resolve()
+    for location in _external_locations(model):
+        candidate = Path(location)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            raise UserError(
+                f"external data location {location!r} points outside the model's folder; "
+                "refusing to read it (move the data file beside the model)"
+            )
+        resolved = (base / candidate).resolve()
+        if base not in resolved.parents and resolved != base:
+            raise UserError(
+                f"external data location {location!r} resolves outside the model's folder "
+                f"({resolved}); refusing to read it"
+            )
+        if not resolved.is_file():
+            raise UserError(f"external data file {location!r} referenced by the model is missing")
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, turning every way a file can be wrong into a UserError
+    (unreadable, no nodes, duplicate node names, external data outside its
+    folder, refused by onnx.checker)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); check that the file is "
+                        "complete and was written by onnx.save or torch.onnx.export") from None
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{path} is not a usable ONNX model (no graph nodes or no opset)")
+    _check_unique_node_names(model, path)
+    check_external_data_paths(model, path.parent)
+    try:
+        # From the path, so that external weights are neither read nor copied.
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, or a parse error of the C++ loader
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
+                        "again") from None
+    if load_external_data and _external_locations(model):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise UserError(f"cannot read the external data of {path}: {exc}") from None
+    return model
+
+
+def _check_unique_node_names(model: onnx.ModelProto, path: Path) -> None:
+    # Units, pairing and the report name nodes; two nodes with one name would
+    # be mixed up (onnx.checker does not refuse them, ONNX's IR asks for unique names).
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise UserError(f"{path} has two nodes named {node.name!r}; node names must be unique "
+                            "(rename one, or export the model again)")
+        seen.add(node.name)
+
+
+def check_folder_writable(folder: Path, *, what: str = "output") -> None:
+    """Create and remove a temporary file in `folder`, or raise a UserError saying why not."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sglp-write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the {what} into {folder} ({exc.strerror or type(exc).__name__}); "
+            "choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _final_mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then act on them.
+
+    Python runs signal handlers in the main thread only, so swapping the
+    handlers works even when the signal lands on an ONNX Runtime or torch
+    thread (a signal mask would not).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
+def destination_name(path: str | os.PathLike) -> str:
+    """The name a temporary file of `atomic_paths` (`.NAME.XXXXXXXX.tmp`) will
+    be renamed to; any other path's own name."""
+    name = Path(path).name
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        return name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return name
+
+
+@contextlib.contextmanager
+def atomic_paths(*targets: str | os.PathLike, overwrite: bool = True) -> Iterator[list[Path]]:
+    """Yield temporary paths beside each target; rename them all into place on success.
+
+    On any exception (KeyboardInterrupt included) the temporary files are
+    removed and no target is touched. With `overwrite`, existing targets are
+    replaced (`os.replace`); without it, each file is put in place with a
+    no-clobber `os.link`, so a target that appeared during the run (another
+    run writing the same path) is never replaced: the files already put in
+    place are taken back and a UserError says so.
+    """
+    targets_p = [Path(t) for t in targets]
+    temps: list[Path] = []
+    try:
+        for target in targets_p:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+            # mkstemp makes owner-only files; the result should look like any
+            # other file the user writes (or keep the mode of the file it replaces).
+            os.chmod(tmp, _final_mode(target))
+        yield temps
+        # An interrupt between two renames would leave a mixed set: hold
+        # SIGINT/SIGTERM until every file is in place, then let it through
+        # marked so that the caller does not claim nothing was written.
+        try:
+            with _interrupts_deferred():
+                if overwrite:
+                    for tmp, target in zip(temps, targets_p):
+                        os.replace(tmp, target)
+                else:
+                    _link_all(temps, targets_p)
+                temps = []
+        except KeyboardInterrupt as exc:
+            exc.output_written = not temps
+            raise
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _link_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Put every temporary file in place under its target's name without
+    replacing anything: all of them, or (a target exists) none."""
+    placed: list[tuple[Path, Path]] = []  # (temporary file, target) now in place
+    try:
+        for tmp, target in zip(temps, targets):
+            try:
+                os.link(tmp, target)  # atomic, and fails if target exists
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links: check, then rename (a
+                # narrow race instead of none).
+                if os.path.lexists(target):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(tmp), None,
+                                          str(target)) from None
+                os.replace(tmp, target)
+            placed.append((tmp, target))
+    except BaseException as exc:
+        for tmp, target in placed:
+            # Take back only our own file: a link of the temporary file (or,
+            # renamed, the one it became).
+            with contextlib.suppress(OSError):
+                if not tmp.exists() or os.path.samefile(tmp, target):
+                    target.unlink()
+        if isinstance(exc, FileExistsError):
+            raise UserError(f"{exc.filename2 or exc.filename} appeared while this run was writing (another run "
+                            "writing the same path?); nothing was written; pass --force to overwrite it") from None
+        raise
+    for tmp in temps:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               data_file: str | os.PathLike | None = None, data_name: str | None = None,
+               overwrite: bool = True) -> None:
+    """Write `model` to `path` atomically.
+
+    Small models become one self-contained file. Models near the protobuf
+    limit (or with `external_data=True`) keep their weights in a side file,
+    by default `<name>.data` beside the model; both files are written
+    atomically. A caller that renames temporary files itself passes the
+    temporary `data_file` and the final `data_name` recorded in the model.
+    Without `overwrite`, an existing `path` is never replaced (see
+    `atomic_paths`). `model` is left as it was (see `write_with_external_data`).
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = proto_size(model) > EXTERNAL_DATA_THRESHOLD if _external_locations(model) == [] else True
+    if not external_data:
+        with atomic_paths(path, overwrite=overwrite) as (tmp,):
+            onnx.save_model(model, str(tmp))
+        return
+    data_path = Path(data_file) if data_file is not None else path.with_name(path.name + ".data")
+    data_name = data_name or data_path.name
+    if Path(data_name).name != data_name:
+        raise ValueError(f"data_name must be a bare file name, got {data_name!r}")
+    with atomic_paths(path, data_path, overwrite=overwrite) as (tmp_model, tmp_data):
+        # The model records the final data file name, whatever temporary name it is written under.
+        write_with_external_data(model, tmp_model, tmp_data, location=data_name)

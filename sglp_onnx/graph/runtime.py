@@ -1,0 +1,224 @@
+"""ONNX Runtime sessions: explicit providers, extra outputs, large models.
+
+Every session in the tool is made here so that provider choice, fallback
+detection and the 2 GB protobuf limit are handled in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import onnx
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from ..errors import UserError
+from ..files.model_files import proto_size, saved_with_external_data
+
+PROVIDER_CHAINS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+PROTOBUF_LIMIT = 2_000_000_000
+# Above this size a session reads the model from a temporary file with its
+# weights in a side file, which ONNX Runtime maps; from bytes, the serialised
+# copy and ONNX Runtime's own copy would both stay in memory.
+SESSION_FILE_THRESHOLD = 512 * 2**20
+
+
+# Process-wide settings, set once by the CLI (--threads, -v) or the API's
+# `threads` keyword; every session reads them.
+_settings = {"threads": None, "verbose": False}
+
+
+def set_threads(threads: int | None) -> None:
+    """Threads for every ONNX Runtime session (intra-op; inter-op 1) and for
+    torch, from now on; None: `default_threads()`. torch is set now if it is
+    already imported, else when the paired model is loaded (`apply_torch_threads`)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"--threads must be a whole number >= 1, got {threads!r}")
+    _settings["threads"] = threads
+    if "torch" in sys.modules:
+        apply_torch_threads()
+
+
+def session_threads() -> int | None:
+    """The thread count sessions use: the one set, else `default_threads()`
+    (None: ONNX Runtime's own choice)."""
+    return _settings["threads"] if _settings["threads"] is not None else default_threads()
+
+
+def default_threads() -> int | None:
+    """1 on a machine with at most two cores (where a second thread costs more
+    than it gives: see README, --threads); otherwise ONNX Runtime and torch choose."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 2 else None
+
+
+def apply_torch_threads() -> None:
+    """Give torch the thread count sessions use (nothing when it is left to the libraries)."""
+    n = session_threads()
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def set_verbose(verbose: bool) -> None:
+    """With -v, ONNX Runtime's own error log lines reach stderr too."""
+    _settings["verbose"] = bool(verbose)
+
+
+# Every exception type ONNX Runtime's C++ core raises (Fail, InvalidArgument,
+# InvalidGraph, RuntimeException, ...), whatever the version defines.
+ORT_ERRORS = tuple(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def ort_reason(exc: BaseException) -> str:
+    """The first line of an ONNX Runtime error, without its status prefix and C++ source location."""
+    text = str(exc).strip()
+    line = (text.splitlines() or [type(exc).__name__])[0]
+    line = _ORT_PREFIX.sub("", line)
+    return re.sub(r"^\S+:\d+ .*?\) ", "", line)[:300]
+
+
+@contextmanager
+def input_model_errors(what: str = "the input model") -> Iterator[None]:
+    """Turn an ONNX Runtime failure into a UserError: for a model the user
+    gave, a graph ONNX Runtime refuses (an opset that does not fit the ops) or
+    data it cannot run on (token ids outside the vocabulary) is the input's
+    fault, not a bug."""
+    try:
+        yield
+    except ORT_ERRORS as exc:
+        raise UserError(f"{what} does not run in ONNX Runtime: {ort_reason(exc)}; check that the model "
+                        "loads and runs in ONNX Runtime on this data") from None
+
+
+class InputSession:
+    """A session on the user's model (or a view of it with extra outputs):
+    `run` fails with a UserError (see `input_model_errors`)."""
+
+    def __init__(self, session: ort.InferenceSession, what: str = "the input model") -> None:
+        self._session = session
+        self._what = what
+
+    def run(self, *args, **kwargs):
+        with input_model_errors(self._what):
+            return self._session.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def provider_chain(provider: str) -> list[str]:
+    try:
+        return list(PROVIDER_CHAINS[provider])
+    except KeyError:
+        raise UserError(f"--provider must be one of {', '.join(PROVIDER_CHAINS)}, got {provider!r}") from None
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    provider: str = "cpu",
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """A session on `provider` that refuses to fall back silently to the CPU.
+
+    `threads` (intra-op; inter-op 1) defaults to the process-wide setting
+    (`set_threads`); 0 leaves the choice to ONNX Runtime. ONNX Runtime's own
+    log stays quiet (errors reach the caller as exceptions) unless
+    `set_verbose(True)`.
+    """
+    chain = provider_chain(provider)
+    options = ort.SessionOptions()
+    # 3 = errors, 4 = fatal only: a failing node is logged (in colour) before it
+    # is raised, and the CLI reports the exception as one line.
+    options.log_severity_level = 3 if _settings["verbose"] else 4
+    if threads is None:
+        threads = session_threads()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with _serialised(model) as source, _quiet_provider_loading(provider != "cpu"):
+        try:
+            # No Python-level fallback: it prints a banner and hides which provider failed.
+            session = ort.InferenceSession(source, sess_options=options, providers=chain, enable_fallback=0)
+        except Exception as exc:
+            if provider != "cpu":
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                # Drop the C++ source location and signature ONNX Runtime puts first.
+                reason = re.sub(r"^\S+:\d+ .*?\) ", "", reason)[:300]
+                raise UserError(f"ONNX Runtime cannot use the {provider} provider here ({reason}); "
+                                "use --provider cpu") from None
+            raise
+    if chain[0] not in session.get_providers():
+        raise UserError(
+            f"the {provider} provider is not usable on this machine "
+            f"(ONNX Runtime fell back to {session.get_providers()[0]}); use --provider cpu"
+        )
+    return session
+
+
+@contextmanager
+def _quiet_provider_loading(enabled: bool) -> Iterator[None]:
+    """Silence ONNX Runtime's global logger while GPU provider libraries load.
+
+    A missing CUDA or TensorRT library is logged as several ERROR lines on
+    stderr before the session falls back; make_session reports it as one line.
+    """
+    if not enabled:
+        yield
+        return
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+
+
+@contextmanager
+def _serialised(model: onnx.ModelProto | str | os.PathLike) -> Iterator[bytes | str]:
+    if not isinstance(model, onnx.ModelProto):
+        yield str(model)
+        return
+    if proto_size(model) < SESSION_FILE_THRESHOLD:
+        yield model.SerializeToString()
+        return
+    with saved_with_external_data(model) as path:
+        yield str(path)
+
+
+@contextmanager
+def extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[onnx.ModelProto]:
+    """Temporarily expose intermediate tensors as graph outputs (in place)."""
+    existing = {o.name for o in model.graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in existing]
+    for name in added:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        yield model
+    finally:
+        if added:
+            del model.graph.output[len(model.graph.output) - len(added):]
+
+
+def session_with_outputs(
+    model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu", **kwargs
+) -> InputSession:
+    """A session on the input model (or a gated copy of it) with `names` exposed as
+    extra outputs. It runs the user's model on the user's data, so an ONNX
+    Runtime failure, making it or running it, is a UserError."""
+    with extra_outputs(model, names) as exposed, input_model_errors():
+        return InputSession(make_session(exposed, provider, **kwargs))

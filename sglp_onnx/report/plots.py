@@ -1,0 +1,269 @@
+"""One figure of a report: the CKA heatmap with the Fisher segments and the
+removed units, the importance of every unit, and the cost before and after.
+
+It reads only the report dictionary, so a saved JSON report can be plotted
+again later. Rendering uses the Agg canvas directly (never pyplot), so it
+works without a display and leaves the caller's matplotlib state alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from ..errors import UserError
+from .summary import human_bytes, human_count
+
+# Okabe & Ito (2008), "Color Universal Design": distinguishable with every
+# common form of colour-vision deficiency. Segments cycle through six of
+# them; vermillion is kept for removed units and black for outlines.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442")
+REMOVED_COLOR = "#D55E00"  # vermillion: removed units, everywhere in the figure
+NEUTRAL = "#7F7F7F"
+HEATMAP_CMAP = "cividis"  # perceptually uniform and colour-blind safe
+REMOVED_HATCH = "///"
+
+# Artist ids the tests (and anyone post-processing the figure) can look for.
+GID_REMOVED_ROWS = "removed-units-rows"
+GID_REMOVED_COLS = "removed-units-cols"
+GID_REMOVED_BAR = "removed-unit-bar"
+
+
+
+def _segment_color(segment: int | None) -> str:
+    return NEUTRAL if segment is None else OKABE_ITO[segment % len(OKABE_ITO)]
+
+
+def _tick_step(n: int, most: int) -> int:
+    return max(1, -(-n // most))
+
+
+def _placeholder(ax, title: str, message: str) -> None:
+    ax.set_title(title, loc="left", fontweight="bold")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes, color=NEUTRAL)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _heatmap(fig: Figure, ax, report: dict, removed: Sequence[int]) -> None:
+    cka = report.get("cka")
+    title = "(a) CKA between unit outputs"
+    if not cka:
+        _placeholder(ax, title, f"no CKA: criterion {report.get('criterion')!r}\nruns no calibration pass")
+        return
+    n = len(cka)
+    # Deep networks often keep CKA above 0.5 everywhere: start the colour
+    # scale at the data's floor (rounded down to 0.1) so the structure shows.
+    low = min(min(row) for row in cka)
+    vmin = min(0.9, max(0.0, math.floor(low * 10) / 10))
+    image = ax.imshow(cka, cmap=HEATMAP_CMAP, vmin=vmin, vmax=1.0, interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("linear CKA (1 = same representation)")
+
+    segments = report.get("segments") or []
+    for k, (start, stop) in enumerate(segments):
+        # The within-segment block on the diagonal, outlined in white over a
+        # black halo so it reads on both ends of the colour map.
+        for color, width in (("black", 3.2), ("white", 1.6)):
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False,
+                                   edgecolor=color, linewidth=width))
+        if k:
+            ax.axhline(start - 0.5, color="white", linewidth=0.8, linestyle=(0, (4, 3)))
+            ax.axvline(start - 0.5, color="white", linewidth=0.8, linestyle=(0, (4, 3)))
+
+    # Removed units: a marker on both axes, just outside the image.
+    ax.plot(list(removed), [-1.1] * len(removed), linestyle="none", marker="v", markersize=7,
+            color=REMOVED_COLOR, markeredgecolor="black", clip_on=False, gid=GID_REMOVED_COLS)
+    ax.plot([-1.1] * len(removed), list(removed), linestyle="none", marker=">", markersize=7,
+            color=REMOVED_COLOR, markeredgecolor="black", clip_on=False, gid=GID_REMOVED_ROWS,
+            label="removed unit")
+    ax.set_xlim(-1.8, n - 0.5)
+    ax.set_ylim(n - 0.5, -1.8)
+    step = _tick_step(n, 25)
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for label, tick in zip(labels, ticks):
+            if tick in removed:
+                label.set_color(REMOVED_COLOR)
+                label.set_fontweight("bold")
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("unit index (graph order)")
+    ax.set_ylabel("unit index (graph order)")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    subtitle = f"{len(segments)} Fisher segments outlined" if segments else "no segmentation"
+    ax.set_title(f"{title}\n{subtitle}; \u25b6\u25bc = removed", loc="left", fontweight="bold")
+
+
+def _bars(ax, report: dict, removed: Sequence[int]) -> None:
+    units = report["units"]
+    importance = [u.get("importance") for u in units]
+    has_importance = any(v is not None for v in importance)
+    if has_importance:
+        values = [0.0 if v is None else v for v in importance]
+        ylabel = "importance"
+        kind = report.get("importance_kind") or "importance"
+        title = f"(b) importance per unit: {kind}"
+    else:
+        total = report["before"].get("flops") or 1
+        values = [100.0 * u["flops"] / total for u in units]
+        ylabel = "share of model FLOPs (%)"
+        title = f"(b) units (criterion {report.get('criterion')!r} scores no importance): FLOPs share"
+    x = list(range(len(units)))
+    segments = [u.get("segment") for u in units]
+    colors = [_segment_color(s) for s in segments]
+    bars = ax.bar(x, values, color=colors, edgecolor="black", linewidth=0.4, width=0.8)
+    removed_set = set(removed)
+    for i, patch in enumerate(bars.patches):
+        if i in removed_set:
+            patch.set_hatch(REMOVED_HATCH)
+            patch.set_edgecolor("black")
+            patch.set_linewidth(0.9)
+            patch.set_gid(GID_REMOVED_BAR)
+    n = len(units)
+    step = _tick_step(n, 40)
+    ticks = x[::step]
+    ax.set_xticks(ticks)
+    names = [units[i]["name"] for i in ticks]
+    if max((len(s) for s in names), default=0) > 14:
+        names = [str(i) for i in ticks]
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    for label, tick in zip(ax.get_xticklabels(), ticks):
+        if tick in removed_set:
+            label.set_color(REMOVED_COLOR)
+            label.set_fontweight("bold")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel("unit (graph order)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left", fontweight="bold", fontsize=10, wrap=True)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles = []
+    seen = sorted({s for s in segments if s is not None})
+    handles += [Patch(facecolor=_segment_color(s), edgecolor="black", label=f"segment {s}") for s in seen]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch=REMOVED_HATCH,
+                         label=f"removed ({len(removed_set)})"))
+    ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="upper left", framealpha=0.9)
+    top = max(values, default=0.0)
+    if top > 0:
+        ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
+
+
+def _cost(ax, report: dict) -> None:
+    before, after = report.get("before") or {}, report.get("after")
+    if after:
+        keys = [k for k in ("params", "flops", "file_size") if before.get(k)]
+        labels = {"params": "parameters", "flops": "FLOPs / sample", "file_size": "file size"}
+        fmt = {"params": human_count, "flops": human_count, "file_size": human_bytes}
+        x = list(range(len(keys)))
+        width = 0.38
+        ax.bar([i - width / 2 for i in x], [100.0] * len(keys), width, color=OKABE_ITO[0], label="before")
+        kept = [100.0 * after[k] / before[k] for k in keys]
+        ax.bar([i + width / 2 for i in x], kept, width, color=OKABE_ITO[1], label="after")
+        for i, k in enumerate(keys):
+            ax.text(i - width / 2, 101, fmt[k](before[k]), ha="center", va="bottom", fontsize=8)
+            ax.text(i + width / 2, kept[i] + 1, f"{fmt[k](after[k])}\n{kept[i]:.0f}%", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([labels[k] for k in keys])
+        ax.set_ylabel("% of the input model")
+        ax.set_ylim(0, 135)
+        n_removed = sum(1 for u in report["units"] if u.get("removed"))
+        ax.set_title(f"(c) cost before and after removing {n_removed} of {len(report['units'])} units",
+                     loc="left", fontweight="bold", fontsize=10)
+        ax.legend(fontsize=8, loc="upper right", ncol=2)
+        agreement = (report.get("validation") or {}).get("top1_agreement")
+        if agreement is not None:
+            ax.text(0.01, 0.97, f"top-1 agreement with the input model (calibration batch): {agreement:.1%}",
+                    transform=ax.transAxes, va="top", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        return
+    suggestions = [s for s in (report.get("suggestions") or [])]
+    title = "(c) removal suggestions"
+    if not suggestions:
+        _placeholder(ax, title, "no 'after' (nothing was written) and no removal suggestions in this report")
+        return
+    x = list(range(len(suggestions)))
+    width = 0.38
+    flops = [100.0 * (s.get("flops_removed_fraction") or 0.0) for s in suggestions]
+    total_params = before.get("params") or 1
+    params = [100.0 * (s.get("params_removed") or 0) / total_params for s in suggestions]
+    ax.bar([i - width / 2 for i in x], flops, width, color=OKABE_ITO[1], label="FLOPs removed")
+    ax.bar([i + width / 2 for i in x], params, width, color=OKABE_ITO[4], label="parameters removed")
+    for i, s in enumerate(suggestions):
+        target = 100.0 * s["target_flops"]
+        ax.plot([i - 0.45, i + 0.45], [target, target], color="black", linestyle="--", linewidth=1,
+                label="FLOPs target" if i == 0 else None)
+        text = f"{s['units_removed']} units" if s.get("achievable") else "not\nreachable"
+        ax.text(i, max(flops[i], params[i], target) + 2, text, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"target {100 * s['target_flops']:.0f}%" for s in suggestions])
+    ax.set_ylabel("% of the input model removed")
+    ax.set_ylim(0, max([*flops, *params, *(100 * s["target_flops"] for s in suggestions)]) * 1.3 + 5)
+    ax.set_title(f"{title}: what {report.get('criterion')!r} would remove per FLOPs target", loc="left",
+                 fontweight="bold", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+# The formats --plot writes, by the suffix of its path.
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The figure format `path`'s suffix names, PNG without a suffix (a
+    temporary file of `model_files.atomic_paths` counts by its destination);
+    a UserError for any other suffix."""
+    from ..files.model_files import destination_name
+
+    name = destination_name(path)
+    suffix = os.path.splitext(name)[1].lower()
+    if not suffix:
+        return "png"
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"the plot {name} must end in .png, .svg or .pdf (the suffix chooses the format), "
+                        f"not {suffix}")
+    return PLOT_FORMATS[suffix]
+
+
+def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
+    """Draw `report` (from `compress` or `analyze`) as one three-panel figure.
+
+    (a) the CKA matrix between unit outputs with the Fisher segments
+    outlined and the removed units marked on both axes; (b) every unit's
+    importance (or FLOPs share when the criterion has no score) coloured by
+    segment, removed units hatched; (c) parameters, FLOPs and file size
+    before and after, or, for an analysis, the removal suggestions. When
+    `path` is given the figure is written there as PNG, SVG or PDF, as its
+    suffix says (see `plot_format`). Returns the figure.
+    """
+    fmt = plot_format(path) if path is not None else None
+    units = report["units"]
+    removed = [i for i, u in enumerate(units) if u.get("removed")]
+    fig = Figure(figsize=(15, 7.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    # Without a CKA matrix the left panel only carries a note: keep it narrow.
+    left = 1.0 if report.get("cka") else 0.3
+    grid = fig.add_gridspec(2, 2, width_ratios=[left, 1.15], height_ratios=[1.25, 1.0])
+    _heatmap(fig, fig.add_subplot(grid[:, 0]), report, removed)
+    _bars(fig.add_subplot(grid[0, 1]), report, removed)
+    _cost(fig.add_subplot(grid[1, 1]), report)
+    name = os.path.basename(str(report.get("input", "model")))
+    verb = "removed" if report.get("after") else "selected"
+    fig.suptitle(f"sglp-onnx {name}: criterion {report.get('criterion')}, {verb} {len(removed)} of "
+                 f"{len(units)} units", fontsize=13, fontweight="bold")
+    if path is not None:
+        # An explicit format: `compress` passes a temporary name (.NAME.XXXXXXXX.tmp).
+        fig.savefig(path, format=fmt, dpi=110)
+    return fig

@@ -1,0 +1,141 @@
+"""The criterion interface: a criterion picks which units to remove.
+
+A criterion is one small class registered under its `--criterion` name. It
+reads what it needs from a `Context`, which computes the calibration pass,
+GradNorm and other evidence lazily and at most once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from ...files.calibration import CalibrationSet
+from ...errors import UserError
+from ...evidence.calibration_pass import Evidence, collect_evidence
+from ...units.discovery import PrunableUnit
+
+
+@dataclass
+class Selection:
+    """Which units go, and the evidence behind the choice (for the report)."""
+
+    removed: list[int]
+    importance: list[float] | None = None
+    importance_kind: str | None = None  # what the importance numbers are
+    segments: list[tuple[int, int]] | None = None
+    k_curve: list[float] | None = None
+    k_rule: str | None = None
+    notes: list[str] = field(default_factory=list)
+    # Passes over the calibration set the choice cost, e.g. {"forward": 1,
+    # "backward": 1}; a partial pass (a suffix of the network) counts as one.
+    passes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """Everything a criterion may need; expensive parts are computed on first use."""
+
+    model: onnx.ModelProto
+    units: Sequence[PrunableUnit]
+    calib: CalibrationSet | None
+    batch_size: int = 64
+    provider: str = "cpu"
+    seed: int = 0
+    segments: int | None = None
+    # Returns GradNorm per unit, or None when no paired torch model was given.
+    gradnorm_fn: Callable[[], np.ndarray] | None = None
+    progress: Callable[[Iterator, str], Iterator] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    # Per-criterion state that must survive repeated select() calls on this
+    # context (`--target-flops` asks for n = 1, 2, ...), keyed by criterion name.
+    cache: dict[str, object] = field(default_factory=dict)
+    # Run the calibration pass piece by piece (`--sequential`, see sequential.py).
+    sequential: bool = False
+    # The budget is in FLOPs (`--target-flops`): measured-damage criteria
+    # then rank by damage per FLOP removed.
+    flops_budget: bool = False
+    _evidence: Evidence | None = None
+    _gradnorm: np.ndarray | None = None
+    _runner: object | None = None
+    _output_kind: object | None = None
+
+    def output_kind(self):
+        """How the model's first output is scored (fidelity.output_kind), computed once."""
+        if self._output_kind is None:
+            from ...evidence.fidelity import output_kind
+
+            self._output_kind = output_kind(self.model)
+        return self._output_kind
+
+    def runner(self):
+        """The gated graph's runner for the scored output (gating.GatedRunner), built once."""
+        if self._runner is None:
+            from ...surgery.gating import GatedRunner
+
+            self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
+        return self._runner
+
+    def evidence(self) -> Evidence:
+        if self._evidence is None:
+            if self.calib is None:
+                raise UserError("this criterion needs calibration data: pass --calib CALIB.npz "
+                                "or put MODEL.calib.npz beside the model")
+            import time
+
+            start = time.perf_counter()
+            progress = (lambda it: self.progress(it, "calibration")) if self.progress else None
+            self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
+                                              provider=self.provider, progress=progress,
+                                              sequential=self.sequential)
+            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
+        return self._evidence
+
+    @property
+    def has_torch_model(self) -> bool:
+        return self.gradnorm_fn is not None
+
+    def gradnorm(self, criterion: str) -> np.ndarray:
+        if self.gradnorm_fn is None:
+            raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
+                            "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
+        if self._gradnorm is None:
+            import time
+
+            start = time.perf_counter()
+            self._gradnorm = self.gradnorm_fn()
+            self.timings["gradnorm"] = self.timings.get("gradnorm", 0.0) + time.perf_counter() - start
+        return self._gradnorm
+
+
+class Criterion(ABC):
+    """Chooses `n_remove` units to remove."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    needs_torch: ClassVar[bool] = False
+    # Reads --segments (the Fisher segmentation of SGLP).
+    uses_segments: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, ctx: Context, n_remove: int) -> Selection:
+        """The units to remove (indices into `ctx.units`) and why."""
+
+
+REGISTRY: dict[str, type[Criterion]] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def lowest(scores: Sequence[float], n: int) -> list[int]:
+    """Indices of the n lowest scores; ties go to the later unit."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
+    return sorted(order[:n])

@@ -1,0 +1,176 @@
+"""Decoder layers and their KV cache after pruning: the old -> new layer
+numbers for the report, and an onnxruntime-genai `genai_config.json` updated
+for the pruned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Collection, Iterable, Mapping, Sequence
+
+import onnx
+
+from ..errors import UserError
+from ..units.discovery import PrunableUnit
+
+GENAI_CONFIG = "genai_config.json"
+# Keys that hold a decoder's layer count in genai_config.json (its own
+# `num_hidden_layers`, and the spellings of configs copied from transformers).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+# The Optimum / onnxruntime-genai cache naming that renumbering understands.
+CACHE_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
+
+
+def layer_map(units: Sequence[PrunableUnit], removed: Collection[int]) -> dict[int, int | None] | None:
+    """Old decoder layer number -> new one, None for a layer whose attention (or
+    the unit owning its cache) is removed: with it goes its KV cache. None when
+    the model has no transformer layers.
+
+    New numbers count the layers that keep attention, in order: layer k of
+    the pruned model is the k-th surviving cache.
+    """
+    layers = sorted({u.layer_index for u in units if u.layer_index is not None})
+    if not layers:
+        return None
+    gone = {u.layer_index for i, u in enumerate(units)
+            if i in removed and (u.has_attention or u.owned_outputs) and u.layer_index is not None}
+    mapping: dict[int, int | None] = {}
+    new = 0
+    for old in layers:
+        if old in gone:
+            mapping[old] = None
+        else:
+            mapping[old] = new
+            new += 1
+    return mapping
+
+
+def renumbering(layers: Mapping[str, int | None], names: Iterable[str]) -> dict[str, str]:
+    """Cache tensor name -> the same name with the layer's new number.
+
+    `layers` is the report's `layer_map`; names outside the
+    `past_key_values.{i}.key|value` / `present.{i}.key|value` convention and
+    removed layers are left out.
+    """
+    mapping = {}
+    for name in names:
+        match = CACHE_NAME.match(name)
+        if match and layers.get(match.group(2)) is not None:
+            new = f"{match.group(1)}.{layers[match.group(2)]}.{match.group(3)}"
+            if new != name:
+                mapping[name] = new
+    return mapping
+
+
+def rename_tensors(model: onnx.ModelProto, mapping: Mapping[str, str]) -> None:
+    """Rename tensors everywhere in `model` (inputs, outputs, value infos,
+    initializers, node inputs and outputs, subgraphs), in place.
+
+    The mapping may permute names (`a -> b`, `b -> c`): every name is looked up
+    once. A new name that already exists and is not itself renamed is refused.
+    """
+    if not mapping:
+        return
+
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+    every = list(graphs(model.graph))
+    names = {n for g in every for n in [*(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)),
+                                        *(t for node in g.node for t in (*node.input, *node.output))]}
+    clash = (set(mapping.values()) - set(mapping)) & names
+    if clash:
+        raise UserError(f"cannot rename the cache tensors: {sorted(clash)[:4]} already exist in the model")
+    for g in every:
+        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
+            v.name = mapping.get(v.name, v.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(t, t) for t in node.input]
+            node.output[:] = [mapping.get(t, t) for t in node.output]
+
+
+def kv_cache_record(units: Sequence[PrunableUnit], removed: Collection[int]) -> dict[str, Any] | None:
+    """The report's `kv_cache` entry: layer map and the cache inputs/outputs that go."""
+    mapping = layer_map(units, removed)
+    if mapping is None:
+        return None
+    chosen = [units[i] for i in sorted(removed)]
+    return {
+        "layer_map": {str(k): v for k, v in mapping.items()},
+        "layers_before": len(mapping),
+        "layers_after": sum(v is not None for v in mapping.values()),
+        "removed_inputs": sorted(i for u in chosen for i in u.owned_inputs),
+        "removed_outputs": sorted(o for u in chosen for o in u.owned_outputs),
+        "genai_config": None,
+    }
+
+
+def genai_config_source(model_path: Path) -> Path | None:
+    """The `genai_config.json` beside the input model, if there is one."""
+    path = model_path.with_name(GENAI_CONFIG)
+    return path if path.is_file() else None
+
+
+def genai_config_target(model_path: Path, output: Path) -> Path:
+    """Where the updated config goes: `genai_config.json` beside the output, or
+    `OUTPUT.genai_config.json` when the output shares the input's folder (whose
+    files are never modified)."""
+    if output.parent.resolve() != model_path.parent.resolve():
+        return output.with_name(GENAI_CONFIG)
+    from ..files.model_files import beside
+
+    return beside(output, f".{GENAI_CONFIG}")
+
+
+def updated_genai_config(source: Path, *, layers_before: int, layers_after: int, model_name: str,
+                         output_name: str) -> tuple[dict | None, list[str]]:
+    """The config of `source` with its decoder layer count set to `layers_after`.
+
+    Only counts equal to `layers_before` change (another number under one of
+    those keys is not this decoder's), and a `filename` equal to the input
+    model's file name is pointed at the output. Returns the config and what
+    changed, in words; the config is None (and the words say why) when no
+    layer count was found.
+    """
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {source} ({exc}); fix or remove it (it is rewritten for the pruned model)")
+    if not isinstance(config, dict):
+        raise UserError(f"{source} is not a JSON object; fix or remove it")
+    config = copy.deepcopy(config)
+    changes: list[str] = []
+    counts: list[str] = []
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                where = f"{path}.{key}" if path else key
+                if key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool) \
+                        and value == layers_before:
+                    node[key] = layers_after
+                    counts.append(where)
+                    changes.append(f"{where} {layers_before} -> {layers_after}")
+                elif key == "filename" and value == model_name:
+                    node[key] = output_name
+                    changes.append(f"{where} {model_name} -> {output_name}")
+                else:
+                    visit(value, where)
+        elif isinstance(node, list):
+            for k, value in enumerate(node):
+                visit(value, f"{path}[{k}]")
+
+    visit(config, "")
+    if not counts:
+        return None, [f"{source} has no decoder layer count equal to the model's {layers_before} layers "
+                      f"(looked for {', '.join(LAYER_COUNT_KEYS)}), so no updated copy was written"]
+    return config, changes

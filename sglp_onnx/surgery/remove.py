@@ -1,0 +1,116 @@
+"""Graph surgery: skip removed units and drop what no longer feeds an output.
+
+Rewiring is done with onnx-graphsurgeon; everything graph-surgeon does not
+carry over (IR version, model and node metadata) is restored from the input.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..units.discovery import PrunableUnit, shape_twin
+
+
+def substitutions(units: Sequence[PrunableUnit]) -> dict[str, str]:
+    """Exit tensor -> tensor its consumers must read instead.
+
+    Units are chained in graph order so that when unit k and k+1 both go,
+    k+1's exit maps to k's entry (k's exit no longer exists).
+    """
+    subs: dict[str, str] = {}
+    for unit in units:
+        source = unit.entry
+        while source in subs:
+            source = subs[source]
+        subs[unit.exit] = source
+    # A later unit may have been listed first: resolve every chain fully.
+    for exit_ in list(subs):
+        source = subs[exit_]
+        while source in subs:
+            source = subs[source]
+        subs[exit_] = source
+    return subs
+
+
+def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.ModelProto:
+    """Return a new model in which every unit in `units` is skipped.
+
+    Consumers of a unit's exit read its entry instead; graph outputs and
+    inputs that belong only to removed units (a decoder layer's KV cache) are
+    dropped; every other input and output keeps its name, dtype and shape.
+    The opset, IR version and metadata of `model` are kept.
+    """
+    subs = substitutions(units)
+    owned_outputs = {o for u in units for o in u.owned_outputs}
+    owned_inputs = {i for u in units for i in u.owned_inputs}
+
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for node in graph.nodes:
+        for k, tensor in enumerate(node.inputs):
+            if tensor.name in subs:
+                node.inputs[k] = tensors[subs[tensor.name]]
+
+    outputs = []
+    for out in graph.outputs:
+        if out.name in owned_outputs:
+            continue
+        if out.name in subs:
+            # The output keeps its name: detach it from the removed block and
+            # feed it from the unit's entry through an Identity.
+            out.inputs.clear()
+            graph.nodes.append(gs.Node(op="Identity", name=f"sglp_skip/{out.name}",
+                                       inputs=[tensors[subs[out.name]]], outputs=[out]))
+        outputs.append(out)
+    graph.outputs = outputs
+
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _redirect_shape_reads(model, graph, owned_inputs)
+    still_read = {t.name for node in graph.nodes for t in node.inputs}
+    still_read |= {t.name for t in graph.outputs}
+    graph.inputs = [i for i in graph.inputs if i.name not in owned_inputs or i.name in still_read]
+
+    pruned = gs.export_onnx(graph, do_type_check=False)
+    return _restore_model_fields(model, pruned)
+
+
+def _redirect_shape_reads(model: onnx.ModelProto, graph: gs.Graph, owned_inputs: set[str]) -> None:
+    """Nodes that still read a dropped input need only its shape (unit discovery
+    checked that, see `units.read_for_shape_only`): they read a kept input
+    declared with the same shape instead (the past length of a removed
+    decoder layer's KV cache equals every other layer's)."""
+    read = {t.name for node in graph.nodes for t in node.inputs}
+    tensors = graph.tensors()
+    for name in sorted(owned_inputs & read):
+        twin = shape_twin(model, name, owned_inputs)
+        if twin is None or twin not in tensors:
+            continue  # the input stays; validation reports the changed signature
+        for node in graph.nodes:
+            for k, tensor in enumerate(node.inputs):
+                if tensor.name == name:
+                    node.inputs[k] = tensors[twin]
+
+
+def _restore_model_fields(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:
+    pruned.ir_version = original.ir_version
+    del pruned.opset_import[:]
+    pruned.opset_import.extend(original.opset_import)
+    pruned.producer_name = original.producer_name
+    pruned.producer_version = original.producer_version
+    pruned.domain = original.domain
+    pruned.model_version = original.model_version
+    pruned.doc_string = original.doc_string
+    del pruned.metadata_props[:]
+    pruned.metadata_props.extend(original.metadata_props)
+    if original.functions and not pruned.functions:
+        pruned.functions.extend(original.functions)
+    pruned.graph.name = original.graph.name
+    node_metadata = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
+    for node in pruned.graph.node:
+        props = node_metadata.get(node.name)
+        if props is not None and not node.metadata_props:
+            node.metadata_props.extend(props)
+    return pruned

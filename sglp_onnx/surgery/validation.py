@@ -1,0 +1,151 @@
+"""The gate every output passes before it is written: full ONNX check, an
+ONNX Runtime run, the input/output signature, finite outputs, and exact
+reproduction of the input model when nothing was removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from ..graph.index import declared_dims
+from ..files.model_files import proto_size, saved_with_external_data
+from ..graph.runtime import PROTOBUF_LIMIT, make_session
+
+
+class ValidationError(Exception):
+    """The pruned model failed a check: a bug in the tool, never the user's fault."""
+
+
+@dataclass
+class ValidationResult:
+    checker: bool = False
+    runs: bool = False
+    signature: bool = False
+    finite: bool = False
+    opset_ir_kept: bool = False
+    exact_when_nothing_removed: bool | None = None
+    top1_agreement: float | None = None
+    max_abs_output_diff: float | None = None
+    removed_outputs: list[str] = field(default_factory=list)
+    removed_inputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _signature(model: onnx.ModelProto) -> tuple[dict, dict]:
+    initializers = {i.name for i in model.graph.initializer}
+
+    def describe(vi):
+        return vi.type.tensor_type.elem_type, declared_dims(vi)
+
+    inputs = {i.name: describe(i) for i in model.graph.input if i.name not in initializers}
+    outputs = {o.name: describe(o) for o in model.graph.output}
+    return inputs, outputs
+
+
+def full_check(model: onnx.ModelProto) -> None:
+    if proto_size(model) < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with saved_with_external_data(model) as path:
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+def check_standalone(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, provider: str = "cpu",
+                     what: str = "the model") -> dict[str, bool]:
+    """Full checker, one ONNX Runtime run on `feed` (inputs the model lacks are
+    ignored) and finite float outputs, for a model with no reference to compare
+    against; ValidationError names the first failed check."""
+    try:
+        full_check(model)
+    except Exception as exc:
+        raise ValidationError(f"{what} fails onnx.checker: {exc}") from exc
+    try:
+        session = make_session(model, provider)
+        names = {i.name for i in session.get_inputs()}
+        values = session.run(None, {k: v for k, v in feed.items() if k in names})
+    except UserError:  # an unusable provider is the caller's to fix
+        raise
+    except Exception as exc:
+        raise ValidationError(f"ONNX Runtime cannot run {what}: {exc}") from exc
+    bad = [o.name for o, v in zip(model.graph.output, values)
+           if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    if bad:
+        raise ValidationError(f"{what} outputs NaN/Inf in {', '.join(bad)}")
+    return {"checker": True, "runs": True, "finite": True}
+
+
+def validate(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    feed: dict[str, np.ndarray],
+    *,
+    removed_outputs: set[str],
+    removed_inputs: set[str],
+    nothing_removed: bool,
+    provider: str = "cpu",
+) -> ValidationResult:
+    """Check `pruned` against `original` on one batch; raise ValidationError on any failure."""
+    result = ValidationResult()
+    try:
+        full_check(pruned)
+    except Exception as exc:
+        raise ValidationError(f"onnx.checker rejected the pruned model: {exc}") from exc
+    result.checker = True
+
+    if pruned.ir_version != original.ir_version or {(o.domain, o.version) for o in pruned.opset_import} != {
+        (o.domain, o.version) for o in original.opset_import
+    }:
+        raise ValidationError("the pruned model's opset or IR version differs from the input's")
+    result.opset_ir_kept = True
+
+    in_orig, out_orig = _signature(original)
+    in_new, out_new = _signature(pruned)
+    expected_in = {k: v for k, v in in_orig.items() if k not in removed_inputs}
+    expected_out = {k: v for k, v in out_orig.items() if k not in removed_outputs}
+    if in_new != expected_in or list(out_new) != [k for k in out_orig if k not in removed_outputs] \
+            or out_new != expected_out:
+        raise ValidationError(
+            f"signature changed: inputs {sorted(in_new)} vs {sorted(expected_in)}, "
+            f"outputs {list(out_new)} vs {list(expected_out)}"
+        )
+    result.signature = True
+    result.removed_inputs = sorted(removed_inputs)
+    result.removed_outputs = sorted(removed_outputs)
+
+    try:
+        session = make_session(pruned, provider)
+        new_values = dict(zip([o.name for o in session.get_outputs()],
+                              session.run(None, {k: v for k, v in feed.items() if k in in_new})))
+    except Exception as exc:
+        raise ValidationError(f"ONNX Runtime cannot run the pruned model: {exc}") from exc
+    result.runs = True
+    del session  # one model's weights in ONNX Runtime at a time: matters for big models
+
+    reference_session = make_session(original, provider)
+    ref_values = dict(zip([o.name for o in reference_session.get_outputs()], reference_session.run(None, feed)))
+    for name, value in new_values.items():
+        ref = ref_values[name]
+        if np.issubdtype(value.dtype, np.floating) and np.all(np.isfinite(ref)) and not np.all(np.isfinite(value)):
+            raise ValidationError(f"the pruned model produced NaN/Inf in output {name!r}")
+    result.finite = True
+
+    first = next(iter(out_new))
+    a, b = new_values[first], ref_values[first]
+    if a.shape == b.shape and np.issubdtype(a.dtype, np.floating):
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both overflowed
+            diff = float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
+        result.max_abs_output_diff = diff if np.isfinite(diff) else None
+        if a.ndim >= 2:
+            result.top1_agreement = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    if nothing_removed:
+        exact = all(np.array_equal(new_values[k], ref_values[k]) for k in new_values)
+        if not exact:
+            raise ValidationError("with nothing removed the output differs from the input model's")
+        result.exact_when_nothing_removed = True
+    return result

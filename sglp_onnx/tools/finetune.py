@@ -1,0 +1,605 @@
+"""Healing a pruned model: apply the pruning report's removals to the paired
+torch model, fine-tune it with cross-entropy plus distillation from the
+unpruned model, and export it with the pruned ONNX file's signature.
+
+Compression itself stays fine-tuning-free (SGLP's point); healing is a
+separate, optional step that needs training data and the torch model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from ..files.calibration import CalibrationSet, check_calibration, load_npz, model_inputs
+from ..errors import UserError
+from ..graph.index import declared_dims
+from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
+from ..files.model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
+                          save_model)
+from ..report.summary import to_json, tool_info
+from ..graph.runtime import input_model_errors, make_session
+
+# Hinton, Vinyals, Dean, "Distilling the knowledge in a neural network" (2015):
+# soft targets at temperature T, the KL term scaled by T^2 so that its
+# gradients keep their size when T changes.
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_DISTILL_WEIGHT = 0.5
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH_SIZE = 64
+VALIDATION_SAMPLES = 8
+# The teacher's outputs over the training set are kept in memory up to this size.
+TEACHER_CACHE_BYTES = 256 * 2**20
+
+Progress = Callable[[Iterator, str], Iterator]
+
+
+class SkipModule(torch.nn.Module):
+    """Stands in for a removed unit: returns the first tensor it is given.
+
+    A module that returned a tuple (a transformer layer's hidden state plus
+    attention weights or cache) is replaced by a tuple of the same length
+    whose other entries are None.
+    """
+
+    def __init__(self, tuple_length: int | None = None) -> None:
+        super().__init__()
+        self.tuple_length = tuple_length
+
+    def forward(self, *args, **kwargs):
+        x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None:
+            raise RuntimeError("a skipped unit received no tensor input")
+        if self.tuple_length is None:
+            return x
+        return (x,) + (None,) * (self.tuple_length - 1)
+
+
+@dataclass
+class RemovalPlan:
+    """What the pruning report removed and which torch modules computed it."""
+
+    units: list[str]
+    modules: list[str]
+    report_path: Path
+    report: dict = field(repr=False, default_factory=dict)
+
+
+def default_output(pruned: Path) -> Path:
+    return beside(pruned, ".finetuned.onnx")
+
+
+def _json_beside(path: Path) -> Path:
+    return beside(path, ".json")
+
+
+def read_plan(pruned: Path, report: str | os.PathLike | None = None) -> RemovalPlan:
+    """The removed units of `pruned` and their torch modules, from its report (PRUNED.json by default)."""
+    path = Path(report) if report is not None else _json_beside(pruned)
+    if not path.is_file():
+        raise UserError(f"no pruning report for {pruned}: {path} not found; pass --report REPORT.json "
+                        "(the JSON that `sglp-onnx compress` wrote beside the pruned model)")
+    try:
+        data = json.loads(path.read_text())
+        units = data["units"]
+        removed = [u["name"] for u in units if u["removed"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not an sglp-onnx pruning report ({type(exc).__name__}: {exc})") from None
+    pairing = data.get("pairing")
+    if removed and not pairing:
+        raise UserError(f"the report {path} has no torch pairing, so the removed units cannot be mapped to torch "
+                        "modules; run `sglp-onnx compress` again with --torch-model (and --torch-weights)")
+    modules_of = {p["unit"]: p["modules"] for p in (pairing or {}).get("units", [])}
+    unpaired = [name for name in removed if not modules_of.get(name)]
+    if unpaired:
+        raise UserError(f"the report {path} has no torch module for removed unit(s) {', '.join(unpaired[:4])}; "
+                        "run `sglp-onnx compress` again with --torch-model")
+    modules = list(dict.fromkeys(m for name in removed for m in modules_of[name]))
+    return RemovalPlan(units=removed, modules=modules, report_path=path, report=data)
+
+
+def output_structure(model: torch.nn.Module, paths: Sequence[str], feed, input_order) -> dict[str, int | None]:
+    """Per module path: None when it returns a tensor, else the length of the tuple it returns."""
+    found: dict[str, int | None] = {}
+    hooks = []
+    for path in paths:
+        def hook(module, args, output, path=path):
+            found.setdefault(path, len(output) if isinstance(output, (tuple, list)) else None)
+        hooks.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run_torch(model, feed, input_order)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def skip_modules(model: torch.nn.Module, paths: Sequence[str], structure: dict[str, int | None]) -> torch.nn.Module:
+    """A copy of `model` with each module at `paths` replaced by a `SkipModule`."""
+    pruned = copy.deepcopy(model)
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = pruned.get_submodule(parent_path) if parent_path else pruned
+        setattr(parent, child, SkipModule(structure.get(path)))
+    return pruned
+
+
+def delete_layers(model: torch.nn.Module, paths: Sequence[str]) -> tuple[torch.nn.Module, list[int]]:
+    """A copy of a Hugging Face model without the decoder layers at `paths`, and the kept layer numbers.
+
+    Each path must be a whole layer: an entry of the model's one layer
+    ModuleList (as long as `config.num_hidden_layers`). The layers are
+    deleted, not skipped, so the copy is a genuinely shallower model: the
+    config's layer count (and `layer_types`) shrink and every `layer_idx`
+    attribute in a kept layer is renumbered 0..n-1, as transformers would
+    build it, so its KV cache holds one entry per kept layer.
+    """
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise UserError(f"{type(model).__name__} has no config.num_hidden_layers; cannot delete its layers")
+    parents = {path.rpartition(".")[0] for path in paths}
+    layers_path = parents.pop() if len(parents) == 1 else None
+    layers = model.get_submodule(layers_path) if layers_path else None
+    if paths and (parents or not isinstance(layers, torch.nn.ModuleList) or len(layers) != count
+                  or not all(path.rpartition(".")[2].isdigit() for path in paths)):
+        raise UserError(f"the removed modules ({', '.join(paths)}) are not whole decoder layers of "
+                        f"{type(model).__name__}; fine-tuning a Hugging Face model needs a model pruned "
+                        "by whole layers (not --granularity sublayer)")
+    if not paths:
+        return copy.deepcopy(model), list(range(count))
+    removed = {int(path.rpartition(".")[2]) for path in paths}
+    kept = [i for i in range(count) if i not in removed]
+    clone = copy.deepcopy(model)
+    old_layers = clone.get_submodule(layers_path)
+    parent_path, _, child = layers_path.rpartition(".")
+    setattr(clone.get_submodule(parent_path) if parent_path else clone, child,
+            torch.nn.ModuleList([old_layers[i] for i in kept]))
+    types = getattr(clone.config, "layer_types", None)
+    clone.config.num_hidden_layers = len(kept)
+    if isinstance(types, list) and len(types) == count:
+        clone.config.layer_types = [types[i] for i in kept]
+    for new, old in enumerate(kept):
+        for module in old_layers[old].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    return clone.eval(), kept
+
+
+def cache_layer_numbers(report: dict, kept: Sequence[int]) -> list[int]:
+    """The pruned model's cache number of each kept layer, in order, from the report's kv_cache.layer_map."""
+    mapping = (report.get("kv_cache") or {}).get("layer_map")
+    if not mapping:
+        return list(kept)
+    numbers = [int(old) for old, new in sorted(mapping.items(), key=lambda kv: int(kv[0])) if new is not None]
+    if numbers != list(kept):
+        raise UserError(f"the report's kv_cache.layer_map keeps layers {numbers}, but its removed units keep "
+                        f"layers {list(kept)}; is the report the pruned model's?")
+    return numbers
+
+
+def rename_cache_tensors(model: onnx.ModelProto, numbers: Sequence[int]) -> None:
+    """Rename `past_key_values.{i}.*` / `present.{i}.*` to layer `numbers[i]` in place (graph and subgraphs)."""
+    from ..surgery.kv_cache import rename_tensors
+
+    rename_tensors(model, {f"{prefix}.{new}.{kv}": f"{prefix}.{old}.{kv}" for new, old in enumerate(numbers)
+                           if new != old for prefix in ("past_key_values", "present") for kv in ("key", "value")})
+
+
+
+def _torch_logits(model: torch.nn.Module, feed, input_order) -> torch.Tensor:
+    logits = first_tensor(run_torch(model, feed, input_order))
+    if logits is None:
+        raise UserError("the torch model returned no tensor")
+    return logits
+
+
+def _loss_rows(logits: torch.Tensor, feed: dict[str, np.ndarray], causal: bool):
+    """Logit rows that carry a loss and, for causal LMs, their next-token targets."""
+    if causal and logits.ndim == 3 and "input_ids" in feed:
+        return next_token_rows(logits, feed)
+    return logits.reshape(-1, logits.shape[-1]), None
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T))."""
+    log_p_student = torch.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+@torch.no_grad()
+def task_metrics(model: torch.nn.Module, data: CalibrationSet, input_order, *, batch_size: int) -> dict:
+    """Mean cross-entropy and top-1 accuracy against the labels (or next tokens), model in eval mode."""
+    model.eval()
+    causal = is_causal_lm(model)
+    nll = correct = count = 0.0
+    for feed, labels in data.batches(batch_size):
+        rows, targets = _loss_rows(_torch_logits(model, feed, input_order), feed, causal)
+        if targets is None:
+            if labels is None:
+                return {"loss": None, "accuracy": None}
+            targets = torch.from_numpy(labels.reshape(-1)).long()
+        nll += float(torch.nn.functional.cross_entropy(rows.float(), targets, reduction="sum"))
+        correct += float((rows.argmax(-1) == targets).sum())
+        count += len(targets)
+    return {"loss": nll / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: torch.nn.Module, data: CalibrationSet, input_order: Sequence[str], *,
+                    batch_size: int, max_bytes: int = TEACHER_CACHE_BYTES) -> np.ndarray | None:
+    """The teacher's logits for every sample (eval mode), or None when they would exceed `max_bytes`."""
+    teacher.eval()
+    rows = []
+    for feed, _ in data.batches(batch_size):
+        rows.append(_torch_logits(teacher, feed, input_order).float().numpy())
+        if rows[0].nbytes / len(rows[0]) * data.n_samples > max_bytes:
+            return None
+    return np.concatenate(rows)
+
+
+def check_training_options(*, epochs: int, lr: float, batch_size: int, seed: int, distill_weight: float,
+                           temperature: float) -> None:
+    """Refuse a training option that cannot work (NaN included), before any work."""
+    def whole(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+    if not whole(epochs) or epochs < 1:
+        raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}")
+    if not whole(batch_size) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    if not whole(seed) or seed < 0:
+        raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
+    # Written as `not (x in range)` so that NaN is refused too.
+    if not (0.0 < lr < math.inf):
+        raise UserError(f"--lr must be a positive number, got {lr!r}")
+    if not (0.0 <= distill_weight <= 1.0):
+        raise UserError(f"--distill-weight must be in [0, 1], got {distill_weight!r}")
+    if not (0.0 < temperature < math.inf):
+        raise UserError(f"--temperature must be a positive number, got {temperature!r}")
+
+
+def train(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    data: CalibrationSet,
+    input_order: Sequence[str],
+    *,
+    epochs: int,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    distill_weight: float = DEFAULT_DISTILL_WEIGHT,
+    temperature: float = DEFAULT_TEMPERATURE,
+    progress: Progress | None = None,
+    teacher_logits: np.ndarray | None = None,
+) -> list[float]:
+    """Fine-tune `student` in place; return the mean training loss of each epoch.
+
+    Loss = (1 - w) * cross-entropy with the labels (next tokens for causal
+    LMs; the teacher's top-1 when there are no labels) + w * T^2 *
+    KL(teacher || student) at temperature T. AdamW without weight decay,
+    learning rate decayed to 0 by a cosine over all steps; batches drawn in
+    a seeded random order; normalisation statistics update (train mode).
+
+    The teacher runs in eval mode on unaugmented data, so its outputs are
+    the same every epoch: they are computed once (`teacher_outputs`) unless
+    too large to keep, or taken from `teacher_logits` (one row per sample).
+    """
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                           temperature=temperature)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = data.n_samples
+    steps = epochs * math.ceil(n / batch_size)
+    params = [p for p in student.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    causal = is_causal_lm(student)
+    if teacher is not None:
+        teacher.eval()
+        if teacher_logits is None and (distill_weight > 0 or data.labels is None):
+            teacher_logits = teacher_outputs(teacher, data, input_order, batch_size=batch_size)
+    history = []
+    for epoch in range(epochs):
+        student.train()
+        order = rng.permutation(n)
+        starts = range(0, n, batch_size)
+        if progress is not None:
+            starts = progress(starts, f"epoch {epoch + 1}/{epochs}")
+        total, seen = 0.0, 0
+        for start in starts:
+            index = np.sort(order[start:start + batch_size])
+            feed = {k: v[index] for k, v in data.inputs.items()}
+            labels = None if data.labels is None else data.labels[index]
+            teacher_batch = None
+            if teacher_logits is not None:
+                teacher_batch = torch.from_numpy(teacher_logits[index])
+            elif teacher is not None and (distill_weight > 0 or labels is None):
+                with torch.no_grad():
+                    teacher_batch = _torch_logits(teacher, feed, input_order)
+            logits = _torch_logits(student, feed, input_order)
+            rows, targets = _loss_rows(logits, feed, causal)
+            if targets is None:
+                targets = (torch.from_numpy(labels.reshape(-1)).long() if labels is not None
+                           else _loss_rows(teacher_batch, feed, causal)[0].argmax(-1))
+            loss = torch.nn.functional.cross_entropy(rows, targets)
+            if distill_weight > 0 and teacher_batch is not None:
+                teacher_rows = _loss_rows(teacher_batch, feed, causal)[0]
+                loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(rows, teacher_rows, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+        history.append(total / max(seen, 1))
+    student.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return history
+
+
+def _signature(model: onnx.ModelProto) -> tuple[list, list]:
+    """Inputs and outputs as (name, element type, dims) with symbolic dims as None."""
+    initializers = {i.name for i in model.graph.initializer}
+
+    def describe(vi):
+        dims = declared_dims(vi)
+        numbers = None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
+        return vi.name, vi.type.tensor_type.elem_type, numbers
+
+    return ([describe(i) for i in model.graph.input if i.name not in initializers],
+            [describe(o) for o in model.graph.output])
+
+
+def check_signature(pruned: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """Same input and output names, order and element types; same rank and fixed sizes.
+
+    Symbolic dimensions may be named differently by the exporter.
+    """
+    for kind, a, b in zip(("inputs", "outputs"), _signature(pruned), _signature(new)):
+        same = len(a) == len(b) and all(
+            na == nb and ta == tb and (da is None or db is None or (
+                len(da) == len(db) and all(x is None or y is None or x == y for x, y in zip(da, db))))
+            for (na, ta, da), (nb, tb, db) in zip(a, b))
+        if not same:
+            raise UserError(f"the fine-tuned export changed the model's {kind}: {b} instead of {a}")
+
+
+def _validate(new: onnx.ModelProto, feed: dict[str, np.ndarray], provider: str) -> dict:
+    from ..surgery.validation import ValidationError, check_standalone
+
+    try:
+        checks = check_standalone(new, feed, provider=provider, what="the fine-tuned export")
+    except ValidationError as exc:
+        hint = "; lower --lr" if "NaN/Inf" in str(exc) else ""
+        raise UserError(f"{exc}{hint}; nothing was written") from None
+    return {**checks, "signature": False}
+
+
+@dataclass
+class FinetuneResult:
+    """The written model and report of `finetune`, and the fine-tuned torch model."""
+
+    output: Path
+    report_path: Path
+    report: dict
+    model: torch.nn.Module = field(repr=False)
+
+    def summary(self) -> str:
+        """What was skipped and trained and how the metrics moved, as printed by `sglp-onnx finetune`."""
+        rep = self.report
+        tm = rep["train_metrics"]
+        lines = [f"fine-tuned {rep['input']} for {rep['training']['epochs']} epoch(s) -> {rep['output']}",
+                 f"{rep.get('layer_removal', 'skipped')} modules: {', '.join(rep['skipped_modules']) or '(none)'}",
+                 f"training loss per epoch: {', '.join(f'{v:.4f}' for v in rep['training']['epoch_loss'])}"]
+        if tm["before"]["accuracy"] is not None:
+            lines.append(f"training-data accuracy: {tm['before']['accuracy']:.2%} -> {tm['after']['accuracy']:.2%}")
+        if rep["eval"]:
+            before, after = rep["eval"]["before"], rep["eval"]["after"]
+            for key in ("accuracy", "perplexity"):
+                if before.get(key) is not None:
+                    fmt = "{:.2%}" if key == "accuracy" else "{:.3f}"
+                    lines.append(f"{key} on {rep['eval']['data']}: {fmt.format(before[key])} -> "
+                                 f"{fmt.format(after[key])}")
+        lines.append(f"report: {self.report_path}")
+        return "\n".join(lines)
+
+
+
+def finetune(
+    pruned_path: str | os.PathLike,
+    *,
+    torch_model: str,
+    train_data: str | os.PathLike,
+    epochs: int,
+    torch_weights: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    eval_data: str | os.PathLike | None = None,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    distill_weight: float = DEFAULT_DISTILL_WEIGHT,
+    temperature: float = DEFAULT_TEMPERATURE,
+    exporter: str = "dynamo",
+    provider: str = "cpu",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> FinetuneResult:
+    """Heal a pruned model by fine-tuning its torch counterpart; write the result as ONNX.
+
+    Reads the pruning report (`report`, default PRUNED.json beside the pruned
+    model), replaces every removed unit's torch module(s) in the paired model
+    by a skip (for `hf:DIR` causal LMs: deletes the removed decoder layers,
+    see `delete_layers`, and exports with `export_hf`, the KV cache renamed
+    to the pruned model's layer numbers), checks that this reproduces the pruned ONNX model, trains it
+    (see `train`) on `train_data` (an .npz named like calibration files, with
+    `labels` for classifiers), exports it with the pruned model's input and
+    output names and opset, checks it (onnx.checker, ONNX Runtime, same
+    signature, finite outputs) and writes it (default PRUNED.finetuned.onnx)
+    with a JSON report beside it, atomically. `eval_data` adds metrics of the
+    pruned model before and after fine-tuning.
+    """
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                           temperature=temperature)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    pruned_path = Path(pruned_path)
+    out = Path(output) if output is not None else default_output(pruned_path)
+    report_out = _json_beside(out)
+    inputs = [pruned_path, Path(train_data)] + ([Path(eval_data)] if eval_data else [])
+    check_output_path(out, force=force, what="output", inputs=inputs)
+    check_output_path(report_out, force=force, what="report", inputs=inputs)
+    if exporter not in ("dynamo", "legacy"):
+        raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
+    pruned = load_model(pruned_path)
+    plan = read_plan(pruned_path, report)
+    data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
+    order = [s.name for s in model_inputs(pruned)]
+
+    from ..files.calibration import is_cache_input
+    from .export.torch_export import export_torch, load_torch_model
+    from ..paired.hf_model import HF_PREFIX, is_hf_spec, load_hf_model
+
+    hf = is_hf_spec(torch_model)
+    cache_names: set[str] = set()
+    if hf:
+        if torch_weights is not None:
+            raise UserError("--torch-weights goes with --torch-model MODULE:FACTORY; an hf:DIR folder holds "
+                            "its own weights")
+        specs = model_inputs(pruned)
+        cache_names = {s.name for s in specs if is_cache_input(s, specs)}
+        teacher = load_hf_model(torch_model[len(HF_PREFIX):])
+    else:
+        teacher = load_torch_model(torch_model, None if torch_weights is None else str(torch_weights))
+    # The torch model runs whole sequences: the ONNX feed without its (empty) past KV cache.
+    torch_order = [name for name in order if name not in cache_names]
+    torch_data = data if not cache_names else CalibrationSet(
+        inputs={k: v for k, v in data.inputs.items() if k not in cache_names}, labels=data.labels,
+        source=data.source)
+    probe_feed = data.first(VALIDATION_SAMPLES)
+    torch_probe = {k: v for k, v in probe_feed.items() if k not in cache_names}
+    cache_numbers: list[int] = []
+    try:
+        if hf:
+            student, kept = delete_layers(teacher, plan.modules)
+            cache_numbers = cache_layer_numbers(plan.report, kept)
+        else:
+            structure = output_structure(teacher, plan.modules, probe_feed, order)
+            student = skip_modules(teacher, plan.modules, structure)
+        with torch.no_grad():
+            got = _torch_logits(student.eval(), torch_probe, torch_order).float().numpy()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"the torch model failed on the training data: {type(exc).__name__}: {exc}") from None
+    with input_model_errors(f"the model {pruned_path}"):
+        expected = make_session(pruned, provider).run([pruned.graph.output[0].name], probe_feed)[0]
+    error = relative_error(got, expected)
+    if error > TOLERANCE:
+        raise UserError(
+            f"{'deleting' if hf else 'skipping'} the removed units' modules ({', '.join(plan.modules) or 'none'}) "
+            f"in {torch_model} does "
+            f"not reproduce {pruned_path} (relative error {error:.3g}); is --torch-model (and --torch-weights) "
+            f"the model {plan.report_path} was made from?")
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    before = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
+    history = train(student, teacher, torch_data, torch_order, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                    distill_weight=distill_weight, temperature=temperature, progress=progress)
+    after = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
+    timings["train"] = time.perf_counter() - start
+
+    opset = next((o.version for o in pruned.opset_import if o.domain in ("", "ai.onnx")), None)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(probe_feed[name][:2])) for name in order)
+    with tempfile.TemporaryDirectory(prefix="sglp-finetune-") as tmp:
+        start = time.perf_counter()
+        exported = Path(tmp) / out.name
+        if hf:
+            from .export.hf import export_hf
+
+            # A fresh export numbers the cache 0..n-1; the pruned model keeps the kept layers' numbers.
+            with_cache = any(name.startswith("past_key_values.") for name in order)
+            new = export_hf(student, exported, with_cache=with_cache, exporter=exporter, opset=opset)
+            if with_cache:
+                rename_cache_tensors(new, cache_numbers)
+                save_model(new, exported)
+        else:
+            new = export_torch(student, example, exported, input_names=order,
+                               output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
+        timings["export"] = time.perf_counter() - start
+        start = time.perf_counter()
+        check_signature(pruned, new)
+        validation = _validate(new, probe_feed, provider)
+        validation["signature"] = True
+        timings["validation"] = time.perf_counter() - start
+        evaluation = None
+        if eval_data is not None:
+            from ..evidence.metrics import evaluate
+
+            start = time.perf_counter()
+            before_eval, after_eval = evaluate([pruned_path, exported], eval_data, provider=provider,
+                                               batch_size=batch_size)
+            evaluation = {"data": str(eval_data), "before": before_eval.to_dict(), "after": after_eval.to_dict()}
+            evaluation["after"]["model"] = str(out)
+            timings["eval"] = time.perf_counter() - start
+
+        rep = {
+            "tool": tool_info(),
+            "input": str(pruned_path),
+            "output": str(out),
+            "pruning_report": str(plan.report_path),
+            "torch_model": torch_model,
+            "torch_weights": None if torch_weights is None else str(torch_weights),
+            "removed_units": plan.units,
+            "skipped_modules": plan.modules,
+            "layer_removal": "deleted" if hf else "skipped",
+            "cache_layers": cache_numbers if hf else None,
+            "skip_reproduces_pruned_relative_error": error,
+            "training": {
+                "data": str(train_data), "samples": data.n_samples, "epochs": epochs, "lr": lr,
+                "batch_size": batch_size, "seed": seed, "distill_weight": distill_weight,
+                "temperature": temperature,
+                "loss": "(1 - w) * CE(labels) + w * T^2 * KL(softmax(teacher/T) || softmax(student/T))",
+                "optimizer": "AdamW, no weight decay, cosine decay to 0",
+                "epoch_loss": history,
+            },
+            "train_metrics": {"before": before, "after": after},
+            "eval": evaluation,
+            "validation": validation,
+            "exporter": exporter,
+            "timings": timings,
+        }
+        start = time.perf_counter()
+        external = proto_size(new) >= EXTERNAL_DATA_THRESHOLD
+        data_path = out.with_name(out.name + ".data")
+        targets = [out, report_out] + ([data_path] if external else [])
+        if external and data_path.exists() and not force:
+            raise UserError(f"{data_path} exists; pass --force to overwrite it")
+        with atomic_paths(*targets, overwrite=force) as temps:
+            if external:
+                save_model(new, temps[0], external_data=True, data_file=temps[2], data_name=data_path.name)
+            else:
+                save_model(new, temps[0], external_data=False)
+            timings["write"] = time.perf_counter() - start
+            temps[1].write_text(to_json(rep))
+    return FinetuneResult(output=out, report_path=report_out, report=rep, model=student)

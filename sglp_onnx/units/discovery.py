@@ -1,0 +1,526 @@
+"""Finding prunable units: residual branches `y = x + f(x)` whose removal
+(`y := x`) keeps every tensor shape.
+
+Discovery reads graph structure only. Module scopes (from node names or the
+dynamo exporter's metadata) are used to group the residual branches of one
+transformer layer, never to decide what is residual.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import onnx
+
+from ..errors import UserError
+from ..graph.index import SHAPE_ONLY_OPS, GraphIndex, declared_dims
+
+# Ops that may follow a residual Add inside the block (`relu(x + f(x))`,
+# post-norm `LayerNorm(x + f(x))`): the unit's exit is their output.
+POST_ADD_OPS = {
+    "Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Gelu", "HardSwish",
+    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+}
+# Element-wise ops a LayerNorm decomposes into at opsets before 17.
+NORM_OPS = {"ReduceMean", "Sub", "Pow", "Add", "Sqrt", "Div", "Mul", "Cast", "Reciprocal"}
+# Casts and identities that change nothing can sit on a skip path.
+PASS_THROUGH_OPS = {"Identity", "Cast"}
+ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+
+GRANULARITIES = ("layer", "sublayer")
+
+# Ops whose output shape is a function of the shapes (not the values) of the
+# inputs at these positions (None: every input). A tensor that reaches only
+# Shape/Size through them is read for its shape alone; a decoder layer's past
+# KV input often is, once the layer is gone (the past length for the mask).
+SHAPE_DETERMINED_OPS: dict[str, frozenset[int] | None] = {
+    "Identity": None, "Cast": None, "Concat": None, "Transpose": None, "Neg": None,
+    "Add": None, "Sub": None, "Mul": None, "Div": None,
+    "Unsqueeze": frozenset({0}), "Squeeze": frozenset({0}), "Reshape": frozenset({0}), "Expand": frozenset({0}),
+}
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual Add: `add(skip, branch)` with `skip` computed before `branch`."""
+
+    entry: str  # the skip input, seen through no-op Cast/Identity
+    exit: str  # the Add output, or the output of the op that follows it
+    branch: str  # the Add input computed by f(x)
+    add_node: int
+    post_node: int | None
+    region: frozenset[int]  # nodes between entry and the branch input
+    scope: str
+    has_attention: bool
+
+
+@dataclass
+class PrunableUnit:
+    """A removable block; removing it makes consumers of `exit` read `entry`."""
+
+    name: str
+    scope: str
+    entry: str
+    exit: str
+    add_nodes: tuple[str, ...]
+    nodes: tuple[str, ...] = ()
+    params: int = 0
+    flops: int = 0
+    owned_outputs: tuple[str, ...] = ()
+    owned_inputs: tuple[str, ...] = ()
+    sublayers: int = 1
+    has_attention: bool = False
+    layer_index: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _skip_source(index: GraphIndex, tensor: str) -> str:
+    """Walk back through Identity and dtype-preserving Cast nodes."""
+    while True:
+        p = index.producer.get(tensor)
+        if p is None:
+            return tensor
+        node = index.nodes[p]
+        if node.op_type not in PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx"):
+            return tensor
+        source = node.input[0]
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is None or index.dtypes.get(source) != to:
+                return tensor
+        tensor = source
+
+
+def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
+    """Nodes on some path from `source` to `target` (inclusive of target's producer)."""
+    ancestors = index.ancestors_of(target, stop_below=index.position(source) + 1, values_only=True)
+    reached: set[int] = set()
+    frontier = [c for c in index.consumers.get(source, ()) if c in ancestors]
+    while frontier:
+        i = frontier.pop()
+        if i in reached:
+            continue
+        reached.add(i)
+        for out in index.nodes[i].output:
+            frontier.extend(c for c in index.consumers.get(out, ()) if c in ancestors)
+    return frozenset(reached)
+
+
+def _post_op(index: GraphIndex, add_output: str) -> int | None:
+    users = index.consumers.get(add_output, [])
+    if add_output in index.output_names or add_output in index.subgraph_refs:
+        return None
+    if len(users) != 1:
+        return _decomposed_norm(index, add_output)
+    node = index.nodes[users[0]]
+    if node.op_type not in POST_ADD_OPS or node.input[0] != add_output:
+        return _decomposed_norm(index, add_output)
+    if any(i and not index.is_constant(i) for i in node.input[1:]):
+        return None
+    if any(o for o in node.output[1:] if index.consumers.get(o) or o in index.output_names):
+        return None
+    # The op belongs to the block only when it runs inside the block's module:
+    # a pre-norm stack's final norm also reads the last residual Add alone.
+    add_scope, post_scope = index.scopes[index.producer[add_output]], index.scopes[users[0]]
+    if add_scope and post_scope and post_scope != add_scope and not post_scope.startswith(add_scope + "."):
+        return None
+    return users[0]
+
+
+def _decomposed_norm(index: GraphIndex, add_output: str, *, max_nodes: int = 16) -> int | None:
+    """The last node of a LayerNorm spelled out in element-wise ops (opsets
+    before 17: ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul) that alone reads the
+    Add's output, or None.
+
+    The region is grown from the Add output through NORM_OPS whose other
+    inputs are constants or region tensors; it qualifies when it contains a
+    ReduceMean, nothing outside it reads the Add output or its intermediate
+    tensors, exactly one region tensor leaves it, and (with scopes) it runs in
+    the Add's module. Post-norm encoders exported at old opsets end each
+    residual block like this.
+    """
+    region_tensors = {add_output}
+    region: set[int] = set()
+    grew = True
+    while grew and len(region) <= max_nodes:
+        grew = False
+        for t in list(region_tensors):
+            for c in index.consumers.get(t, ()):
+                node = index.nodes[c]
+                if c in region or node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx"):
+                    continue
+                if all(not i or i in region_tensors or index.is_constant(i) for i in node.input):
+                    region.add(c)
+                    region_tensors.update(o for o in node.output if o)
+                    grew = True
+    if not region or len(region) > max_nodes or not any(index.nodes[n].op_type == "ReduceMean" for n in region):
+        return None
+    # A norm reads x twice (the statistic and the normalised x); a global
+    # average pool reads it once and changes its shape.
+    if len(index.consumers.get(add_output, ())) < 2:
+        return None
+    leaving = [t for t in region_tensors
+               if t in index.output_names or t in index.subgraph_refs
+               or any(c not in region for c in index.consumers.get(t, ()))]
+    if len(leaving) != 1 or leaving[0] == add_output:
+        return None
+    if index.nodes[index.producer[leaving[0]]].op_type not in ("Add", "Mul", "Div", "Cast"):
+        return None
+    add_scope = index.scopes[index.producer[add_output]]
+    if add_scope and any(index.scopes[n] and index.scopes[n] != add_scope
+                         and not index.scopes[n].startswith(add_scope + ".") for n in region):
+        return None
+    return index.producer[leaving[0]]
+
+
+def _candidate_adds(index: GraphIndex):
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if a and b and not index.is_constant(a) and not index.is_constant(b):
+            yield i, node
+
+
+def probe_targets(model: onnx.ModelProto) -> list[str]:
+    """Tensors whose runtime shape and dtype discovery needs: both sides of every
+    Add of two computed tensors, the Cast/Identity chains behind them, its output
+    and the output of a following op."""
+    index = GraphIndex(model)
+    names: list[str] = []
+    for _, node in _candidate_adds(index):
+        for t in node.input:
+            names.append(t)
+            while t in index.producer and index.nodes[index.producer[t]].op_type in PASS_THROUGH_OPS:
+                t = index.nodes[index.producer[t]].input[0]
+                names.append(t)
+        names.append(node.output[0])
+        post = _post_op(index, node.output[0])
+        if post is not None:
+            names.append(index.nodes[post].output[0])
+    return list(dict.fromkeys(names))
+
+
+def residual_adds(index: GraphIndex) -> list[Residual]:
+    """Every Add of the form `x + f(x)` whose branch f carries weights (shapes unchecked)."""
+    found: list[Residual] = []
+    for i, node in _candidate_adds(index):
+        a, b = node.input
+        for skip_input, branch in ((a, b), (b, a)):
+            entry = _skip_source(index, skip_input)
+            if not index.is_ancestor(entry, branch):
+                continue
+            region = _region(index, entry, branch)
+            # Element-wise formulas (tanh-GELU's x + c*x^3) have this shape too;
+            # a layer's branch carries weights.
+            if not any(index.is_weight(t) for n in region for t in index.nodes[n].input):
+                break
+            post = _post_op(index, node.output[0])
+            exit_ = index.nodes[post].output[0] if post is not None else node.output[0]
+            found.append(Residual(
+                entry=entry, exit=exit_, branch=branch, add_node=i, post_node=post,
+                region=region, scope=index.scopes[i],
+                has_attention=any(index.nodes[n].op_type in ATTENTION_OPS for n in region),
+            ))
+            break
+    found = _consistent_post_ops(index, found)
+    return found
+
+
+def innermost(residuals: Sequence[Residual]) -> list[Residual]:
+    """Drop every residual whose branch contains another residual.
+
+    The inner blocks are the units: removing an outer one would take a whole
+    stage with it (a U-Net long skip), and an Add that merely looks residual
+    because its "skip" (an attention mask built in an earlier layer) feeds the
+    rest of the network contains real residual blocks in its branch.
+    """
+    adds = {r.add_node for r in residuals}
+    return [r for r in residuals if not (r.region & (adds - {r.add_node}))]
+
+
+def _consistent_post_ops(index: GraphIndex, found: list[Residual]) -> list[Residual]:
+    """Drop a post-op that the chained blocks never show.
+
+    When blocks chain Add to Add (pre-norm: the next block's skip reads the
+    Add itself), an op after a block that feeds no further block (the final
+    norm) is not part of that block, unless chained blocks end with it too.
+    """
+    entries = {r.entry for r in found}
+    chained = {None if r.post_node is None else index.nodes[r.post_node].op_type for r in found if r.exit in entries}
+    if None not in chained:
+        return found
+    return [
+        replace(r, post_node=None, exit=index.nodes[r.add_node].output[0])
+        if r.post_node is not None and index.nodes[r.post_node].op_type not in chained else r
+        for r in found
+    ]
+
+
+def layer_key(scope: str) -> str:
+    """The scope cut after its last numeric component: `model.layers.3.mlp` -> `model.layers.3`."""
+    parts = scope.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[: k + 1])
+    return scope
+
+
+def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residual]]:
+    """Consecutive residuals that chain (next entry = previous exit) and belong
+    to one layer form one unit at layer granularity.
+
+    A layer is recognised by a shared numbered module scope; when the export
+    carries no scopes, an attention branch starts a layer and the branches
+    after it join until the next attention.
+    """
+    if granularity == "sublayer":
+        return [[r] for r in residuals]
+    have_scopes = any(r.scope for r in residuals)
+    groups: list[list[Residual]] = []
+    for r in residuals:
+        if groups and groups[-1][-1].exit == r.entry:
+            prev = groups[-1]
+            if have_scopes:
+                # Branches of one transformer layer share the layer's numbered
+                # scope; two CNN blocks under one numbered stage do not merge
+                # unless their Adds sit in the very same module.
+                key = layer_key(r.scope)
+                same = bool(key) and key == layer_key(prev[0].scope) and (
+                    r.scope == prev[-1].scope or any(p.has_attention for p in prev + [r])
+                )
+            else:
+                same = prev[0].has_attention and not r.has_attention
+            if same:
+                prev.append(r)
+                continue
+        groups.append([r])
+    return groups
+
+
+def _fit_exit(index: GraphIndex, r: Residual, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> Residual:
+    """The residual ending at its Add when the op after it does not keep the shape."""
+    add_output = index.nodes[r.add_node].output[0]
+    if r.post_node is not None and not _shape_ok(r.entry, r.exit, shapes, dtypes):
+        return replace(r, post_node=None, exit=add_output)
+    return r
+
+
+def _shape_ok(entry: str, exit_: str, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> bool:
+    if entry not in shapes or exit_ not in shapes:
+        return False
+    if tuple(shapes[entry]) != tuple(shapes[exit_]):
+        return False
+    de, dx = dtypes.get(entry), dtypes.get(exit_)
+    return de is None or dx is None or de == dx
+
+
+def find_units(
+    model: onnx.ModelProto,
+    *,
+    granularity: str = "layer",
+    shapes: Mapping[str, Sequence] | None = None,
+    dtypes: Mapping[str, int] | None = None,
+) -> list[PrunableUnit]:
+    """Prunable units of `model` in graph order.
+
+    `shapes` maps tensor names to concrete shapes (from a probe run, see
+    `representations.probe_shapes`); without it, ONNX shape inference is used
+    and only candidates whose shapes it can prove equal are kept.
+    """
+    if granularity not in GRANULARITIES:
+        raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if shapes is None:
+        shapes, inferred_dtypes = static_shapes(model)
+        dtypes = {**inferred_dtypes, **(dtypes or {})}
+    index = GraphIndex(model)
+    index.dtypes.update(dtypes or {})
+    residuals = residual_adds(index)
+    dtypes = index.dtypes
+    residuals = innermost([
+        r for r in (_fit_exit(index, r, shapes, dtypes) for r in residuals)
+        if _shape_ok(r.entry, r.exit, shapes, dtypes)
+        and r.exit not in index.subgraph_refs
+    ])
+    units = [_make_unit(index, group) for group in _group(residuals, granularity)]
+    _fill_removal_sets(index, units)
+    _set_layer_indices(units)
+    _name_units(units)
+    return units
+
+
+def static_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shapes ONNX shape inference can determine; symbolic dims kept as names."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple] = {}
+    dtypes: dict[str, int] = {}
+    graph = inferred.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.tensor_type.elem_type:
+            dtypes[vi.name] = vi.type.tensor_type.elem_type
+        dims = declared_dims(vi)
+        if dims is not None and None not in dims:
+            shapes[vi.name] = dims
+    return shapes, dtypes
+
+
+def _make_unit(index: GraphIndex, group: list[Residual]) -> PrunableUnit:
+    first, last = group[0], group[-1]
+    scope = layer_key(first.scope) if len(group) > 1 else first.scope
+    return PrunableUnit(
+        name="",
+        scope=scope,
+        entry=first.entry,
+        exit=last.exit,
+        add_nodes=tuple(index.nodes[r.add_node].name or f"#{r.add_node}" for r in group),
+        sublayers=len(group),
+        has_attention=any(r.has_attention for r in group),
+    )
+
+
+def read_for_shape_only(index: GraphIndex, tensor: str, live: set[int]) -> bool:
+    """True when the nodes in `live` need only the shape of `tensor`: every path
+    from it ends in Shape/Size through ops whose output shape depends on input
+    shapes alone (`SHAPE_DETERMINED_OPS`)."""
+    memo: dict[str, bool] = {}
+
+    def shape_only(t: str) -> bool:
+        if t in memo:
+            return memo[t]
+        memo[t] = False  # a cycle is impossible in a valid graph; be safe anyway
+        if t in index.output_names or t in index.subgraph_refs:
+            return False
+        for c in index.consumers.get(t, ()):
+            if c not in live:
+                continue
+            node = index.nodes[c]
+            if node.domain not in ("", "ai.onnx"):
+                return False
+            if node.op_type in SHAPE_ONLY_OPS:
+                continue
+            if node.op_type not in SHAPE_DETERMINED_OPS:
+                return False
+            positions = SHAPE_DETERMINED_OPS[node.op_type]
+            if positions is not None and any(name == t and k not in positions for k, name in enumerate(node.input)):
+                return False
+            if not all(shape_only(o) for o in node.output if o):
+                return False
+        memo[t] = True
+        return True
+
+    return shape_only(tensor)
+
+
+def declared_type(model: onnx.ModelProto, name: str) -> tuple | None:
+    """(dtype, dims) of graph input `name` when every dim is declared (a number or a
+    symbolic name), else None. Two inputs with equal declared types always have
+    equal shapes at run time: equal symbolic names denote equal sizes."""
+    vi = next((i for i in model.graph.input if i.name == name), None)
+    dims = None if vi is None else declared_dims(vi)
+    if dims is None or None in dims:
+        return None
+    return vi.type.tensor_type.elem_type, dims
+
+
+def shape_twin(model: onnx.ModelProto, name: str, exclude: set[str]) -> str | None:
+    """Another graph input (not in `exclude`) declared with exactly the type and shape of `name`.
+
+    Shape-only readers of an input that goes with its unit (the past length
+    read from a removed layer's KV cache) read its twin instead.
+    """
+    wanted = declared_type(model, name)
+    if wanted is None:
+        return None
+    initializers = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name != name and vi.name not in exclude and vi.name not in initializers \
+                and declared_type(model, vi.name) == wanted:
+            return vi.name
+    return None
+
+
+def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
+    """Nodes, parameters and graph inputs/outputs that go when each unit alone goes.
+
+    A graph input the unit's nodes read goes with the unit when nothing else
+    reads it, or when what else reads it needs only its shape and another
+    input declared with the same shape can stand in (see `shape_twin`).
+    """
+    outputs = index.output_names
+    base_live = index.live_nodes(outputs)
+    used_inputs = {t for n in base_live for t in index.nodes[n].input}
+    for unit in units:
+        downstream = index.descendants_of(unit.exit)
+        interior = index.descendants_of(unit.entry) & index.ancestors_of(unit.exit)
+        owned = []
+        for name in outputs:
+            if name == unit.exit or name in index.constants or name in index.input_names:
+                continue
+            p = index.producer.get(name)
+            if p is None or p in downstream:
+                continue
+            if p in interior or index.ancestors_of(name, stop_below=index.position(unit.entry) + 1) & interior:
+                owned.append(name)
+        live = index.live_nodes([o for o in outputs if o not in owned], {unit.exit: unit.entry})
+        dead = base_live - live
+        still_used = {t for n in live for t in index.nodes[n].input}
+        dead_weights = {t for n in dead for t in index.nodes[n].input if t in index.constants and t not in still_used}
+        unit.nodes = tuple(index.nodes[n].name or f"#{n}" for n in sorted(dead))
+        unit.params = sum(index.numel(t) for t in dead_weights if index.constants[t].dims)
+        unit.owned_outputs = tuple(owned)
+        candidates = [i for i in index.input_names if i in used_inputs and i != unit.entry]
+        alone = {i for i in candidates if i not in still_used}
+        # Inputs whose values only this unit needed: the rest of the graph reads their shape.
+        shape_left = [i for i in candidates if i not in alone and read_for_shape_only(index, i, live)
+                      and not read_for_shape_only(index, i, base_live)]
+        unit.owned_inputs = tuple(
+            i for i in candidates
+            if i in alone or (i in shape_left and shape_twin(index.model, i, alone | set(shape_left)))
+        )
+
+
+def _set_layer_indices(units: list[PrunableUnit]) -> None:
+    """Number the transformer layers: a unit with attention (or with a cache of
+    its own: graph inputs and outputs only it uses) starts a layer, and the
+    attention-free sublayers after it (its MLP) belong to that layer.
+
+    A layer's number is the one in the names of the KV-cache tensors it owns
+    (`present.3.key` -> 3) when they agree, else its position among the layers.
+    CNN blocks (no attention anywhere) get none.
+    """
+    current: int | None = None
+    current_key = None
+    count = 0
+    for unit in units:
+        if unit.has_attention or (unit.owned_inputs and unit.owned_outputs):
+            numbers = {layer_index_of(n) for n in unit.owned_inputs + unit.owned_outputs} - {None}
+            current = numbers.pop() if len(numbers) == 1 else count
+            current_key = layer_key(unit.scope)
+            count += 1
+            unit.layer_index = current
+        elif current is not None and (not unit.scope or layer_key(unit.scope) == current_key):
+            unit.layer_index = current
+
+
+def _name_units(units: list[PrunableUnit]) -> None:
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.scope] = counts.get(u.scope, 0) + 1
+    for i, u in enumerate(units):
+        u.name = u.scope if u.scope and counts[u.scope] == 1 else f"unit{i}" + (f"@{u.scope}" if u.scope else "")
+
+
+def layer_index_of(name: str) -> int | None:
+    """The layer number in a KV-cache tensor name such as `past_key_values.3.key`."""
+    m = re.search(r"(?:^|[._/])(\d+)(?:[._/]|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def with_flops(units: Sequence[PrunableUnit], flops: Mapping[str, int]) -> list[PrunableUnit]:
+    """Units with `flops` set from per-node FLOPs (keyed by node name)."""
+    return [replace(u, flops=sum(flops.get(n, 0) for n in u.nodes)) for u in units]
