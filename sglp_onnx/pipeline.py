@@ -26,12 +26,13 @@ from .errors import UserError
 from .graph.flops import node_flops, tensors_needed
 from .graph.index import GraphIndex
 from .surgery.kv_cache import CACHE_NAME, genai_config_source, genai_config_target, kv_cache_record, updated_genai_config
-from .files.model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
-                          save_model)
+from .files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for,
+                               write_model_files)
 from .report.summary import analysis_summary, summary, to_json, tool_info, unit_records
 from .evidence.activations import probe, probe_shapes
 from .selection.segmentation import segments_of
 from .surgery.remove import remove_units
+from .units.patterns import finish as finish_patterns, prepare as prepare_patterns
 from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
 from .surgery.validation import ValidationError, validate
 
@@ -61,6 +62,10 @@ class Analysis:
     calib: CalibrationSet
     total_flops: int
     timings: dict[str, float] = field(default_factory=dict)
+    # The file as loaded, when the patterns rewrote it into `model` (a fused
+    # graph with its joins made visible); None when `model` is the file.
+    source_model: onnx.ModelProto | None = None
+    rewrites: list = field(default_factory=list)
 
     @property
     def removed_units(self) -> list[PrunableUnit]:
@@ -362,7 +367,8 @@ def analyze(
                         "does not segment")
     model_path = Path(model_path)
     with _timed(timings, "load"):
-        model = load_model(model_path)
+        source_model = load_model(model_path)
+        model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if calib is None else str(calib),
                                  needed=chosen.needs_calibration or torch_model is not None or max_loss is not None,
                                  max_samples=max_calib_samples, seed=seed)
@@ -461,7 +467,7 @@ def analyze(
         "importance_kind": selection.importance_kind,
         "pairing": pairing_info,
         "kv_cache": kv_cache_record(units, removed),
-        "before": {"params": _model_params(model), "flops": total_flops,
+        "before": {"params": _model_params(source_model), "flops": total_flops,
                    "file_size": model_path.stat().st_size},
         "suggestions": suggestions,
         "fidelity": fidelity,
@@ -481,7 +487,8 @@ def analyze(
 
             plot_report(report, tmp)
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
-                    total_flops=total_flops, timings=timings)
+                    total_flops=total_flops, timings=timings,
+                    source_model=None if model is source_model else source_model, rewrites=rewrites)
 
 
 def _fidelity_record(record: dict, ctx: Context, data: CalibrationSet, held_out: CalibrationSet | None) -> dict:
@@ -610,12 +617,12 @@ def compress(
     timings = analysis.timings
     removed = analysis.removed_units
     with _timed(timings, "surgery"):
-        pruned = remove_units(analysis.model, removed)
+        pruned = finish_patterns(remove_units(analysis.model, removed), analysis.rewrites)
     with _timed(timings, "validation"):
         feed = analysis.calib.first(min(options.get("batch_size", 64), analysis.calib.n_samples))
         try:
             result = validate(
-                analysis.model, pruned, feed,
+                analysis.source_model or analysis.model, pruned, feed,
                 removed_outputs={o for u in removed for o in u.owned_outputs},
                 removed_inputs={i for u in removed for i in u.owned_inputs},
                 nothing_removed=not removed, provider=options.get("provider", "cpu"),
@@ -652,30 +659,22 @@ def compress(
     if genai_config is None:
         genai_path = None
     with _timed(timings, "write"):
-        targets = [out, report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
         # Weights near the protobuf limit go to OUTPUT.data, renamed into
         # place with the other files (the model records the final name).
-        external = proto_size(pruned) >= EXTERNAL_DATA_THRESHOLD
-        data_path = out.with_name(out.name + ".data")
-        if external:
-            if data_path.exists() and not force:
-                raise UserError(f"{data_path} exists; pass --force to overwrite it")
-            targets.append(data_path)
+        model_paths = model_files_for(pruned, out, force=force)
+        n = len(model_paths)
+        targets = model_paths + [report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
         try:
             with atomic_paths(*targets, overwrite=force) as temps:
-                if external:
-                    save_model(pruned, temps[0], external_data=True, data_file=temps[-1], data_name=data_path.name)
-                else:
-                    save_model(pruned, temps[0], external_data=False)
-                rep["after"]["file_size"] = temps[0].stat().st_size + (temps[-1].stat().st_size if external else 0)
+                rep["after"]["file_size"] = write_model_files(pruned, model_paths, temps)
                 if plot_path is not None:
                     from .report.plots import plot_report
 
-                    plot_report(rep, temps[2])
+                    plot_report(rep, temps[n + 1])
                 if genai_path is not None:
-                    temps[2 + (plot_path is not None)].write_text(json.dumps(genai_config, indent=2) + "\n")
+                    temps[n + 1 + (plot_path is not None)].write_text(json.dumps(genai_config, indent=2) + "\n")
                 rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
-                temps[1].write_text(to_json(rep))
+                temps[n].write_text(to_json(rep))
                 _pause_point("rename")
         except OSError as exc:
             # Disk full, quota, a folder that vanished: the environment, not a bug.

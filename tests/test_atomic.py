@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import sglp_onnx.files.model_files as model_files
 import sglp_onnx.pipeline as pipeline
 from sglp_onnx.cli import main
 from sglp_onnx.files.model_files import _interrupts_deferred, atomic_paths, load_model
@@ -159,7 +160,7 @@ def _boom(*args, **kwargs):
         "sglp_onnx.pipeline.validate",
         "sglp_onnx.pipeline.to_json",  # after the model is in its temporary file
         "sglp_onnx.report.plots.plot_report",
-        "sglp_onnx.pipeline.save_model",
+        "sglp_onnx.pipeline.write_model_files",
     ],
 )
 def test_failure_at_any_stage_leaves_nothing(work, capsys, monkeypatch, target):
@@ -198,7 +199,7 @@ def test_external_data_output_is_written_whole_or_not_at_all(tmp_path, capsys, m
     # Width 32: the weight matrices are above onnx's 1 KiB threshold for external data.
     root = tmp_path
     model, _ = write_model_and_calibration(root, width=32)
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the model were near 2 GB
+    monkeypatch.setattr(model_files, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the model were near 2 GB
     monkeypatch.setattr("sglp_onnx.pipeline.to_json", _boom)
     before = snapshot(root)
     assert main(["compress", str(model), "-o", str(root / "out.onnx"), "--ratio", "0.5"]) == 1
@@ -206,7 +207,7 @@ def test_external_data_output_is_written_whole_or_not_at_all(tmp_path, capsys, m
     _assert_nothing_written(root, before)
 
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(model_files, "EXTERNAL_DATA_THRESHOLD", 0)
     assert main(["compress", str(model), "-o", str(root / "out.onnx"), "--ratio", "0.5"]) == 0
     names = sorted(p.name for p in root.iterdir())
     assert names == ["model.calib.npz", "model.onnx", "out.json", "out.onnx", "out.onnx.data"]

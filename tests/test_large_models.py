@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import sglp_onnx.files.model_files as model_files
 import sglp_onnx.graph.runtime as runtime
 import sglp_onnx.surgery.validation as validation
 from sglp_onnx.files.model_files import (_DATA_ALIGNMENT, load_model, proto_size, save_model, saved_with_external_data,
@@ -87,7 +88,7 @@ def test_sessions_of_big_models_read_a_mapped_file(monkeypatch, model, x):
 
 
 def test_checker_above_the_protobuf_limit_goes_through_a_file(monkeypatch, model):
-    monkeypatch.setattr(validation, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(model_files, "PROTOBUF_LIMIT", 0)
     validation.full_check(model)
     broken = onnx.ModelProto()
     broken.CopyFrom(model)

@@ -16,7 +16,7 @@ import onnx
 from ..files.calibration import CalibrationSet
 from ..graph.runtime import session_with_outputs
 
-_NUMPY_TO_ONNX = {
+NUMPY_TO_ONNX = {
     np.dtype(np.float32): onnx.TensorProto.FLOAT,
     np.dtype(np.float16): onnx.TensorProto.FLOAT16,
     np.dtype(np.float64): onnx.TensorProto.DOUBLE,
@@ -43,7 +43,7 @@ def probe_shapes(
     """Concrete shapes and ONNX dtypes of `names` for one batch."""
     values = probe(model, feed, names, provider=provider)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
-    dtypes = {k: _NUMPY_TO_ONNX[v.dtype] for k, v in values.items() if v.dtype in _NUMPY_TO_ONNX}
+    dtypes = {k: NUMPY_TO_ONNX[v.dtype] for k, v in values.items() if v.dtype in NUMPY_TO_ONNX}
     return shapes, dtypes
 
 

@@ -29,14 +29,10 @@ import numpy as np
 import onnx
 
 from ..graph.index import GraphIndex, is_weighted_head, walk_back
+from ..graph.ops import FEATURE_NORM_OPS, LINEAR_OPS
 from .metrics import log_softmax
 from .activations import as_samples
 
-HEAD_OPS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "QGemm",
-            "QLinearMatMul", "Einsum"}
-NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization", "RMSNormalization", "LpNormalization", "Tanh",
-            "BatchNormalization", "GroupNormalization", "InstanceNormalization"}
 DISTRIBUTION_OPS = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}
 # Ops a head's result may pass through on its way to the graph output.
 PASS_THROUGH = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub",
@@ -67,9 +63,9 @@ def output_kind(model: onnx.ModelProto) -> OutputKind:
         what = f"{node.name or op} ({op})"
         if op in DISTRIBUTION_OPS:
             return OutputKind(first, "kl", DISTRIBUTION_OPS[op], f"{first!r} comes out of {what}")
-        if is_weighted_head(node, computed, HEAD_OPS):
+        if is_weighted_head(node, computed, LINEAR_OPS):
             return OutputKind(first, "kl", "logits", f"{first!r} comes out of the head {what}")
-        if op in NORM_OPS:
+        if op in FEATURE_NORM_OPS:
             return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of {what}")
         return computed if op in PASS_THROUGH and len(computed) == 1 else []
 

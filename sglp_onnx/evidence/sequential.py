@@ -24,8 +24,9 @@ from onnx import helper
 
 from ..files.calibration import CalibrationSet
 from ..errors import UserError
-from ..graph.index import _subgraph_references
-from .activations import _NUMPY_TO_ONNX, Batch
+from ..graph.index import subgraph_references
+from ..graph.ops import is_onnx
+from .activations import NUMPY_TO_ONNX, Batch
 from ..graph.runtime import InputSession, input_model_errors, make_session
 
 
@@ -40,7 +41,7 @@ class Piece:
 
 def _node_reads(node: onnx.NodeProto) -> list[str]:
     """Explicit inputs and outer-scope names read by the node's subgraphs."""
-    return [t for t in node.input if t] + sorted(_subgraph_references(node))
+    return [t for t in node.input if t] + sorted(subgraph_references(node))
 
 
 def split_at(model: onnx.ModelProto, boundaries: Sequence[str], wanted: Sequence[str] = ()) -> list[Piece]:
@@ -57,7 +58,7 @@ def split_at(model: onnx.ModelProto, boundaries: Sequence[str], wanted: Sequence
     requested = set(graph_outputs) | set(wanted)
     # Constants are copied into the pieces that read them, unless someone wants their value.
     constant_nodes = {i for i, node in enumerate(graph.node)
-                      if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+                      if is_onnx(node, "Constant")
                       and not requested.intersection(node.output)}
     cut_after = sorted({producer[b] for b in boundaries if b in producer})
     edges = [-1] + [c for c in cut_after if c < len(graph.node) - 1] + [len(graph.node) - 1]
@@ -213,7 +214,7 @@ def _drop_consumed(store: SpillStore, piece: Piece, reads_left: dict[str, int], 
 
 def _onnx_type(dtype: np.dtype, name: str) -> int:
     try:
-        return _NUMPY_TO_ONNX[np.dtype(dtype)]
+        return NUMPY_TO_ONNX[np.dtype(dtype)]
     except KeyError:
         raise UserError(f"--sequential cannot pass tensor {name!r} of dtype {dtype} between pieces") from None
 
@@ -231,7 +232,7 @@ def probe_shapes_sequential(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     """`representations.probe_shapes` computed piece by piece, cut at residual exits."""
     values = probe_sequential(model, feed, names, boundaries=residual_boundaries(model), provider=provider)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
-    dtypes = {k: _NUMPY_TO_ONNX[v.dtype] for k, v in values.items() if v.dtype in _NUMPY_TO_ONNX}
+    dtypes = {k: NUMPY_TO_ONNX[v.dtype] for k, v in values.items() if v.dtype in NUMPY_TO_ONNX}
     return shapes, dtypes
 
 

@@ -29,6 +29,38 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PROTOBUF_LIMIT = 2**31 - 1
 
 
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when `model` is too close to the protobuf limit to be one file."""
+    return proto_size(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """True when `model` can be serialised as one message (to bytes, for a session)."""
+    return proto_size(model) < PROTOBUF_LIMIT
+
+
+def model_files_for(model: onnx.ModelProto, path: Path, *, force: bool) -> list[Path]:
+    """The files writing `model` to `path` creates: `path`, and `path.data` when
+    its weights go to a side file (an existing side file needs `force`).
+    Renamed into place with the caller's other outputs (see `atomic_paths`)."""
+    if not needs_external_data(model):
+        return [path]
+    data_path = path.with_name(path.name + ".data")
+    if data_path.exists() and not force:
+        raise UserError(f"{data_path} exists; pass --force to overwrite it")
+    return [path, data_path]
+
+
+def write_model_files(model: onnx.ModelProto, planned: Sequence[Path], temps: Sequence[Path]) -> int:
+    """Write `model` to the temporary files standing for `planned` (from
+    `model_files_for`); returns the bytes written."""
+    if len(planned) == 2:
+        save_model(model, temps[0], external_data=True, data_file=temps[1], data_name=planned[1].name)
+    else:
+        save_model(model, temps[0], external_data=False)
+    return sum(Path(t).stat().st_size for t in temps[: len(planned)])
+
+
 def proto_size(model: onnx.ModelProto) -> int:
     """Serialised size of `model` in bytes, or PROTOBUF_LIMIT when it is larger
     (protobuf raises instead of measuring a message above 2 GiB)."""
@@ -120,7 +152,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
     return count * itemsize
 
 
-def _external_locations(model: onnx.ModelProto) -> list[str]:
+def external_locations(model: onnx.ModelProto) -> list[str]:
     locations = []
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -170,7 +202,7 @@ def check_external_data_paths(model: onnx.ModelProto, base_dir: Path) -> None:
     model's folder are all refused before a byte of them is read.
     """
     base = base_dir.resolve()
-    for location in _external_locations(model):
+    for location in external_locations(model):
         candidate = Path(location)
         if candidate.is_absolute() or ".." in candidate.parts:
             raise UserError(
@@ -214,7 +246,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
                         "again") from None
-    if load_external_data and _external_locations(model):
+    if load_external_data and external_locations(model):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
@@ -386,7 +418,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """
     path = Path(path)
     if external_data is None:
-        external_data = proto_size(model) > EXTERNAL_DATA_THRESHOLD if _external_locations(model) == [] else True
+        external_data = needs_external_data(model) if external_locations(model) == [] else True
     if not external_data:
         with atomic_paths(path, overwrite=overwrite) as (tmp,):
             onnx.save_model(model, str(tmp))

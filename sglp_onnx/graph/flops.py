@@ -30,21 +30,14 @@ import numpy as np
 import onnx
 
 from .index import FLOAT_TYPES, GraphIndex
+from .ops import COUNTED_CONTRIB_OPS, COUNTED_OPS, is_contrib, is_onnx
 
-COUNTED_OPS = {
-    "Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
-    "Einsum", "Attention",
-}
-# ONNX Runtime's offline-optimised graphs carry fused versions of the same ops.
-CONTRIB_OPS = {"FusedConv", "FusedGemm", "FusedMatMul"}
 # Where the weight (or second matrix) sits among a node's inputs.
 _SECOND_OPERAND = {"QLinearConv": 3, "QLinearMatMul": 3}
 
 
 def is_counted(node: onnx.NodeProto) -> bool:
-    if node.domain in ("", "ai.onnx"):
-        return node.op_type in COUNTED_OPS
-    return node.domain == "com.microsoft" and node.op_type in CONTRIB_OPS
+    return is_onnx(node, *COUNTED_OPS) or is_contrib(node, *COUNTED_CONTRIB_OPS)
 
 
 def node_key(index: int, node: onnx.NodeProto) -> str:

@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from .ops import NONDETERMINISTIC_OPS, SHAPE_ONLY_OPS, is_onnx
+
 # Float element types; a weight is a float constant with more than one element.
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -23,16 +25,21 @@ FLOAT_TYPES = {
     onnx.TensorProto.DOUBLE,
 }
 
+# Integer element types of quantized weights (int32 and int64 tensors are
+# shapes, indices and biases, never a layer's weights).
+QUANTIZED_TYPES = {
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT4,
+    onnx.TensorProto.UINT4,
+}
+
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-# Outputs of these depend on a tensor's shape, not its values: a path through
-# them does not make one tensor a function of another's values.
-SHAPE_ONLY_OPS = {"Shape", "Size"}
-# Never constant-folded even when every input is constant.
-NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                        "Bernoulli"}
 
 
-def _subgraph_references(node: onnx.NodeProto) -> set[str]:
+def subgraph_references(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the outer scope."""
     names: set[str] = set()
     for attr in node.attribute:
@@ -42,7 +49,7 @@ def _subgraph_references(node: onnx.NodeProto) -> set[str]:
             read: set[str] = set()
             for inner in graph.node:
                 read.update(i for i in inner.input if i)
-                read |= _subgraph_references(inner)
+                read |= subgraph_references(inner)
                 local.update(inner.output)
             names |= read - local
     return names
@@ -112,12 +119,12 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(i)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if is_onnx(node, "Constant"):
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constants[node.output[0]] = attr.t
                         self.dtypes[node.output[0]] = attr.t.data_type
-            self.subgraph_refs |= _subgraph_references(node)
+            self.subgraph_refs |= subgraph_references(node)
         # Tensors computed from constants only (exporters route shared weights
         # through Identity, cast them, or build them from Constant nodes).
         self.constant_valued: set[str] = set(self.constants)
@@ -128,7 +135,7 @@ class GraphIndex:
             ) and all(i in self.constant_valued for i in inputs):
                 self.constant_valued.update(o for o in node.output if o)
         self.implicit_inputs = {
-            i: _subgraph_references(node) for i, node in enumerate(graph.node) if any(
+            i: subgraph_references(node) for i, node in enumerate(graph.node) if any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
         }
         self.input_names = [i.name for i in graph.input if i.name not in self.constants]
@@ -145,18 +152,19 @@ class GraphIndex:
         return name in self.constant_valued
 
     def constant_source(self, name: str) -> str:
-        """The initializer behind a chain of Identity/Cast nodes (else `name`)."""
+        """The initializer behind a chain of Identity/Cast/DequantizeLinear nodes (else `name`)."""
         while name not in self.constants and name in self.producer:
             node = self.nodes[self.producer[name]]
-            if node.op_type not in ("Identity", "Cast") or not node.input:
+            if node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.input:
                 break
             name = node.input[0]
         return name
 
     def is_weight(self, name: str) -> bool:
-        """A float constant with more than one element (not a scalar or a shape)."""
+        """A float or quantized-integer constant with more than one element (not a
+        scalar or a shape), seen through casts and dequantization."""
         tensor = self.constants.get(self.constant_source(name))
-        if tensor is None or tensor.data_type not in FLOAT_TYPES:
+        if tensor is None or tensor.data_type not in FLOAT_TYPES | QUANTIZED_TYPES:
             return False
         return int(np.prod(tensor.dims)) > 1 if tensor.dims else False
 

@@ -24,7 +24,6 @@ PROVIDER_CHAINS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-PROTOBUF_LIMIT = 2_000_000_000
 # Above this size a session reads the model from a temporary file with its
 # weights in a side file, which ONNX Runtime maps; from bytes, the serialised
 # copy and ONNX Runtime's own copy would both stay in memory.

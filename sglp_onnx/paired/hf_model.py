@@ -27,7 +27,7 @@ def load_hf_model(directory: str | os.PathLike, *, causal_lm: bool = False) -> t
     With `causal_lm`, only `AutoModelForCausalLM` is tried (what the LM
     exporter needs); otherwise the classes the config's `architectures` name.
     """
-    from ..tools.export.torch_export import _first_line, _quiet
+    from ..tools.export.torch_export import first_line, quiet_output
 
     path = Path(directory)
     if not path.is_dir():
@@ -45,7 +45,7 @@ def load_hf_model(directory: str | os.PathLike, *, causal_lm: bool = False) -> t
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:  # transformers raises many unrelated types for a bad folder
             raise UserError(f"cannot load a model from {path}: its config does not read "
-                            f"({_first_line(exc)[:300]})") from None
+                            f"({first_line(exc)[:300]})") from None
         classes = [getattr(transformers, name) for name in (config.architectures or [])
                    if isinstance(getattr(transformers, name, None), type)]
         if not classes:
@@ -53,10 +53,10 @@ def load_hf_model(directory: str | os.PathLike, *, causal_lm: bool = False) -> t
     errors = []
     for cls in classes:
         try:
-            with _quiet(True):
+            with quiet_output(True):
                 model = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
         except Exception as exc:  # transformers raises many unrelated types for a bad folder
-            errors.append(f"{cls.__name__}: {_first_line(exc)[:200]}")
+            errors.append(f"{cls.__name__}: {first_line(exc)[:200]}")
             continue
         from ..graph.runtime import apply_torch_threads
 

@@ -17,54 +17,87 @@ from typing import Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
 
 from ..errors import UserError
 from ..graph.runtime import make_session, session_with_outputs
 from ..units.discovery import PrunableUnit
 
 GATE_PREFIX = "sglp_skip."
+UNGATED_SUFFIX = "/sglp_ungated"
+GATED_SUFFIX = "/sglp_gated/"
+
+
+def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
+    """Gate every unit of `graph` in place: unit u's exit becomes `Where(skip_u, entry_u, exit_u)`.
+
+    This is the one bypass: the gated model runs removal sets without writing
+    them, and `surgery.remove_units` writes a removal by gating and then
+    fixing every gate. `skip_u` is a new boolean scalar input per unit (names
+    returned in unit order). Every tensor keeps its name: the unit's own
+    result is renamed and the Where node produces the exit, so consumers,
+    graph outputs and chained units (a unit whose entry is the previous exit)
+    need no rewiring. A unit's companion pairs (a quantized exit's scale and
+    zero point) are gated the same way for the nodes that read its exit.
+    The node list is left unsorted.
+    """
+    tensors = graph.tensors()
+    gates = []
+    for k, unit in enumerate(units):
+        exit_tensor = tensors.get(unit.exit)
+        if exit_tensor is None or not exit_tensor.inputs:
+            raise UserError(f"unit {unit.name}: its exit {unit.exit!r} is not computed by a node")
+        readers = list(exit_tensor.outputs)
+        producer = exit_tensor.inputs[0]
+        gate = gs.Variable(f"{GATE_PREFIX}{k}", dtype=np.bool_, shape=[])
+        graph.inputs.append(gate)
+        gates.append(gate.name)
+        inner = gs.Variable(f"{unit.exit}{UNGATED_SUFFIX}", dtype=exit_tensor.dtype, shape=exit_tensor.shape)
+        producer.outputs[producer.outputs.index(exit_tensor)] = inner
+        graph.nodes.append(gs.Node("Where", name=f"sglp_gate/{k}", inputs=[gate, tensors[unit.entry], inner],
+                                   outputs=[exit_tensor]))
+        for exit_side, entry_side in unit.companions:
+            original = tensors[exit_side]
+            gated = gs.Variable(f"{exit_side}{GATED_SUFFIX}{k}", dtype=original.dtype, shape=original.shape)
+            graph.nodes.append(gs.Node("Where", name=f"sglp_gate/{k}/{exit_side}",
+                                       inputs=[gate, tensors[entry_side], original], outputs=[gated]))
+            for reader in readers:
+                for pos, tensor in enumerate(reader.inputs):
+                    if tensor is original:
+                        reader.inputs[pos] = gated
+    return gates
 
 
 def gated_model(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `model` where unit u's exit is `Where(skip_u, entry_u, exit_u)`.
+    """A copy of `model` gated by `gate_graph`, and its gate inputs in unit order.
 
-    `skip_u` is a new boolean scalar input per unit (names returned in unit
-    order). Every tensor keeps its name: the unit's own result is renamed and
-    the Where node produces the exit, so consumers, graph outputs and chained
-    units (a unit whose entry is the previous exit) need no rewiring. With all
-    gates false the network is the original; with gates set it computes what
-    `surgery.remove_units` would produce.
+    With all gates false the network is the original; with gates set it
+    computes what `surgery.remove_units` writes.
     """
-    gated = onnx.ModelProto()
-    gated.CopyFrom(model)
-    graph = gated.graph
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    gates = []
-    after: dict[int, list[onnx.NodeProto]] = {}
-    for k, unit in enumerate(units):
-        i = producer.get(unit.exit)
-        if i is None:
-            raise UserError(f"unit {unit.name}: its exit {unit.exit!r} is not computed by a node")
-        node = graph.node[i]
-        inner = f"{unit.exit}/sglp_ungated"
-        node.output[list(node.output).index(unit.exit)] = inner
-        gate = f"{GATE_PREFIX}{k}"
-        gates.append(gate)
-        graph.input.append(helper.make_tensor_value_info(gate, TensorProto.BOOL, []))
-        after.setdefault(i, []).append(
-            helper.make_node("Where", [gate, unit.entry, inner], [unit.exit], name=f"sglp_gate/{k}"))
-    # Keep the node list topologically sorted: each Where right after the
-    # node whose output it gates.
-    nodes = []
-    for i, node in enumerate(graph.node):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        nodes.append(copy)
-        nodes.extend(after.get(i, ()))
-    del graph.node[:]
-    graph.node.extend(nodes)
+    graph = gs.import_onnx(model)
+    gates = gate_graph(graph, units)
+    gated = gs.export_onnx(graph.toposort(), do_type_check=False)
+    gated.ir_version = model.ir_version
+    del gated.opset_import[:]
+    gated.opset_import.extend(model.opset_import)
     return gated, gates
+
+
+def baked(graph: gs.Graph) -> dict[str, str]:
+    """Tensor -> tensor its readers read once every gate of `graph` is set:
+    each gate's Where output maps to its entry input, chains resolved."""
+    subs = {node.outputs[0].name: node.inputs[1].name for node in graph.nodes
+            if node.op == "Where" and node.inputs[0].name.startswith(GATE_PREFIX)}
+    return resolve_chains(subs)
+
+
+def resolve_chains(subs: dict[str, str]) -> dict[str, str]:
+    """Follow each mapping to a tensor no key maps away (a -> b -> c: a -> c)."""
+    resolved = {}
+    for key, source in subs.items():
+        while source in subs:
+            source = subs[source]
+        resolved[key] = source
+    return resolved
 
 
 def suffix_model(gated: onnx.ModelProto, start: str, start_dtype: np.dtype, outputs: Sequence[str]) -> onnx.ModelProto:

@@ -12,42 +12,30 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..units.discovery import PrunableUnit, shape_twin
+from .gating import UNGATED_SUFFIX, baked, gate_graph, resolve_chains
 
 
 def substitutions(units: Sequence[PrunableUnit]) -> dict[str, str]:
-    """Exit tensor -> tensor its consumers must read instead.
-
-    Units are chained in graph order so that when unit k and k+1 both go,
-    k+1's exit maps to k's entry (k's exit no longer exists).
-    """
-    subs: dict[str, str] = {}
-    for unit in units:
-        source = unit.entry
-        while source in subs:
-            source = subs[source]
-        subs[unit.exit] = source
-    # A later unit may have been listed first: resolve every chain fully.
-    for exit_ in list(subs):
-        source = subs[exit_]
-        while source in subs:
-            source = subs[source]
-        subs[exit_] = source
-    return subs
+    """Exit tensor -> tensor its consumers must read instead, chains resolved:
+    when unit k and k+1 both go, k+1's exit maps to k's entry."""
+    return resolve_chains({unit.exit: unit.entry for unit in units})
 
 
 def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.ModelProto:
     """Return a new model in which every unit in `units` is skipped.
 
-    Consumers of a unit's exit read its entry instead; graph outputs and
-    inputs that belong only to removed units (a decoder layer's KV cache) are
-    dropped; every other input and output keeps its name, dtype and shape.
-    The opset, IR version and metadata of `model` are kept.
+    The removal is the gated graph (`gating.gate_graph`, the one bypass)
+    with every gate set: readers of a unit's exit read its entry (and its
+    companions' entry sides); graph outputs and inputs that belong only to
+    removed units (a decoder layer's KV cache) are dropped; every other
+    input and output keeps its name, dtype and shape. The opset, IR version
+    and metadata of `model` are kept.
     """
-    subs = substitutions(units)
     owned_outputs = {o for u in units for o in u.owned_outputs}
     owned_inputs = {i for u in units for i in u.owned_inputs}
-
     graph = gs.import_onnx(model)
+    gates = gate_graph(graph, units)
+    subs = baked(graph)
     tensors = graph.tensors()
     for node in graph.nodes:
         for k, tensor in enumerate(node.inputs):
@@ -66,8 +54,16 @@ def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.
                                        inputs=[tensors[subs[out.name]]], outputs=[out]))
         outputs.append(out)
     graph.outputs = outputs
+    gate_names = set(gates)
+    graph.inputs = [i for i in graph.inputs if i.name not in gate_names]
 
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    # A removed unit's last node may live on for another of its outputs:
+    # its exit gets its own name back.
+    for node in graph.nodes:
+        for tensor in node.outputs:
+            if tensor.name.endswith(UNGATED_SUFFIX):
+                tensor.name = tensor.name[: -len(UNGATED_SUFFIX)]
     _redirect_shape_reads(model, graph, owned_inputs)
     still_read = {t.name for node in graph.nodes for t in node.inputs}
     still_read |= {t.name for t in graph.outputs}

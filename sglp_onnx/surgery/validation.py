@@ -12,8 +12,8 @@ import onnx
 
 from ..errors import UserError
 from ..graph.index import declared_dims
-from ..files.model_files import proto_size, saved_with_external_data
-from ..graph.runtime import PROTOBUF_LIMIT, make_session
+from ..files.model_files import fits_in_protobuf, saved_with_external_data
+from ..graph.runtime import make_session
 
 
 class ValidationError(Exception):
@@ -49,7 +49,7 @@ def _signature(model: onnx.ModelProto) -> tuple[dict, dict]:
 
 
 def full_check(model: onnx.ModelProto) -> None:
-    if proto_size(model) < PROTOBUF_LIMIT:
+    if fits_in_protobuf(model):
         onnx.checker.check_model(model, full_check=True)
         return
     with saved_with_external_data(model) as path:

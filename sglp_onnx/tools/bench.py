@@ -21,7 +21,7 @@ from ..files.calibration import (CalibrationSet, check_calibration, fixed_batch,
                           synthetic_calibration)
 from ..errors import UserError
 from ..graph.flops import model_params, node_flops, tensors_needed
-from ..files.model_files import _external_locations, load_model
+from ..files.model_files import external_locations, load_model
 from ..report.summary import human_bytes, human_count
 from ..evidence.activations import probe_shapes
 from ..graph.runtime import make_session, provider_chain
@@ -176,7 +176,7 @@ def _static_facts(model: onnx.ModelProto, path: Path, dataset: CalibrationSet) -
     shapes, _ = probe_shapes(model, feed, tensors_needed(model))
     flops = sum(node_flops(model, shapes).values()) // n
     # The loaded model holds its weights inline; the file on disk says where they live.
-    locations = set(_external_locations(onnx.load(str(path), load_external_data=False)))
+    locations = set(external_locations(onnx.load(str(path), load_external_data=False)))
     size = path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
     return model_params(model), flops, size
 

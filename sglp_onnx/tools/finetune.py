@@ -25,9 +25,10 @@ import torch
 from ..files.calibration import CalibrationSet, check_calibration, load_npz, model_inputs
 from ..errors import UserError
 from ..graph.index import declared_dims
+from ..graph.ops import ONNX_DOMAINS
 from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
-from ..files.model_files import (EXTERNAL_DATA_THRESHOLD, atomic_paths, beside, check_output_path, load_model, proto_size,
-                          save_model)
+from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for, save_model,
+                                write_model_files)
 from ..report.summary import to_json, tool_info
 from ..graph.runtime import input_model_errors, make_session
 
@@ -529,7 +530,7 @@ def finetune(
     after = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
     timings["train"] = time.perf_counter() - start
 
-    opset = next((o.version for o in pruned.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = next((o.version for o in pruned.opset_import if o.domain in ONNX_DOMAINS), None)
     example = tuple(torch.from_numpy(np.ascontiguousarray(probe_feed[name][:2])) for name in order)
     with tempfile.TemporaryDirectory(prefix="sglp-finetune-") as tmp:
         start = time.perf_counter()
@@ -590,16 +591,9 @@ def finetune(
             "timings": timings,
         }
         start = time.perf_counter()
-        external = proto_size(new) >= EXTERNAL_DATA_THRESHOLD
-        data_path = out.with_name(out.name + ".data")
-        targets = [out, report_out] + ([data_path] if external else [])
-        if external and data_path.exists() and not force:
-            raise UserError(f"{data_path} exists; pass --force to overwrite it")
-        with atomic_paths(*targets, overwrite=force) as temps:
-            if external:
-                save_model(new, temps[0], external_data=True, data_file=temps[2], data_name=data_path.name)
-            else:
-                save_model(new, temps[0], external_data=False)
+        model_paths = model_files_for(new, out, force=force)
+        with atomic_paths(*model_paths, report_out, overwrite=force) as temps:
+            write_model_files(new, model_paths, temps)
             timings["write"] = time.perf_counter() - start
-            temps[1].write_text(to_json(rep))
+            temps[len(model_paths)].write_text(to_json(rep))
     return FinetuneResult(output=out, report_path=report_out, report=rep, model=student)

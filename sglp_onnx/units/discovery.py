@@ -15,50 +15,33 @@ from typing import Mapping, Sequence
 import onnx
 
 from ..errors import UserError
-from ..graph.index import SHAPE_ONLY_OPS, GraphIndex, declared_dims
-
-# Ops that may follow a residual Add inside the block (`relu(x + f(x))`,
-# post-norm `LayerNorm(x + f(x))`): the unit's exit is their output.
-POST_ADD_OPS = {
-    "Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Gelu", "HardSwish",
-    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
-}
-# Element-wise ops a LayerNorm decomposes into at opsets before 17.
-NORM_OPS = {"ReduceMean", "Sub", "Pow", "Add", "Sqrt", "Div", "Mul", "Cast", "Reciprocal"}
-# Casts and identities that change nothing can sit on a skip path.
-PASS_THROUGH_OPS = {"Identity", "Cast"}
-ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+from ..graph.index import GraphIndex, declared_dims
+from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, is_onnx
+from .patterns import Join, applicable
 
 GRANULARITIES = ("layer", "sublayer")
-
-# Ops whose output shape is a function of the shapes (not the values) of the
-# inputs at these positions (None: every input). A tensor that reaches only
-# Shape/Size through them is read for its shape alone; a decoder layer's past
-# KV input often is, once the layer is gone (the past length for the mask).
-SHAPE_DETERMINED_OPS: dict[str, frozenset[int] | None] = {
-    "Identity": None, "Cast": None, "Concat": None, "Transpose": None, "Neg": None,
-    "Add": None, "Sub": None, "Mul": None, "Div": None,
-    "Unsqueeze": frozenset({0}), "Squeeze": frozenset({0}), "Reshape": frozenset({0}), "Expand": frozenset({0}),
-}
 
 
 @dataclass(frozen=True)
 class Residual:
-    """One residual Add: `add(skip, branch)` with `skip` computed before `branch`."""
+    """One residual join `join(skip, branch)` with `skip` computed before `branch`."""
 
-    entry: str  # the skip input, seen through no-op Cast/Identity
-    exit: str  # the Add output, or the output of the op that follows it
-    branch: str  # the Add input computed by f(x)
+    entry: str  # the skip input, seen through no-op steps (`Pattern.skip_step`)
+    exit: str  # the join output, or the output of the op that ends the block
+    branch: str  # the join input computed by f(x)
     add_node: int
     post_node: int | None
     region: frozenset[int]  # nodes between entry and the branch input
     scope: str
     has_attention: bool
+    join: Join | None = None
 
 
 @dataclass
 class PrunableUnit:
-    """A removable block; removing it makes consumers of `exit` read `entry`."""
+    """A removable block; removing it makes consumers of `exit` read `entry`
+    (and, for each `companions` pair, readers of `exit` read the second
+    tensor where they read the first: a quantized tensor's scale and zero point)."""
 
     name: str
     scope: str
@@ -73,23 +56,16 @@ class PrunableUnit:
     sublayers: int = 1
     has_attention: bool = False
     layer_index: int | None = None
+    companions: tuple[tuple[str, str], ...] = ()
     extra: dict = field(default_factory=dict)
 
 
 def _skip_source(index: GraphIndex, tensor: str) -> str:
-    """Walk back through Identity and dtype-preserving Cast nodes."""
+    """Walk back through the no-op steps every pattern knows (Identity, dtype-preserving Cast, ...)."""
     while True:
-        p = index.producer.get(tensor)
-        if p is None:
+        source = next((s for s in (p.skip_step(index, tensor) for p in applicable(index.model)) if s is not None), None)
+        if source is None:
             return tensor
-        node = index.nodes[p]
-        if node.op_type not in PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx"):
-            return tensor
-        source = node.input[0]
-        if node.op_type == "Cast":
-            to = next((a.i for a in node.attribute if a.name == "to"), None)
-            if to is None or index.dtypes.get(source) != to:
-                return tensor
         tensor = source
 
 
@@ -108,106 +84,44 @@ def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
     return frozenset(reached)
 
 
-def _post_op(index: GraphIndex, add_output: str) -> int | None:
-    users = index.consumers.get(add_output, [])
-    if add_output in index.output_names or add_output in index.subgraph_refs:
+def _post_op(index: GraphIndex, join_output: str) -> int | None:
+    """The node that ends the block after its join, as the first pattern that knows one says."""
+    if join_output in index.output_names or join_output in index.subgraph_refs:
         return None
-    if len(users) != 1:
-        return _decomposed_norm(index, add_output)
-    node = index.nodes[users[0]]
-    if node.op_type not in POST_ADD_OPS or node.input[0] != add_output:
-        return _decomposed_norm(index, add_output)
-    if any(i and not index.is_constant(i) for i in node.input[1:]):
-        return None
-    if any(o for o in node.output[1:] if index.consumers.get(o) or o in index.output_names):
-        return None
-    # The op belongs to the block only when it runs inside the block's module:
-    # a pre-norm stack's final norm also reads the last residual Add alone.
-    add_scope, post_scope = index.scopes[index.producer[add_output]], index.scopes[users[0]]
-    if add_scope and post_scope and post_scope != add_scope and not post_scope.startswith(add_scope + "."):
-        return None
-    return users[0]
+    return next((n for n in (p.block_end(index, join_output) for p in applicable(index.model)) if n is not None), None)
 
 
-def _decomposed_norm(index: GraphIndex, add_output: str, *, max_nodes: int = 16) -> int | None:
-    """The last node of a LayerNorm spelled out in element-wise ops (opsets
-    before 17: ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul) that alone reads the
-    Add's output, or None.
-
-    The region is grown from the Add output through NORM_OPS whose other
-    inputs are constants or region tensors; it qualifies when it contains a
-    ReduceMean, nothing outside it reads the Add output or its intermediate
-    tensors, exactly one region tensor leaves it, and (with scopes) it runs in
-    the Add's module. Post-norm encoders exported at old opsets end each
-    residual block like this.
-    """
-    region_tensors = {add_output}
-    region: set[int] = set()
-    grew = True
-    while grew and len(region) <= max_nodes:
-        grew = False
-        for t in list(region_tensors):
-            for c in index.consumers.get(t, ()):
-                node = index.nodes[c]
-                if c in region or node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx"):
-                    continue
-                if all(not i or i in region_tensors or index.is_constant(i) for i in node.input):
-                    region.add(c)
-                    region_tensors.update(o for o in node.output if o)
-                    grew = True
-    if not region or len(region) > max_nodes or not any(index.nodes[n].op_type == "ReduceMean" for n in region):
-        return None
-    # A norm reads x twice (the statistic and the normalised x); a global
-    # average pool reads it once and changes its shape.
-    if len(index.consumers.get(add_output, ())) < 2:
-        return None
-    leaving = [t for t in region_tensors
-               if t in index.output_names or t in index.subgraph_refs
-               or any(c not in region for c in index.consumers.get(t, ()))]
-    if len(leaving) != 1 or leaving[0] == add_output:
-        return None
-    if index.nodes[index.producer[leaving[0]]].op_type not in ("Add", "Mul", "Div", "Cast"):
-        return None
-    add_scope = index.scopes[index.producer[add_output]]
-    if add_scope and any(index.scopes[n] and index.scopes[n] != add_scope
-                         and not index.scopes[n].startswith(add_scope + ".") for n in region):
-        return None
-    return index.producer[leaving[0]]
-
-
-def _candidate_adds(index: GraphIndex):
-    for i, node in enumerate(index.nodes):
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-            continue
-        a, b = node.input
-        if a and b and not index.is_constant(a) and not index.is_constant(b):
-            yield i, node
+def _joins(index: GraphIndex) -> list[Join]:
+    joins = {j.node: j for p in reversed(applicable(index.model)) for j in p.joins(index)}
+    return [joins[i] for i in sorted(joins)]
 
 
 def probe_targets(model: onnx.ModelProto) -> list[str]:
     """Tensors whose runtime shape and dtype discovery needs: both sides of every
-    Add of two computed tensors, the Cast/Identity chains behind them, its output
-    and the output of a following op."""
+    residual join, the no-op steps behind them, its output and the output of
+    the op that ends its block."""
     index = GraphIndex(model)
     names: list[str] = []
-    for _, node in _candidate_adds(index):
-        for t in node.input:
+    for join in _joins(index):
+        for t in join.inputs:
             names.append(t)
-            while t in index.producer and index.nodes[index.producer[t]].op_type in PASS_THROUGH_OPS:
-                t = index.nodes[index.producer[t]].input[0]
+            while (source := next((s for s in (p.skip_step(index, t, typed=False) for p in applicable(index.model))
+                                   if s is not None), None)):
+                t = source
                 names.append(t)
-        names.append(node.output[0])
-        post = _post_op(index, node.output[0])
+        names.append(join.output)
+        names += join.pattern.probe_targets(index, join)
+        post = _post_op(index, join.output)
         if post is not None:
             names.append(index.nodes[post].output[0])
     return list(dict.fromkeys(names))
 
 
 def residual_adds(index: GraphIndex) -> list[Residual]:
-    """Every Add of the form `x + f(x)` whose branch f carries weights (shapes unchecked)."""
+    """Every residual join of the form `x + f(x)` whose branch f carries weights (shapes unchecked)."""
     found: list[Residual] = []
-    for i, node in _candidate_adds(index):
-        a, b = node.input
+    for join in _joins(index):
+        a, b = join.inputs
         for skip_input, branch in ((a, b), (b, a)):
             entry = _skip_source(index, skip_input)
             if not index.is_ancestor(entry, branch):
@@ -217,12 +131,13 @@ def residual_adds(index: GraphIndex) -> list[Residual]:
             # a layer's branch carries weights.
             if not any(index.is_weight(t) for n in region for t in index.nodes[n].input):
                 break
-            post = _post_op(index, node.output[0])
-            exit_ = index.nodes[post].output[0] if post is not None else node.output[0]
+            post = _post_op(index, join.output)
+            exit_ = index.nodes[post].output[0] if post is not None else join.output
             found.append(Residual(
-                entry=entry, exit=exit_, branch=branch, add_node=i, post_node=post,
-                region=region, scope=index.scopes[i],
+                entry=entry, exit=exit_, branch=branch, add_node=join.node, post_node=post,
+                region=region, scope=index.scopes[join.node],
                 has_attention=any(index.nodes[n].op_type in ATTENTION_OPS for n in region),
+                join=join,
             ))
             break
     found = _consistent_post_ops(index, found)
@@ -253,7 +168,7 @@ def _consistent_post_ops(index: GraphIndex, found: list[Residual]) -> list[Resid
     if None not in chained:
         return found
     return [
-        replace(r, post_node=None, exit=index.nodes[r.add_node].output[0])
+        replace(r, post_node=None, exit=r.join.output)
         if r.post_node is not None and index.nodes[r.post_node].op_type not in chained else r
         for r in found
     ]
@@ -302,9 +217,8 @@ def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residua
 
 def _fit_exit(index: GraphIndex, r: Residual, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> Residual:
     """The residual ending at its Add when the op after it does not keep the shape."""
-    add_output = index.nodes[r.add_node].output[0]
     if r.post_node is not None and not _shape_ok(r.entry, r.exit, shapes, dtypes):
-        return replace(r, post_node=None, exit=add_output)
+        return replace(r, post_node=None, exit=r.join.output)
     return r
 
 
@@ -380,6 +294,7 @@ def _make_unit(index: GraphIndex, group: list[Residual]) -> PrunableUnit:
         add_nodes=tuple(index.nodes[r.add_node].name or f"#{r.add_node}" for r in group),
         sublayers=len(group),
         has_attention=any(r.has_attention for r in group),
+        companions=last.join.pattern.companions(index, first.entry, last.exit),
     )
 
 
@@ -399,7 +314,7 @@ def read_for_shape_only(index: GraphIndex, tensor: str, live: set[int]) -> bool:
             if c not in live:
                 continue
             node = index.nodes[c]
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx(node):
                 return False
             if node.op_type in SHAPE_ONLY_OPS:
                 continue

@@ -23,11 +23,12 @@ from ...surgery.gating import GATE_PREFIX, GatedRunner, gated_model, suffix_mode
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
 from ...evidence.activations import as_samples
 from ...evidence.similarity import MinibatchCKA
+from ...graph.ops import CONV_OPS, LINEAR_OPS
 from .base import Context, Criterion, Selection, register
 
 # Ops that can be the classifier or LM head: the tensor they read (besides
 # their weights) is the network's final representation.
-HEAD_OPS = {"Gemm", "MatMul", "Conv", "FusedGemm", "FusedMatMul", "FusedConv"}
+HEAD_OPS = LINEAR_OPS | CONV_OPS
 # The original network's final representation is kept in memory across
 # greedy steps up to this size; above it, it is recomputed every step.
 REFERENCE_CACHE_BYTES = 256 * 2**20

@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from ...errors import UserError
-from .torch_export import EXPORTERS, _first_line, _quiet, _root_cause, _verbose_requested
+from .torch_export import EXPORTERS, first_line, quiet_output, root_cause, verbose_requested
 from ...paired.hf_model import load_hf_model
 from ...files.model_files import save_model
 
@@ -125,7 +125,7 @@ def cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     attribute names, which differ between architectures (n_head, num_key_value_heads, head_dim).
     """
     ids = torch.zeros((1, 2), dtype=torch.long)
-    with torch.no_grad(), _quiet(True):
+    with torch.no_grad(), quiet_output(True):
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
@@ -181,7 +181,7 @@ def export_hf(
     was_training = model.training
     model.eval()
     try:
-        proto = _export(model, with_cache=with_cache, exporter=exporter, opset=opset, show=_verbose_requested(verbose))
+        proto = _export(model, with_cache=with_cache, exporter=exporter, opset=opset, show=verbose_requested(verbose))
     finally:
         model.train(was_training)
     save_model(proto, path)
@@ -214,7 +214,7 @@ def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: 
     mask_axes = {0: BATCH, 1: TOTAL if with_cache else SEQUENCE}
     past_axes = {0: BATCH, 2: PAST}
     try:
-        with _quiet(not show), torch.no_grad():
+        with quiet_output(not show), torch.no_grad():
             if exporter == "dynamo":
                 # Shapes mirror the forward signature: the past tensors arrive as one *args tuple.
                 dynamic_shapes: tuple = (token_axes, mask_axes)
@@ -257,7 +257,7 @@ def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: 
         other = "legacy" if exporter == "dynamo" else "dynamo"
         raise UserError(
             f"exporting {type(model).__name__} with the {exporter} exporter failed: "
-            f"{_first_line(_root_cause(exc))[:300]}; try exporter={other!r}"
+            f"{first_line(root_cause(exc))[:300]}; try exporter={other!r}"
         ) from None
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]

@@ -36,7 +36,7 @@ _NOISY_LOGGERS = ("torch", "onnxscript", "onnx_ir")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _verbose_requested(verbose: bool | None) -> bool:
+def verbose_requested(verbose: bool | None) -> bool:
     if verbose is not None:
         return verbose
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -67,7 +67,7 @@ def _file_descriptors_to(sink: BinaryIO) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
+def quiet_output(enabled: bool) -> Iterator[None]:
     """Swallow the exporters' progress prints, warnings and log records."""
     if not enabled:
         yield
@@ -91,13 +91,13 @@ def _quiet(enabled: bool) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = _ANSI_ESCAPE.sub("", str(exc)).strip()
     line = text.splitlines()[0].strip() if text else ""
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
-def _root_cause(exc: BaseException) -> BaseException:
+def root_cause(exc: BaseException) -> BaseException:
     # The dynamo exporter wraps the real reason (an unsupported op, a
     # data-dependent branch) in generic "step n/3 failed" errors.
     seen = {id(exc)}
@@ -175,7 +175,7 @@ def export_torch(
     # Per module, so a submodule the caller froze in eval mode stays that way.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    show = _verbose_requested(verbose)
+    show = verbose_requested(verbose)
     try:
         with tempfile.TemporaryDirectory(prefix="sglp-export-") as staging:
             staged = Path(staging) / path.name
@@ -184,7 +184,7 @@ def export_torch(
                 # Failure reports and dumps land here, not in the caller's cwd.
                 kwargs["artifacts_dir"] = staging
             try:
-                with _quiet(not show), torch.no_grad():
+                with quiet_output(not show), torch.no_grad():
                     torch.onnx.export(model, example_inputs, str(staged), **kwargs)
             except Exception as exc:
                 # The exporters raise many unrelated types (torch.export, dynamo,
@@ -193,7 +193,7 @@ def export_torch(
                 hint = "try exporter='legacy'" if exporter == "dynamo" else "try exporter='dynamo'"
                 raise UserError(
                     f"exporting {type(model).__name__} with the {exporter} exporter failed: "
-                    f"{_first_line(_root_cause(exc))[:300]}; {hint}, or make the model traceable"
+                    f"{first_line(root_cause(exc))[:300]}; {hint}, or make the model traceable"
                 ) from None
             proto = onnx.load(str(staged))
     finally:
@@ -248,7 +248,7 @@ def user_code(what: str) -> Iterator[None]:
         raise UserError(f"{what} exited (SystemExit({exc.code!r})) instead of returning; "
                         "it must not call sys.exit or exit()") from None
     except BaseException as exc:
-        raise UserError(f"{what} failed: {_first_line(exc)}") from None
+        raise UserError(f"{what} failed: {first_line(exc)}") from None
 
 
 def _import_module(module_name: str, spec: str):
@@ -289,7 +289,7 @@ def _read_weights(path: Path) -> object:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise UserError(f"cannot read safetensors weights {path}: {_first_line(exc)}") from None
+            raise UserError(f"cannot read safetensors weights {path}: {first_line(exc)}") from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -302,7 +302,7 @@ def _read_weights(path: Path) -> object:
             "save model.state_dict() with torch.save, or use .safetensors"
         ) from None
     except Exception as exc:
-        raise UserError(f"cannot read weights {path}: {_first_line(exc)[:300]}") from None
+        raise UserError(f"cannot read weights {path}: {first_line(exc)[:300]}") from None
 
 
 def _as_state_dict(loaded: object, path: Path) -> Mapping[str, torch.Tensor]:
@@ -358,5 +358,5 @@ def load_torch_model(spec: str, weights: str | os.PathLike | None = None) -> tor
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-            raise UserError(f"weights {path} do not fit {spec!r}: {detail or _first_line(exc)}") from None
+            raise UserError(f"weights {path} do not fit {spec!r}: {detail or first_line(exc)}") from None
     return model.eval()
