@@ -8,6 +8,7 @@ Ctrl-C (SIGINT), 143 terminated (SIGTERM); an interrupt leaves no partial file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -21,6 +22,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .options import DEFAULT_CRITERION, PROVIDERS, SelectionOptions
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -130,62 +132,44 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 def _criterion_names() -> list[str]:
     from .selection.criteria import REGISTRY
 
-    default = _default_criterion()
-    return [default] + sorted(n for n in REGISTRY if n != default)
+    return [DEFAULT_CRITERION] + sorted(n for n in REGISTRY if n != DEFAULT_CRITERION)
 
 
-def _default_criterion() -> str:
-    from .pipeline import DEFAULT_CRITERION
-
-    return DEFAULT_CRITERION
+def _click_option(spec: dataclasses.Field):
+    """The click option for one `SelectionOptions` field, from its metadata."""
+    meta = spec.metadata
+    kwargs: dict = {"help": meta["help"]}
+    kind = meta["kind"]
+    if kind is bool:
+        kwargs["is_flag"] = True
+    elif meta["choices"]:
+        kwargs["type"] = click.Choice(list(meta["choices"]))
+    elif kind == "file":
+        kwargs["type"] = click.Path(dir_okay=False)
+    elif kind == "criterion":
+        kwargs["help"] = f"{', '.join(_criterion_names())}. {meta['help']}"
+    elif kind in (int, float):
+        kwargs["type"] = kind
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if spec.default is not None and kind is not bool:
+        kwargs.update(default=spec.default, show_default=True)
+    return click.option(meta["flag"], spec.name, **kwargs)
 
 
 def _selection_options(f):
-    options = [
-        click.option("--calib", type=click.Path(dir_okay=False),
-                     help="Calibration .npz (arrays named after the model inputs, optional 'labels'). "
-                          "Default: MODEL.calib.npz beside the model."),
-        click.option("--remove", type=int, help="Number of units to remove."),
-        click.option("--ratio", type=float, help="Fraction of units to remove, in (0, 1). Default 0.25."),
-        click.option("--target-flops", type=float, help="Remove units until this fraction of FLOPs is gone."),
-        click.option("--max-loss", type=float,
-                     help="Remove as many units as possible while the held-out fidelity score stays at most X "
-                          "(logits: mean KL divergence from the original's outputs in nats per sample or token, "
-                          "e.g. 0.05; hidden states: mean cosine distance; else relative L2 error). "
-                          "--remove/--ratio/--target-flops then cap it."),
-        click.option("--criterion", default=_default_criterion(), show_default=True,
-                     help=f"{', '.join(_criterion_names())} (see README: Criteria)."),
-        click.option("--segments", type=int, help="Number of Fisher segments K (default: automatic)."),
-        click.option("--torch-model", metavar="MODULE:FACTORY|hf:DIR",
-                     help="Factory of the torch model the ONNX file was exported from, or hf:DIR for a "
-                          "Hugging Face folder (enables GradNorm)."),
-        click.option("--torch-weights", type=click.Path(dir_okay=False),
-                     help="Weights for --torch-model (.pt state_dict or .safetensors)."),
-        click.option("--granularity", type=click.Choice(["layer", "sublayer"]), default="layer", show_default=True,
-                     help="Prune whole transformer layers, or attention and MLP separately."),
-        click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-                     show_default=True, help="ONNX Runtime execution provider."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices."),
-        click.option("--sequential", is_flag=True,
-                     help="Calibrate piece by piece (graph cut at unit boundaries, activations spilled to a "
-                          "temporary folder) so ONNX Runtime holds one piece's weights at a time: for big models."),
-        click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout."),
-    ]
+    """The flags of `options.SelectionOptions`, then --json, -q/-v and --threads."""
+    options = [_click_option(spec) for spec in dataclasses.fields(SelectionOptions) if spec.metadata["cli"]]
+    options.append(click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout."))
     for option in reversed(options):
         f = option(f)
     return _verbosity_options(_threads_option(f))
 
 
 def _api_options(kwargs: dict, state: _State) -> dict:
-    return dict(
-        calib=kwargs["calib"], remove=kwargs["remove"], ratio=kwargs["ratio"],
-        target_flops=kwargs["target_flops"], max_loss=kwargs["max_loss"], criterion=kwargs["criterion"],
-        segments=kwargs["segments"],
-        torch_model=kwargs["torch_model"], torch_weights=kwargs["torch_weights"],
-        granularity=kwargs["granularity"], batch_size=kwargs["batch_size"], provider=kwargs["provider"],
-        seed=kwargs["seed"], progress=_progress_factory(state), sequential=kwargs["sequential"],
-    )
+    """The selection keywords among the command's arguments, and the progress display."""
+    return {**{name: kwargs[name] for name in SelectionOptions.names() if name in kwargs},
+            "progress": _progress_factory(state)}
 
 
 @cli.command()
@@ -287,7 +271,7 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help=".npz with the model inputs and optional 'labels'.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_threads_option
 @_verbosity_options
@@ -319,7 +303,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="ONNX Runtime intra-op threads; 1 gives repeatable CPU numbers, 0 lets ONNX Runtime choose.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--data", type=click.Path(dir_okay=False),
               help="Inputs .npz (default: MODEL.calib.npz of the first model that has one, else synthetic).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -444,7 +428,7 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
               help="The pruning report of PRUNED.onnx. Default: PRUNED.json beside it.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: PRUNED.finetuned.onnx.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
               help="ONNX Runtime provider for the checks and --eval-data.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")

@@ -172,3 +172,17 @@ def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: in
             value = reference if not s else runner.run(feed, s)[kind.output]
             meter.update(reference, value, mask)
     return [meters[s].record() for s in sets]
+
+
+def fidelity_record(record: dict, kind: OutputKind, data, held_out) -> dict:
+    """A `measure_sets` record as the report stores it: with its definition,
+    the scored output and rule, and which samples it was measured on."""
+    return {
+        **record,
+        "definition": describe(record["kind"], kind.form, token_level=data.is_token_data),
+        "output": kind.output,
+        "rule": kind.rule,
+        "held_out": held_out is not None,
+        "samples": (held_out or data).n_samples,
+        "poor": is_poor(record),
+    }

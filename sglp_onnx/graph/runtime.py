@@ -17,13 +17,15 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import UserError
+from ..options import PROVIDERS
 from ..files.model_files import proto_size, saved_with_external_data
 
-PROVIDER_CHAINS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+# Each --provider choice (options.PROVIDERS) and the ONNX Runtime providers it asks for, in order.
+PROVIDER_CHAINS = dict(zip(PROVIDERS, (
+    ["CPUExecutionProvider"],
+    ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+), strict=True))
 # Above this size a session reads the model from a temporary file with its
 # weights in a side file, which ONNX Runtime maps; from bytes, the serialised
 # copy and ONNX Runtime's own copy would both stay in memory.

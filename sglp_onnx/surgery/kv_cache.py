@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx
 
-from ..errors import UserError
+from ..errors import InternalError, UserError, ValidationError
 from ..units.discovery import PrunableUnit
 
 GENAI_CONFIG = "genai_config.json"
@@ -174,3 +175,23 @@ def updated_genai_config(source: Path, *, layers_before: int, layers_after: int,
         return None, [f"{source} has no decoder layer count equal to the model's {layers_before} layers "
                       f"(looked for {', '.join(LAYER_COUNT_KEYS)}), so no updated copy was written"]
     return config, changes
+
+
+def renumber_kept_cache(pruned: onnx.ModelProto, rep: dict, feed: dict[str, np.ndarray], *, provider: str) -> None:
+    """Rename the kept cache tensors to consecutive layer numbers, in place, and
+    check the renamed model (a pure renaming, so checker and one run suffice)."""
+    from .validation import check_standalone
+
+    kv = rep.get("kv_cache")
+    io_names = [i.name for i in pruned.graph.input] + [o.name for o in pruned.graph.output]
+    if not kv or not any(CACHE_NAME.match(n) for n in io_names):
+        raise UserError("--renumber-cache needs a model with a KV cache named past_key_values.{i}.key/value "
+                        "and present.{i}.key/value")
+    mapping = renumbering(kv["layer_map"], io_names)
+    rename_tensors(pruned, mapping)
+    try:
+        check_standalone(pruned, {mapping.get(k, k): v for k, v in feed.items()}, provider=provider,
+                         what="the model with renumbered cache tensors")
+    except ValidationError as exc:
+        raise InternalError(f"{exc}; nothing was written") from exc
+    kv["renamed"] = dict(sorted(mapping.items()))

@@ -10,14 +10,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..errors import UserError
+from ..errors import UserError, ValidationError
 from ..graph.index import declared_dims
 from ..files.model_files import fits_in_protobuf, saved_with_external_data
 from ..graph.runtime import make_session
-
-
-class ValidationError(Exception):
-    """The pruned model failed a check: a bug in the tool, never the user's fault."""
 
 
 @dataclass

@@ -385,7 +385,8 @@ def check_signature(pruned: onnx.ModelProto, new: onnx.ModelProto) -> None:
 
 
 def _validate(new: onnx.ModelProto, feed: dict[str, np.ndarray], provider: str) -> dict:
-    from ..surgery.validation import ValidationError, check_standalone
+    from ..errors import ValidationError
+    from ..surgery.validation import check_standalone
 
     try:
         checks = check_standalone(new, feed, provider=provider, what="the fine-tuned export")

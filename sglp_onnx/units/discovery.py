@@ -15,11 +15,11 @@ from typing import Mapping, Sequence
 import onnx
 
 from ..errors import UserError
+from ..options import GRANULARITIES
 from ..graph.index import GraphIndex, declared_dims
 from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, is_onnx
 from .patterns import Join, applicable
 
-GRANULARITIES = ("layer", "sublayer")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,15 @@ class Context:
         return self._evidence
 
     @property
+    def evidence_if_computed(self) -> Evidence | None:
+        """The calibration pass's evidence when a criterion needed it, else None (no pass is run)."""
+        return self._evidence
+
+    @property
+    def gradnorm_computed(self) -> bool:
+        return self._gradnorm is not None
+
+    @property
     def has_torch_model(self) -> bool:
         return self.gradnorm_fn is not None
 

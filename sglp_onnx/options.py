@@ -1,0 +1,124 @@
+"""The selection options of `analyze` and `compress`, declared once.
+
+`SelectionOptions` holds each option's default, its command-line flag and
+help, and the checks every value must pass; `cli` makes its flags from these
+fields and the API's keywords are the field names, so the two cannot drift
+apart. Checks run before any work (`SelectionOptions.check`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import UserError
+
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+GRANULARITIES = ("layer", "sublayer")
+DEFAULT_CRITERION = "damage"
+DEFAULT_RATIO = 0.25
+
+
+def _option(flag: str, help: str, *, kind: type | str = str, choices: tuple[str, ...] | None = None,
+            metavar: str | None = None, default: Any = None, cli: bool = True):
+    """A dataclass field carrying its flag, its help and its click type."""
+    return field(default=default, metadata={"flag": flag, "help": help, "kind": kind, "choices": choices,
+                                            "metavar": metavar, "cli": cli})
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """How units are measured and chosen (the keywords of `analyze` and `compress`)."""
+
+    calib: str | os.PathLike | None = _option(
+        "--calib", "Calibration .npz (arrays named after the model inputs, optional 'labels'). "
+                   "Default: MODEL.calib.npz beside the model.", kind="file")
+    remove: int | None = _option("--remove", "Number of units to remove.", kind=int)
+    ratio: float | None = _option("--ratio", "Fraction of units to remove, in (0, 1). Default 0.25.", kind=float)
+    target_flops: float | None = _option("--target-flops", "Remove units until this fraction of FLOPs is gone.",
+                                         kind=float)
+    max_loss: float | None = _option(
+        "--max-loss", "Remove as many units as possible while the held-out fidelity score stays at most X "
+                      "(logits: mean KL divergence from the original's outputs in nats per sample or token, "
+                      "e.g. 0.05; hidden states: mean cosine distance; else relative L2 error). "
+                      "--remove/--ratio/--target-flops then cap it.", kind=float)
+    criterion: str = _option("--criterion", "Layer-selection criterion (see README: Criteria).", kind="criterion",
+                             default=DEFAULT_CRITERION)
+    segments: int | None = _option("--segments", "Number of Fisher segments K (default: automatic).", kind=int)
+    torch_model: str | None = _option(
+        "--torch-model", "Factory of the torch model the ONNX file was exported from, or hf:DIR for a "
+                         "Hugging Face folder (enables GradNorm).", metavar="MODULE:FACTORY|hf:DIR")
+    torch_weights: str | os.PathLike | None = _option(
+        "--torch-weights", "Weights for --torch-model (.pt state_dict or .safetensors).", kind="file")
+    granularity: str = _option("--granularity", "Prune whole transformer layers, or attention and MLP separately.",
+                               choices=GRANULARITIES, default="layer")
+    batch_size: int = _option("--batch-size", "Calibration batch size.", kind=int, default=64)
+    provider: str = _option("--provider", "ONNX Runtime execution provider.", choices=PROVIDERS, default="cpu")
+    seed: int = _option("--seed", "Seed for random choices.", kind=int, default=0)
+    sequential: bool = _option(
+        "--sequential", "Calibrate piece by piece (graph cut at unit boundaries, activations spilled to a "
+                        "temporary folder) so ONNX Runtime holds one piece's weights at a time: for big models.",
+        kind=bool, default=False)
+    max_calib_samples: int | None = _option("--max-calib-samples", "Use at most N calibration samples.", kind=int,
+                                            cli=False)
+
+    def checked(self) -> "SelectionOptions":
+        """These options with the default budget filled in (a quarter of the
+        units when no budget is given); a value no run could use is refused,
+        naming its flag, before anything is read."""
+        budget = [x is not None for x in (self.remove, self.ratio, self.target_flops)]
+        if sum(budget) > 1:
+            raise UserError("give only one of --remove, --ratio and --target-flops")
+        max_loss = self.max_loss
+        if max_loss is not None and (isinstance(max_loss, bool) or not _is_number(max_loss)
+                                     or not math.isfinite(float(max_loss)) or float(max_loss) < 0):
+            raise UserError(f"--max-loss must be a number >= 0, got {max_loss}")
+        remove = self.remove
+        if remove is not None and (isinstance(remove, bool) or int(remove) != remove or remove < 0):
+            raise UserError(f"--remove must be a whole number >= 0, got {remove}")
+        ratio = DEFAULT_RATIO if sum(budget) == 0 and max_loss is None else self.ratio
+        if ratio is not None and not (0.0 < float(ratio) < 1.0):
+            raise UserError(f"--ratio must be in (0, 1), got {ratio}")
+        if self.target_flops is not None and not (0.0 < float(self.target_flops) < 1.0):
+            raise UserError(f"--target-flops must be in (0, 1), got {self.target_flops}")
+        if isinstance(self.batch_size, bool) or not _is_whole(self.batch_size) or self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if isinstance(self.seed, bool) or not _is_whole(self.seed) or self.seed < 0:
+            raise UserError(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        if self.segments is not None and self.segments < 1:
+            raise UserError(f"--segments must be at least 1, got {self.segments}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.provider not in PROVIDERS:
+            raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        return replace(self, ratio=ratio)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def split(cls, keywords: dict[str, Any]) -> tuple["SelectionOptions", dict[str, Any]]:
+        """The selection options among `keywords`, and the other keywords."""
+        names = set(cls.names())
+        return cls(**{k: v for k, v in keywords.items() if k in names}), \
+            {k: v for k, v in keywords.items() if k not in names}
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_whole(value: Any) -> bool:
+    try:
+        import numpy as np
+
+        return isinstance(value, (int, np.integer))
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return isinstance(value, int)

@@ -1,0 +1,61 @@
+"""The report of an analysis, as a plain dict (the schema is report.schema.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..files.calibration import CalibrationSet
+from ..selection.segmentation import segments_of
+from ..surgery.kv_cache import kv_cache_record
+from ..units.discovery import PrunableUnit
+from .summary import tool_info, unit_records
+
+
+def analysis_report(*, model_path: Path, options, n_remove: int, selection, units: Sequence[PrunableUnit],
+                    data: CalibrationSet, held_out: CalibrationSet | None, all_samples: int, evidence,
+                    pairing: dict | None, before: dict, suggestions: list[dict] | None, fidelity: dict,
+                    notes: list[str], timings: dict[str, float]) -> dict:
+    """What `analyze` found and chose; `compress` adds the output, validation and savings."""
+    removed = set(selection.removed)
+    seg_ids = segments_of(selection.segments) if selection.segments else None
+    report = {
+        "tool": tool_info(),
+        "input": str(model_path),
+        "criterion": options.criterion,
+        "granularity": options.granularity,
+        "budget": {"remove": options.remove, "ratio": options.ratio, "target_flops": options.target_flops,
+                   "max_loss": options.max_loss, "units_removed": n_remove},
+        "removed": [units[i].name for i in selection.removed],
+        "calibration": {
+            "source": data.source,
+            "samples": all_samples,
+            "selection_samples": data.n_samples,
+            "held_out_samples": 0 if held_out is None else held_out.n_samples,
+            "rows": None if evidence is None else evidence.n_samples,
+            "token_level": data.is_token_data,
+            "batch_size": options.batch_size,
+            "nonfinite_values": None if evidence is None else evidence.nonfinite_values,
+        },
+        "units": unit_records(units, removed=removed, segment_ids=seg_ids, importance=selection.importance),
+        "cka": None if evidence is None else np.round(evidence.cka, 6).tolist(),
+        "segments": None if selection.segments is None else [list(b) for b in selection.segments],
+        "k_selection": None if selection.k_curve is None else {
+            "k": len(selection.segments), "curve": selection.k_curve, "rule": selection.k_rule},
+        "importance_kind": selection.importance_kind,
+        "pairing": pairing,
+        "kv_cache": kv_cache_record(units, removed),
+        "before": before,
+        "suggestions": suggestions,
+        "fidelity": fidelity,
+        "notes": list(notes),
+        "timings": timings,
+    }
+    if evidence is not None and evidence.nonfinite_values:
+        report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
+    if data.fixed_batch and data.fixed_batch != options.batch_size:
+        report["notes"].append(f"the model's batch dimension is fixed to {data.fixed_batch}: calibration ran in "
+                               f"batches of {data.fixed_batch}, not {options.batch_size}")
+    return report
