@@ -219,8 +219,8 @@ def render(result: dict | None, *, wall: float, threads: int, missing: str | Non
                   f"128-byte windows of the training text (lr {ft['lr']:g} with cosine decay, batch "
                   f"{ft['batch_size']}, 0.5 CE + 0.5 T² KL from the unpruned model at T = 2, seed 0; the "
                   "learning rate is finetune.py's default, not tuned on anything). The perplexity is that of "
-                  "the fine-tuned transformers model: `sglp-onnx finetune` cannot yet export a transformers "
-                  "causal LM back to ONNX (its forward returns a DynamicCache, which torch's exporters refuse).",
+                  "the fine-tuned transformers model, measured in torch (`sglp-onnx finetune --torch-model hf:DIR` "
+                  "heals the same way, deleting the removed layers, and exports the healed model to ONNX).",
                   ""]
     else:
         lines += ["No fine-tuning in this run (`--no-finetune`).", ""]

@@ -32,6 +32,7 @@ EXIT_INTERRUPTED = 130
 class _State:
     verbose = False
     quiet = False
+    warnings = False  # --log-level warning: quiet, but the summary's warnings still shown
 
 
 def _progress_factory(state: _State):
@@ -40,9 +41,12 @@ def _progress_factory(state: _State):
         return None
     from tqdm import tqdm
 
+    from .progress import terminal_stage
+
     def progress(iterable: Iterator, label: str) -> Iterator:
         return tqdm(iterable, desc=label, unit="batch", file=sys.stderr, leave=False)
 
+    progress.stage = lambda label: terminal_stage(sys.stderr, label)
     return progress
 
 
@@ -63,11 +67,39 @@ def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(_State).quiet = True
 
 
+LOG_LEVELS = ("error", "warning", "info", "debug")
+LOG_LEVEL_HELP = ("What to print: error (= -q), warning (errors and warnings), info (the default: progress "
+                  "and the summary), debug (= -v).")
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    state = ctx.ensure_object(_State)
+    if value in ("error", "warning"):
+        state.quiet, state.warnings = True, value == "warning"
+    elif value == "debug":
+        _set_verbose(ctx, param, True)
+
+
 def _verbosity_options(f):
-    """-v and -q, accepted after the command too (`sglp-onnx compress M -q`), meaning what they mean before it."""
+    """-v, -q and --log-level, accepted after the command too (`sglp-onnx compress M -q`), meaning what
+    they mean before it."""
+    f = click.option("--log-level", type=click.Choice(LOG_LEVELS), expose_value=False, callback=_set_log_level,
+                     help=LOG_LEVEL_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet, help=QUIET_HELP)(f)
     return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
                         help=VERBOSE_HELP)(f)
+
+
+def _echo_summary(state: _State, text: str) -> None:
+    """The run's summary on stdout; with --log-level warning only its warnings, on stderr."""
+    if not state.quiet:
+        click.echo(text)
+    elif state.warnings:
+        for line in text.splitlines():
+            if line.startswith("warning:"):
+                click.echo(line, err=True)
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
@@ -107,8 +139,9 @@ def _stdout_to_stderr() -> Iterator[None]:
 @click.version_option(__version__, "--version", prog_name="sglp-onnx")
 @click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help=LOG_LEVEL_HELP)
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, quiet: bool, log_level: str | None) -> None:
     """Remove whole residual layers from ONNX models (SGLP and baselines).
 
     \b
@@ -123,6 +156,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """
     state = ctx.ensure_object(_State)
     state.verbose, state.quiet = verbose, quiet
+    _set_log_level(ctx, None, log_level)
     if verbose:
         from .graph.runtime import set_verbose
 
@@ -173,51 +207,104 @@ def _api_options(kwargs: dict, state: _State) -> dict:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: MODEL.pruned.onnx.")
+@click.option("-O", "--output-dir", type=click.Path(file_okay=False),
+              help="Write each MODEL's MODEL.pruned.onnx and report into DIR (created if missing); for several "
+                   "models in one call.")
 @_selection_options
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True),
               help="JSON report; '-' prints it to stdout instead. Default: OUTPUT with .json, or stdout with --json.")
 @click.option("--plot", type=click.Path(dir_okay=False), callback=_plot_path,
               help="Write the CKA heatmap and importances; .png, .svg or .pdf by the suffix.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
+@click.option("--dry-run", is_flag=True,
+              help="Choose the units, measure the fidelity and validate the pruned model in memory; write nothing.")
 @click.option("--renumber-cache", is_flag=True,
               help="Rename the kept KV-cache inputs/outputs to consecutive layer numbers "
                    "(past_key_values.0..n-1, present.0..n-1), as onnxruntime-genai expects. "
                    "Changes those input/output names.")
 @click.pass_obj
-def compress(state: _State, model: str, output: str | None, report: str | None, plot: str | None,
-             force: bool, renumber_cache: bool, as_json: bool, **kwargs) -> None:
+def compress(state: _State, models: tuple[str, ...], output: str | None, output_dir: str | None,
+             report: str | None, plot: str | None, force: bool, dry_run: bool, renumber_cache: bool,
+             as_json: bool, **kwargs) -> None:
     """Remove residual units from MODEL and write a validated, smaller ONNX file.
+
+    With several models (or -O DIR), each is compressed in turn with the same
+    options into DIR; the first failure stops the run (the models before it are
+    written, whole).
 
     \b
     Examples:
       sglp-onnx compress model.onnx --ratio 0.3
       sglp-onnx compress model.onnx --target-flops 0.5 --criterion block-influence -o small.onnx
+      sglp-onnx compress model.onnx --max-loss 0.05 --dry-run
+      sglp-onnx compress a.onnx b.onnx -O pruned/ --remove 4
       sglp-onnx compress resnet.onnx --torch-model models.resnet_cifar:resnet56_digits \\
           --torch-weights resnet56.pt --remove 8 --plot cka.png
     """
-    from .pipeline import compress as run
+    from .pipeline import compress as run, default_output
 
+    several = len(models) > 1
+    if several or output_dir is not None:
+        for flag, value in (("-o/--output", output), ("--plot", plot)):
+            if value is not None:
+                raise click.UsageError(f"{flag} names one file: with several models or -O DIR, each model's "
+                                       "outputs go into DIR")
+        if report is not None and report != "-":
+            raise click.UsageError("--report FILE names one file: with several models or -O DIR each report goes "
+                                   "beside its model in DIR ('--report -' or --json print them to stdout)")
+    if several and output_dir is None:
+        raise click.UsageError("several models need -O DIR for their outputs")
+    outputs: list[str | None] = [output]
+    if output_dir is not None:
+        outputs = [str(Path(output_dir) / default_output(Path(m)).name) for m in models]
+        seen: dict[str, str] = {}
+        for model, out in zip(models, outputs):
+            if out in seen:
+                raise UserError(f"{seen[out]} and {model} would both write {out}; compress them in two calls")
+            seen[out] = model
+        if not dry_run:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
     # The report goes to stdout for '--report -', and for --json unless a file is named.
     to_stdout = report == "-" or (as_json and report is None)
+    reports, done = [], []
+    for model, out in zip(models, outputs):
+        try:
+            result = _compress_one(run, state, model, out, None if to_stdout else report, plot, force, dry_run,
+                                   renumber_cache, to_stdout, kwargs)
+        except UserError as exc:
+            if not several:
+                raise
+            written = f"; written before it: {', '.join(done)}" if done else ""
+            raise UserError(f"{model}: {exc}{written}") from None
+        done.append(model)
+        reports.append(result.report)
+        if not (as_json or to_stdout):
+            _echo_summary(state, result.summary())
+    if as_json or to_stdout:
+        from .report.summary import to_json
+
+        if several:
+            click.echo(json.dumps([json.loads(to_json(r)) for r in reports], indent=2))
+        else:
+            click.echo(to_json(reports[0]), nl=False)
+
+
+def _compress_one(run, state: _State, model: str, output: str | None, report: str | None, plot: str | None,
+                  force: bool, dry_run: bool, renumber_cache: bool, to_stdout: bool, kwargs: dict):
     with contextlib.ExitStack() as stack:
-        if to_stdout:
+        if to_stdout and not dry_run:
             # The pipeline always writes a report: let it write one where nobody sees it.
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sglp-report-"))
             report = str(Path(folder) / "report.json")
         with _stdout_to_stderr():
             result = run(model, output, report=report, plot=plot, force=force, renumber_cache=renumber_cache,
-                         **_api_options(kwargs, state))
-    if to_stdout:
+                         dry_run=dry_run, **_api_options(kwargs, state))
+    if to_stdout and not dry_run:
         result.report["report_path"] = "-"
         result.report_path = None
-    if as_json or to_stdout:
-        from .report.summary import to_json
-
-        click.echo(to_json(result.report), nl=False)
-    elif not state.quiet:
-        click.echo(result.summary())
+    return result
 
 
 def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
@@ -262,8 +349,8 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
         from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
-    elif not state.quiet:
-        click.echo(result.summary())
+    else:
+        _echo_summary(state, result.summary())
 
 
 @cli.command("eval")
@@ -291,8 +378,8 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
         results = evaluate(models, data, provider=provider, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps([m.to_dict() for m in results], indent=2))
-    elif not state.quiet:
-        click.echo(format_metrics(results))
+    else:
+        _echo_summary(state, format_metrics(results))
 
 
 @cli.command()
@@ -327,8 +414,8 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
                       threads=threads, data=data)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
-    elif not state.quiet:
-        click.echo(format_results(results))
+    else:
+        _echo_summary(state, format_results(results))
 
 
 def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -370,8 +457,7 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
     """
     with _stdout_to_stderr():
         _export(factory, Path(output), torch_weights, exporter, input_shape, with_cache, force)
-    if not state.quiet:
-        click.echo(f"wrote {output}")
+    _echo_summary(state, f"wrote {output}")
 
 
 def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, input_shape: tuple[int, ...] | None,
@@ -444,7 +530,7 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     Example:
       sglp-onnx finetune r56.pruned.onnx --torch-model models.resnet_cifar:resnet56_digits \\
           --torch-weights models/resnet56_digits.pt --train-data train.npz --epochs 3 --eval-data test.npz
-      sglp-onnx finetune llama.kv.pruned.onnx --torch-model hf:models/tinyllama --train-data tokens.npz --epochs 1
+      sglp-onnx finetune llama.kv.pruned.onnx --torch-model hf:models/tinyllama_pydoc --train-data tokens.npz --epochs 1
     """
     from .tools.finetune import finetune as run
 
@@ -454,16 +540,23 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
         from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
-    elif not state.quiet:
-        click.echo(result.summary())
+    else:
+        _echo_summary(state, result.summary())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one clear line and exit 2 for anything the user can fix."""
-    state_verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    args = list(argv or sys.argv[1:])
+    state_verbose = "-v" in args or "--verbose" in args or any(
+        a == "--log-level=debug" or (a == "--log-level" and args[k + 1:k + 2] == ["debug"]) for k, a in enumerate(args))
     previous_sigterm = _handle_sigterm_as_interrupt()
     try:
-        cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
+        finally:
+            from .progress import clear_status
+
+            clear_status()  # a stage label left by an error or an interrupt
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         return EXIT_USAGE
@@ -486,12 +579,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             click.echo(f"interrupted ({name}); nothing was written", err=True)
         return 128 + int(signum)
+    except SystemExit as exc:
+        # Only the user's code exits (click does not, outside standalone mode):
+        # a torch model's forward() that calls sys.exit, say.
+        click.echo(f"error: the run was stopped by SystemExit({exc.code!r}) from the user's code (the torch model "
+                   "or its module must not call sys.exit or exit()); nothing was written", err=True)
+        return EXIT_USAGE
     except Exception as exc:  # a bug: say so, keep the traceback for -v
         if state_verbose:
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v",
                    err=True)
         return EXIT_INTERNAL
+    except BaseException as exc:  # raised by the user's code: neither an Exception nor an interrupt
+        click.echo(f"error: the run was stopped by {type(exc).__name__}: {exc} from the user's code; "
+                   "nothing was written", err=True)
+        return EXIT_USAGE
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)

@@ -13,18 +13,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import onnx
 
 from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
-from .files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for,
+from .files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for, proto_size,
                                 write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
+from .progress import Progress, stage
 from .report.build import analysis_report
 from .report.summary import analysis_summary, summary, to_json
 from .selection.budget import budget_to_count, max_loss_count, suggest_removals
@@ -40,7 +41,6 @@ PROBE_SAMPLES = 2
 # FLOPs fractions `analyze` suggests removal sets for.
 DEFAULT_SUGGESTIONS = (0.10, 0.25, 0.50)
 
-Progress = Callable[[Iterator, str], Iterator]
 
 
 @dataclass
@@ -97,13 +97,14 @@ def _pause_point(point: str) -> None:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str):
-    _pause_point(stage)
+def _timed(timings: dict[str, float], name: str, progress: Progress | None = None):
+    _pause_point(name)
     start = time.perf_counter()
     try:
-        yield
+        with stage(progress, name):
+            yield
     finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def default_output(model_path: Path) -> Path:
@@ -131,8 +132,9 @@ def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | Non
 
 
 def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
-              timings: dict[str, float], sequential: bool = False) -> tuple[list[PrunableUnit], int]:
-    with _timed(timings, "discovery"):
+              timings: dict[str, float], sequential: bool = False,
+              progress: Progress | None = None) -> tuple[list[PrunableUnit], int]:
+    with _timed(timings, "discovery", progress):
         names = probe_targets(model) + tensors_needed(model)
         feed = calib.first(PROBE_SAMPLES)
         n_probe = next(iter(feed.values())).shape[0]
@@ -190,7 +192,7 @@ def analyze(
         raise UserError(f"--criterion {opts.criterion} needs gradients: pass the paired torch model with "
                         "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
     model_path = Path(model_path)
-    with _timed(timings, "load"):
+    with _timed(timings, "load", progress):
         source_model = load_model(model_path)
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
@@ -200,14 +202,16 @@ def analyze(
         all_samples = data.n_samples
         data, held_out = data.split_holdout()
     units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                   timings=timings, sequential=opts.sequential)
+                                   timings=timings, sequential=opts.sequential, progress=progress)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
-                        "shape (projection/downsampling blocks are never candidates)")
+                        "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "
+                        "bodies are not pruned)")
 
-    gradnorm_fn = pairing_info = loss_note = None
+    pairing_info = loss_note = None
+    gradnorm_fn = None
     if opts.torch_model is not None:
-        with _timed(timings, "pairing"):
+        with _timed(timings, "pairing", progress):
             paired = PairedModel.load(opts.torch_model, opts.torch_weights, model, units, data,
                                       provider=opts.provider)
         pairing_info = paired.info
@@ -229,7 +233,7 @@ def analyze(
                             batch_size=opts.batch_size)
 
     budget_notes: list[str] = []
-    with _timed(timings, "selection"):
+    with _timed(timings, "selection", progress):
         if opts.max_loss is None:
             n_remove, selection = budget_to_count(chosen, ctx, units, total_flops, remove=opts.remove,
                                                   ratio=opts.ratio, target_flops=opts.target_flops)
@@ -241,9 +245,9 @@ def analyze(
     timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
     suggestions = None
     if suggest:
-        with _timed(timings, "suggestions"):
+        with _timed(timings, "suggestions", progress):
             suggestions = suggest_removals(chosen, ctx, units, total_flops, suggest)
-    with _timed(timings, "fidelity"):
+    with _timed(timings, "fidelity", progress):
         from .evidence.fidelity import fidelity_record
 
         sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
@@ -264,7 +268,7 @@ def analyze(
                 "file_size": model_path.stat().st_size},
         suggestions=suggestions, fidelity=fidelity, notes=notes, timings=timings)
     if plot_path is not None:
-        with _timed(timings, "plot"), atomic_paths(plot_path) as (tmp,):
+        with _timed(timings, "plot", progress), atomic_paths(plot_path) as (tmp,):
             from .report.plots import plot_report
 
             plot_report(report, tmp)
@@ -288,6 +292,7 @@ def compress(
     plot: str | os.PathLike | None = None,
     force: bool = False,
     renumber_cache: bool = False,
+    dry_run: bool = False,
     **options,
 ) -> CompressionResult:
     """Remove residual units from an ONNX model and write the validated result.
@@ -298,7 +303,10 @@ def compress(
     beside the output) are written atomically, only after validation passed.
     With `renumber_cache`, the kept KV-cache inputs and outputs are renamed
     to consecutive layer numbers (what onnxruntime-genai expects) after
-    validation; by default every kept name stays as it was.
+    validation; by default every kept name stays as it was. With `dry_run`,
+    everything up to and including validation runs (the pruned model in
+    memory) and nothing is written: the result's report says what a real run
+    would remove, save and write.
     """
     opts = _selection_options({k: v for k, v in options.items() if k in SelectionOptions.names()}, "compress")
     model_path = Path(model_path)
@@ -317,23 +325,25 @@ def compress(
         for other, other_path in named[:i]:
             if path.resolve() == other_path.resolve():
                 raise UserError(f"the {other} and the {what} must be different files (both are {path})")
-    _check_writable(out, force=force, what="output", input_path=model_path)
-    _check_writable(report_path, force=force, what="report", input_path=model_path)
     if plot_path is not None:
-        _check_writable(plot_path, force=force, what="plot", input_path=model_path)
         from .report.plots import plot_format
 
         plot_format(plot_path)
-    if genai_path is not None:
-        _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
+    if not dry_run:
+        _check_writable(out, force=force, what="output", input_path=model_path)
+        _check_writable(report_path, force=force, what="report", input_path=model_path)
+        if plot_path is not None:
+            _check_writable(plot_path, force=force, what="plot", input_path=model_path)
+        if genai_path is not None:
+            _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
 
     # Suggestions are for deciding what to remove; compress has decided.
     analysis = analyze(model_path, **{"suggest": None, **options})
     timings = analysis.timings
     removed = analysis.removed_units
-    with _timed(timings, "surgery"):
+    with _timed(timings, "surgery", options.get("progress")):
         pruned = finish_patterns(remove_units(analysis.model, removed), analysis.rewrites)
-    with _timed(timings, "validation"):
+    with _timed(timings, "validation", options.get("progress")):
         feed = analysis.calib.first(min(opts.batch_size, analysis.calib.n_samples))
         try:
             result = validate(
@@ -347,7 +357,7 @@ def compress(
 
     rep = analysis.report
     if renumber_cache:
-        with _timed(timings, "validation"):
+        with _timed(timings, "validation", options.get("progress")):
             renumber_kept_cache(pruned, rep, feed, provider=opts.provider)
     rep["output"] = str(out)
     rep["report_path"] = str(report_path)
@@ -368,12 +378,20 @@ def compress(
             naming = ("the kept cache tensors are renumbered 0..n-1" if rep["kv_cache"].get("renamed")
                       else "the kept cache tensors keep their names (see kv_cache.layer_map; --renumber-cache "
                            "renames them 0..n-1 as onnxruntime-genai expects)")
-            rep["notes"].append(f"wrote {genai_path} for the pruned model: {'; '.join(changes)}; {naming}")
+            wrote = "a real run writes" if dry_run else "wrote"
+            rep["notes"].append(f"{wrote} {genai_path} for the pruned model: {'; '.join(changes)}; {naming}")
         else:
             rep["notes"].extend(changes)
     if genai_config is None:
         genai_path = None
-    with _timed(timings, "write"):
+    if dry_run:
+        rep["dry_run"] = True
+        rep["after"]["file_size"] = proto_size(pruned)
+        rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        return CompressionResult(
+            model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,
+            calib=analysis.calib, total_flops=analysis.total_flops, timings=timings, pruned=pruned)
+    with _timed(timings, "write", options.get("progress")):
         # Weights near the protobuf limit go to OUTPUT.data, renamed into
         # place with the other files (the model records the final name).
         model_paths = model_files_for(pruned, out, force=force)

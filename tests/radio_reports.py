@@ -29,6 +29,14 @@ def _compressed() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _dry_run() -> dict:
+    from sglp_onnx import compress
+
+    out = Path(_scratch.name) / "cnn1d.dry.onnx"
+    return compress(MODEL, out, ratio=RATIO, criterion="sglp", dry_run=True).report
+
+
+@functools.lru_cache(maxsize=None)
 def _analyzed(criterion: str) -> dict:
     from sglp_onnx import analyze
 
@@ -38,6 +46,11 @@ def _analyzed(criterion: str) -> dict:
 def compress_report() -> dict:
     """`compress(..., ratio=0.3)` with SGLP (gradient-free importance)."""
     return copy.deepcopy(_compressed())
+
+
+def dry_run_report() -> dict:
+    """`compress(..., ratio=0.3, dry_run=True)`: everything but the files."""
+    return copy.deepcopy(_dry_run())
 
 
 def analyze_report(criterion: str = "sglp") -> dict:

@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from radio_reports import analyze_report, compress_report
+from radio_reports import analyze_report, compress_report, dry_run_report
 from sglp_onnx import validate_report
 from sglp_onnx.report.summary import report_schema, to_json
 
@@ -46,11 +46,12 @@ def test_schema_lists_every_key_of_real_reports():
     properties = set(report_schema()["properties"])
     assert set(compress_report()) <= properties
     assert set(analyze_report()) <= properties
-    assert properties == set(compress_report()) | set(analyze_report())
+    assert set(dry_run_report()) <= properties
+    assert properties == set(compress_report()) | set(analyze_report()) | set(dry_run_report())
 
 
-@pytest.mark.parametrize("make", [compress_report, analyze_report, lambda: analyze_report("last")],
-                         ids=["compress", "analyze", "analyze-last"])
+@pytest.mark.parametrize("make", [compress_report, analyze_report, lambda: analyze_report("last"), dry_run_report],
+                         ids=["compress", "analyze", "analyze-last", "dry-run"])
 def test_real_reports_validate(make):
     report = make()
     validate_report(report)

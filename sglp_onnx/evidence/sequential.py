@@ -174,7 +174,7 @@ def stream_sequential(
         store = SpillStore(Path(tmp))
         steps = [(k, b) for k in range(len(pieces)) for b in range(n_batches)]
         if progress is not None:
-            steps = progress(iter(steps))
+            steps = progress(steps)
         session = None
         current = -1
         feeds = None
@@ -187,7 +187,7 @@ def stream_sequential(
                 # A piece of the user's model on the user's data: its failures are the input's.
                 with input_model_errors():
                     session = InputSession(make_session(piece_model(model, piece, types), provider))
-                feeds = calib.batches(batch_size)
+                feeds = iter(calib.batches(batch_size))
                 if current >= 0:
                     _drop_consumed(store, pieces[current], reads_left, current, keep)
                 current = k

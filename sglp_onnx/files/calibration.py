@@ -63,17 +63,12 @@ class CalibrationSet:
         """Sequence models: an integer input of rank 2 (token ids)."""
         return any(np.issubdtype(a.dtype, np.integer) and a.ndim == 2 for a in self.inputs.values())
 
-    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    def batches(self, batch_size: int) -> "Batches":
+        """The samples in batches of `batch_size` (a fixed-batch model's own size,
+        its partial last batch left out); sized, so progress bars show a total."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-        n = self.n_samples
-        if self.fixed_batch:
-            # A partial last batch cannot be fed to a fixed-batch model.
-            batch_size, n = self.fixed_batch, n - n % self.fixed_batch
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            feed = {k: v[start:stop] for k, v in self.inputs.items()}
-            yield feed, None if self.labels is None else self.labels[start:stop]
+        return Batches(self, batch_size)
 
     def subset(self, index: np.ndarray) -> "CalibrationSet":
         return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
@@ -96,6 +91,28 @@ class CalibrationSet:
         """The first `n` samples (exactly the fixed batch for a fixed-batch model)."""
         n = self.fixed_batch or n
         return {k: v[:n] for k, v in self.inputs.items()}
+
+
+
+class Batches:
+    """One pass over a calibration set in batches: `len` is the number of batches."""
+
+    def __init__(self, calib: CalibrationSet, batch_size: int) -> None:
+        n = calib.n_samples
+        if calib.fixed_batch:
+            # A partial last batch cannot be fed to a fixed-batch model.
+            batch_size, n = calib.fixed_batch, n - n % calib.fixed_batch
+        self.calib, self.batch_size, self.n = calib, batch_size, n
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        labels = self.calib.labels
+        for start in range(0, self.n, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            yield {k: v[start:stop] for k, v in self.calib.inputs.items()}, \
+                None if labels is None else labels[start:stop]
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -154,7 +171,7 @@ def check_calibration(
     max_samples: int | None = None,
 ) -> CalibrationSet:
     specs = model_inputs(model)
-    arrays = {**arrays, **_implied_inputs(arrays, specs)}
+    arrays = {**arrays, **_implied_inputs(arrays, specs, model)}
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise UserError(
@@ -232,11 +249,14 @@ def is_cache_input(spec: InputSpec, specs: list[InputSpec]) -> bool:
     return not (isinstance(dynamic[0], str) and any(dynamic[0] == s.shape[1] for s in tokens))
 
 
-def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec],
+                    model: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
     """Inputs a calibration file for a model with a KV cache may leave out.
 
     A missing past KV-cache input is empty (past length 0: the calibration
-    sequences are whole prompts, as in a prefill); a missing `position_ids`
+    sequences are whole prompts, as in a prefill), also when its declared
+    shape leaves more than the past length symbolic (see
+    `attention_cache_dims`); a missing `position_ids`
     counts 0, 1, ... along each sequence, which is what transformers uses when
     it is given none. The sample count comes from the arrays present.
     """
@@ -251,6 +271,8 @@ def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> di
         if is_cache_input(spec, specs):
             shape = [n] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]]
             implied[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        elif model is not None and (dims := attention_cache_dims(model, spec)) is not None:
+            implied[spec.name] = np.zeros([n] + dims, dtype=spec.dtype)
         elif spec.name in POSITION_NAMES and np.dtype(spec.dtype).kind in "iu":
             # Token ids span the new tokens, an attention mask the past ones too.
             lengths = [a.shape[1] for a in present if a.ndim == 2 and np.issubdtype(a.dtype, np.integer)]
@@ -259,6 +281,70 @@ def _implied_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> di
                 positions = np.arange(total - new, total, dtype=spec.dtype)
                 implied[spec.name] = np.broadcast_to(positions, (n, new)).copy()
     return implied
+
+
+def attention_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> list[int] | None:
+    """Dims after the batch of an empty past for a 4-D float input that ONNX
+    Runtime's GroupQueryAttention or MultiHeadAttention reads as its past key
+    or value: (kv_heads, 0, head_size), or None for any other input.
+
+    The onnxruntime-genai builder declares its cache
+    [batch_size, kv_heads, past_sequence_length, kv_cache_dim], so the head
+    size is not in the declaration; it is the width of the attention's
+    query projection over its heads (packed Q, K, V in GroupQueryAttention's
+    query when it has no separate key).
+    """
+    if spec.shape is None or len(spec.shape) != 4 or np.dtype(spec.dtype).kind != "f":
+        return None
+    for node in model.graph.node:
+        if node.domain != "com.microsoft" or spec.name not in node.input:
+            continue
+        position = list(node.input).index(spec.name)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "GroupQueryAttention" and position in (3, 4):
+            heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
+            packed = len(node.input) < 2 or not node.input[1]
+            parts = heads + 2 * kv_heads if heads and kv_heads and packed else heads
+        elif node.op_type == "MultiHeadAttention" and position in (6, 7):
+            heads = kv_heads = parts = attrs.get("num_heads")
+        else:
+            return None
+        width = _projection_width(model, node.input[0])
+        if not parts or not width or width % parts:
+            return None
+        dims = [int(kv_heads), 0, width // parts]
+        declared = spec.shape[1:]
+        if any(isinstance(d, int) and d > 0 and d != want for d, want in zip(declared, dims) if want):
+            return None
+        return dims
+    return None
+
+
+def _projection_width(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The last dim of `tensor`: declared, or the output width of the linear op
+    with constant weights that computes it (through bias adds and casts)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    initializers = {i.name: i for i in model.graph.initializer}
+    declared = {vi.name: declared_dims(vi) for vi in model.graph.value_info}
+    for _ in range(8):
+        dims = declared.get(tensor)
+        if dims and isinstance(dims[-1], int) and dims[-1] > 0:
+            return dims[-1]
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "MatMulNBits":
+            return next((a.i for a in node.attribute if a.name == "N"), None)
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            return int(initializers[node.input[1]].dims[-1])
+        if node.op_type in ("Add", "Cast", "Identity"):
+            computed = [t for t in node.input if t and t not in initializers]
+            if len(computed) != 1:
+                return None
+            tensor = computed[0]
+            continue
+        return None
+    return None
 
 
 def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
@@ -307,7 +393,7 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     fixed = fixed_batch(specs)
     n_samples = fixed * max(1, n_samples // fixed) if fixed else n_samples
     for spec in specs:
-        if is_cache_input(spec, specs) or spec.name in POSITION_NAMES:
+        if is_cache_input(spec, specs) or spec.name in POSITION_NAMES or attention_cache_dims(model, spec):
             continue  # implied by the others, below
         dims = spec.shape or (None,)
         shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
@@ -318,5 +404,5 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
             inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
             inputs[spec.name] = np.zeros(shape, dtype=dtype)
-    inputs.update(_implied_inputs(inputs, specs))
+    inputs.update(_implied_inputs(inputs, specs, model))
     return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed)

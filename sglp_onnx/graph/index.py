@@ -124,7 +124,12 @@ class GraphIndex:
                     if attr.name == "value":
                         self.constants[node.output[0]] = attr.t
                         self.dtypes[node.output[0]] = attr.t.data_type
-            self.subgraph_refs |= subgraph_references(node)
+            implicit = subgraph_references(node)
+            # A node whose subgraph (If/Loop/Scan body) reads a tensor of this
+            # scope consumes it like an input.
+            for name in sorted(implicit - set(node.input)):
+                self.consumers.setdefault(name, []).append(i)
+            self.subgraph_refs |= implicit
         # Tensors computed from constants only (exporters route shared weights
         # through Identity, cast them, or build them from Constant nodes).
         self.constant_valued: set[str] = set(self.constants)

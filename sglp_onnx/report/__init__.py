@@ -1,0 +1,1 @@
+"""The report: building it, printing it, its JSON Schema, and its plots."""

@@ -52,7 +52,7 @@ def _placeholder(ax, title: str, message: str) -> None:
         spine.set_visible(False)
 
 
-def _heatmap(fig: Figure, ax, report: dict, removed: Sequence[int]) -> None:
+def _heatmap(fig: Figure, ax, report: dict, removed: Sequence[int], verb: str) -> None:
     cka = report.get("cka")
     title = "(a) CKA between unit outputs"
     if not cka:
@@ -83,28 +83,40 @@ def _heatmap(fig: Figure, ax, report: dict, removed: Sequence[int]) -> None:
             color=REMOVED_COLOR, markeredgecolor="black", clip_on=False, gid=GID_REMOVED_COLS)
     ax.plot([-1.1] * len(removed), list(removed), linestyle="none", marker=">", markersize=7,
             color=REMOVED_COLOR, markeredgecolor="black", clip_on=False, gid=GID_REMOVED_ROWS,
-            label="removed unit")
+            label=f"{verb} unit")
     ax.set_xlim(-1.8, n - 0.5)
     ax.set_ylim(n - 0.5, -1.8)
     step = _tick_step(n, 25)
     ticks = list(range(0, n, step))
+    names, axis_label = _unit_labels(report["units"], ticks)
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
+    ax.set_xticklabels(names, rotation=90)
+    ax.set_yticklabels(names)
     for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
         for label, tick in zip(labels, ticks):
             if tick in removed:
                 label.set_color(REMOVED_COLOR)
                 label.set_fontweight("bold")
     ax.tick_params(labelsize=8)
-    ax.set_xlabel("unit index (graph order)")
-    ax.set_ylabel("unit index (graph order)")
+    ax.set_xlabel(axis_label)
+    ax.set_ylabel(axis_label)
     for spine in ax.spines.values():
         spine.set_visible(False)
     subtitle = f"{len(segments)} Fisher segments outlined" if segments else "no segmentation"
-    ax.set_title(f"{title}\n{subtitle}; \u25b6\u25bc = removed", loc="left", fontweight="bold")
+    ax.set_title(f"{title}\n{subtitle}; \u25b6\u25bc = {verb}", loc="left", fontweight="bold")
 
 
-def _bars(ax, report: dict, removed: Sequence[int]) -> None:
+def _unit_labels(units: Sequence[dict], ticks: Sequence[int]) -> tuple[list[str], str]:
+    """Tick labels for units, the same in every panel: their names when all are
+    short, else their indices (the report's table gives index and name)."""
+    names = [units[i]["name"] for i in ticks]
+    if max((len(s) for s in names), default=0) > 14:
+        return [str(i) for i in ticks], "unit index (graph order)"
+    return names, "unit (graph order)"
+
+
+def _bars(ax, report: dict, removed: Sequence[int], verb: str) -> None:
     units = report["units"]
     importance = [u.get("importance") for u in units]
     has_importance = any(v is not None for v in importance)
@@ -133,16 +145,14 @@ def _bars(ax, report: dict, removed: Sequence[int]) -> None:
     step = _tick_step(n, 40)
     ticks = x[::step]
     ax.set_xticks(ticks)
-    names = [units[i]["name"] for i in ticks]
-    if max((len(s) for s in names), default=0) > 14:
-        names = [str(i) for i in ticks]
+    names, axis_label = _unit_labels(units, ticks)
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     for label, tick in zip(ax.get_xticklabels(), ticks):
         if tick in removed_set:
             label.set_color(REMOVED_COLOR)
             label.set_fontweight("bold")
     ax.set_xlim(-0.6, n - 0.4)
-    ax.set_xlabel("unit (graph order)")
+    ax.set_xlabel(axis_label)
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left", fontweight="bold", fontsize=10, wrap=True)
     ax.grid(axis="y", alpha=0.3)
@@ -151,7 +161,7 @@ def _bars(ax, report: dict, removed: Sequence[int]) -> None:
     seen = sorted({s for s in segments if s is not None})
     handles += [Patch(facecolor=_segment_color(s), edgecolor="black", label=f"segment {s}") for s in seen]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch=REMOVED_HATCH,
-                         label=f"removed ({len(removed_set)})"))
+                         label=f"{verb} ({len(removed_set)})"))
     ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="upper left", framealpha=0.9)
     top = max(values, default=0.0)
     if top > 0:
@@ -256,11 +266,12 @@ def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
     # Without a CKA matrix the left panel only carries a note: keep it narrow.
     left = 1.0 if report.get("cka") else 0.3
     grid = fig.add_gridspec(2, 2, width_ratios=[left, 1.15], height_ratios=[1.25, 1.0])
-    _heatmap(fig, fig.add_subplot(grid[:, 0]), report, removed)
-    _bars(fig.add_subplot(grid[0, 1]), report, removed)
+    # A compress report says what was removed; an analysis, what it selects.
+    verb = "removed" if report.get("after") else "selected"
+    _heatmap(fig, fig.add_subplot(grid[:, 0]), report, removed, verb)
+    _bars(fig.add_subplot(grid[0, 1]), report, removed, verb)
     _cost(fig.add_subplot(grid[1, 1]), report)
     name = os.path.basename(str(report.get("input", "model")))
-    verb = "removed" if report.get("after") else "selected"
     fig.suptitle(f"sglp-onnx {name}: criterion {report.get('criterion')}, {verb} {len(removed)} of "
                  f"{len(units)} units", fontsize=13, fontweight="bold")
     if path is not None:

@@ -104,8 +104,7 @@ def summary(report: dict) -> str:
         lines.append(f"{u['index']:>3}  {name:<28} {human_count(u['params']):>8} "
                      f"{100 * u['flops'] / total_flops:>6.2f}% {seg:>4} {imp:>11}  {'yes' if u['removed'] else ''}")
     if report.get("segments"):
-        segs = ", ".join(f"[{a}..{b - 1}]" for a, b in report["segments"])
-        lines.append(f"segments (K={len(report['segments'])}): {segs}")
+        lines.append(segments_line(report["segments"]))
         if report.get("k_selection", {}).get("rule"):
             lines.append(f"  K rule: {report['k_selection']['rule']}")
     if report.get("importance_kind"):
@@ -141,10 +140,13 @@ def summary(report: dict) -> str:
     timings = report.get("timings", {})
     if timings:
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    if report.get("output"):
-        lines.append(f"wrote {report['output']}")
-    if report.get("report_path"):
-        lines.append(f"report {report['report_path']}")
+    if report.get("dry_run"):
+        lines.append(f"dry run: nothing written (a real run writes {report['output']} and {report['report_path']})")
+    else:
+        if report.get("output"):
+            lines.append(f"wrote {report['output']}")
+        if report.get("report_path"):
+            lines.append(f"report {report['report_path']}")
     return "\n".join(lines)
 
 
@@ -225,8 +227,7 @@ def analysis_summary(report: dict) -> str:
         lines.append("CKA-prev/next: linear CKA between this unit's output and its neighbour's "
                      "(near 1: the two outputs carry the same information)")
     if report.get("segments"):
-        segs = ", ".join(f"[{a}..{b - 1}]" for a, b in report["segments"])
-        lines.append(f"segments (K={len(report['segments'])}): {segs}")
+        lines.append(segments_line(report["segments"]))
         rule = (report.get("k_selection") or {}).get("rule")
         if rule:
             lines.append(f"  K rule: {rule}")
@@ -279,3 +280,9 @@ def validate_report(report: dict) -> None:
 
     data = json.loads(report if isinstance(report, str) else to_json(report))
     jsonschema.validate(data, report_schema(), cls=jsonschema.Draft202012Validator)
+
+
+def segments_line(segments: Sequence[Sequence[int]]) -> str:
+    """The segments as the JSON stores them: half-open unit ranges [start, stop)."""
+    ranges = ", ".join(f"[{a}, {b})" for a, b in segments)
+    return f"segments (K={len(segments)}, unit ranges [start, stop) as in the JSON report): {ranges}"

@@ -37,7 +37,8 @@ def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.
     gates = gate_graph(graph, units)
     subs = baked(graph)
     tensors = graph.tensors()
-    for node in graph.nodes:
+    # Readers inside If/Loop/Scan bodies read the outer tensors too.
+    for node in [n for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes]:
         for k, tensor in enumerate(node.inputs):
             if tensor.name in subs:
                 node.inputs[k] = tensors[subs[tensor.name]]

@@ -233,15 +233,26 @@ def format_results(results: Sequence[BenchResult]) -> str:
     threads = "ONNX Runtime default" if first.threads == 0 else str(first.threads)
     lines = [f"provider {first.provider}, intra-op threads {threads}, {first.runs} timed runs after "
              f"{first.warmup} warm-up, models interleaved; inputs: {first.inputs}"]
-    width = max(len(Path(r.model).name) for r in results)
+    names = distinct_names([r.model for r in results])
+    width = max(len(names[r.model]) for r in results)
     header = (f"{'model':<{width}}  {'batch':>5}  {'p50 ms':>8}  {'p90 ms':>8}  {'p99 ms':>8}  {'samples/s':>10}  "
               f"{'params':>7}  {'FLOPs':>7}  {'size':>8}  {'latency':>7}  {'FLOPs':>6}")
     for batch_size in dict.fromkeys(r.batch_size for r in results):
         lines += ["", header, "-" * len(header)]
         for r in (r for r in results if r.batch_size == batch_size):
             lines.append(
-                f"{Path(r.model).name:<{width}}  {r.batch_size:>5}  {r.p50_ms:>8.3f}  {r.p90_ms:>8.3f}  "
+                f"{names[r.model]:<{width}}  {r.batch_size:>5}  {r.p50_ms:>8.3f}  {r.p90_ms:>8.3f}  "
                 f"{r.p99_ms:>8.3f}  {r.throughput:>10.1f}  {human_count(r.params):>7}  {human_count(r.flops):>7}  "
                 f"{human_bytes(r.file_size):>8}  {r.latency_ratio:>6.3f}x  {r.flops_ratio:>5.3f}x")
     lines += ["", "latency and FLOPs columns on the right: ratio to the first model (p50 latency; FLOPs per sample)"]
     return "\n".join(lines)
+
+
+def distinct_names(paths: Sequence[str]) -> dict[str, str]:
+    """How each model is shown: its file name when the names differ, else the
+    path as given (two `m.onnx` in different folders must not look the same)."""
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    names = [Path(p).name for p in unique]
+    if len(set(names)) == len(names):
+        return dict(zip(unique, names))
+    return {p: p for p in unique}

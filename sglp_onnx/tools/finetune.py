@@ -13,10 +13,9 @@ import json
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -29,6 +28,7 @@ from ..graph.ops import ONNX_DOMAINS
 from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
 from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for, save_model,
                                 write_model_files)
+from ..progress import Progress, Stages
 from ..report.summary import to_json, tool_info
 from ..graph.runtime import input_model_errors, make_session
 
@@ -42,8 +42,6 @@ DEFAULT_BATCH_SIZE = 64
 VALIDATION_SAMPLES = 8
 # The teacher's outputs over the training set are kept in memory up to this size.
 TEACHER_CACHE_BYTES = 256 * 2**20
-
-Progress = Callable[[Iterator, str], Iterator]
 
 
 class SkipModule(torch.nn.Module):
@@ -197,7 +195,6 @@ def rename_cache_tensors(model: onnx.ModelProto, numbers: Sequence[int]) -> None
 
     rename_tensors(model, {f"{prefix}.{new}.{kv}": f"{prefix}.{old}.{kv}" for new, old in enumerate(numbers)
                            if new != old for prefix in ("past_key_values", "present") for kv in ("key", "value")})
-
 
 
 def _torch_logits(model: torch.nn.Module, feed, input_order) -> torch.Tensor:
@@ -425,7 +422,6 @@ class FinetuneResult:
         return "\n".join(lines)
 
 
-
 def finetune(
     pruned_path: str | os.PathLike,
     *,
@@ -463,7 +459,7 @@ def finetune(
     check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
                            temperature=temperature)
     timings: dict[str, float] = {}
-    start = time.perf_counter()
+    stages = Stages(progress, timings)
     pruned_path = Path(pruned_path)
     out = Path(output) if output is not None else default_output(pruned_path)
     report_out = _json_beside(out)
@@ -472,6 +468,7 @@ def finetune(
     check_output_path(report_out, force=force, what="report", inputs=inputs)
     if exporter not in ("dynamo", "legacy"):
         raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
+    stages.start("load")
     pruned = load_model(pruned_path)
     plan = read_plan(pruned_path, report)
     data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
@@ -522,19 +519,17 @@ def finetune(
             f"in {torch_model} does "
             f"not reproduce {pruned_path} (relative error {error:.3g}); is --torch-model (and --torch-weights) "
             f"the model {plan.report_path} was made from?")
-    timings["load"] = time.perf_counter() - start
 
-    start = time.perf_counter()
+    stages.start("train")
     before = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
     history = train(student, teacher, torch_data, torch_order, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                     distill_weight=distill_weight, temperature=temperature, progress=progress)
     after = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
-    timings["train"] = time.perf_counter() - start
 
     opset = next((o.version for o in pruned.opset_import if o.domain in ONNX_DOMAINS), None)
     example = tuple(torch.from_numpy(np.ascontiguousarray(probe_feed[name][:2])) for name in order)
     with tempfile.TemporaryDirectory(prefix="sglp-finetune-") as tmp:
-        start = time.perf_counter()
+        stages.start("export")
         exported = Path(tmp) / out.name
         if hf:
             from .export.hf import export_hf
@@ -548,22 +543,21 @@ def finetune(
         else:
             new = export_torch(student, example, exported, input_names=order,
                                output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
-        timings["export"] = time.perf_counter() - start
-        start = time.perf_counter()
+        stages.start("validation")
         check_signature(pruned, new)
         validation = _validate(new, probe_feed, provider)
         validation["signature"] = True
-        timings["validation"] = time.perf_counter() - start
+        stages.stop()
         evaluation = None
         if eval_data is not None:
             from ..evidence.metrics import evaluate
 
-            start = time.perf_counter()
+            stages.start("eval")
             before_eval, after_eval = evaluate([pruned_path, exported], eval_data, provider=provider,
                                                batch_size=batch_size)
             evaluation = {"data": str(eval_data), "before": before_eval.to_dict(), "after": after_eval.to_dict()}
             evaluation["after"]["model"] = str(out)
-            timings["eval"] = time.perf_counter() - start
+            stages.stop()
 
         rep = {
             "tool": tool_info(),
@@ -591,10 +585,10 @@ def finetune(
             "exporter": exporter,
             "timings": timings,
         }
-        start = time.perf_counter()
+        stages.start("write")
         model_paths = model_files_for(new, out, force=force)
         with atomic_paths(*model_paths, report_out, overwrite=force) as temps:
             write_model_files(new, model_paths, temps)
-            timings["write"] = time.perf_counter() - start
+            stages.stop()
             temps[len(model_paths)].write_text(to_json(rep))
     return FinetuneResult(output=out, report_path=report_out, report=rep, model=student)

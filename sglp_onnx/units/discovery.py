@@ -256,7 +256,6 @@ def find_units(
     residuals = innermost([
         r for r in (_fit_exit(index, r, shapes, dtypes) for r in residuals)
         if _shape_ok(r.entry, r.exit, shapes, dtypes)
-        and r.exit not in index.subgraph_refs
     ])
     units = [_make_unit(index, group) for group in _group(residuals, granularity)]
     _fill_removal_sets(index, units)

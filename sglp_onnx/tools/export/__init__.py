@@ -1,0 +1,1 @@
+"""Exporting torch and Hugging Face models to ONNX."""
