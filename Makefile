@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 MODEL  := models/resnet56_digits.onnx
 OUT    := out
 
@@ -11,13 +12,21 @@ OUT    := out
 setup: $(STAMP)
 
 # torch is pinned to the CPU build through constraints.txt: a looser
-# requirement would pull a multi-GB CUDA build of another version.
+# requirement would pull a multi-GB CUDA build of another version. The
+# runtime (what `make demo` needs) and the test tools install separately, so
+# the demo does not wait for pytest, hypothesis, scikit-learn and transformers.
 $(STAMP): pyproject.toml constraints.txt
+	@echo "== setup: creating $(VENV) and installing the runtime (torch 2.13.0 CPU, onnx, onnxruntime-gpu, onnx-graphsurgeon, ...); pip stays quiet, a few minutes on 2 cores =="
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	@echo "== setup: installing the test tools (pytest, hypothesis, scikit-learn, transformers) =="
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(TEST_STAMP)
 
 demo: setup
 	@mkdir -p $(OUT)
@@ -34,14 +43,15 @@ demo: setup
 		--torch-model models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt \
 		--train-data models/digits.train.npz --epochs 2 --lr 0.003 --eval-data models/digits.test.npz --force
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: setup
+test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: setup
+bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
+	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/streaming.py
 
@@ -50,12 +60,12 @@ bench: setup
 # and without a short fine-tune, mean ranks and held-out fidelity; then the
 # tiny Llama's held-out perplexity with 2 and 3 of its 8 layers removed
 # (quality_llm.py writes its own section of quality.md).
-bench-quality: setup
+bench-quality: $(TEST_STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/quality_llm.py
 
 # Minutes: cka-removal runs one partial pass per candidate unit per greedy step.
-bench-speed: setup
+bench-speed: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py
 
 clean:
