@@ -279,3 +279,17 @@ def test_target_flops_on_the_radio_cnn(target):
 def test_unreachable_target_flops_is_a_user_error(folder):
     with pytest.raises(UserError, match="cannot be met"):
         analyze(folder / "last_zeroed.onnx", criterion="last", target_flops=0.95, suggest=None)
+
+
+@pytest.mark.parametrize("criterion", ["cka-removal", "damage-greedy"])
+def test_reference_outputs_too_large_to_keep_are_recomputed_to_the_same_order(folder, monkeypatch, criterion):
+    import sglp_onnx.surgery.gating as gating
+
+    analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
+    L = len(analysis.units)
+    kept = get_criterion(criterion).select(context(analysis), L - 1)
+    monkeypatch.setattr(gating, "REFERENCE_CACHE_BYTES", 0)
+    recomputed = get_criterion(criterion).select(context(analysis), L - 1)
+    assert recomputed.removed == kept.removed
+    # Every step after the first runs the original network again for its reference.
+    assert recomputed.passes["forward_full"] == kept.passes["forward_full"] + (L - 2)

@@ -25,6 +25,8 @@ from ..units.discovery import PrunableUnit
 GATE_PREFIX = "sglp_skip."
 UNGATED_SUFFIX = "/sglp_ungated"
 GATED_SUFFIX = "/sglp_gated/"
+# The original network's value of a scored tensor is kept across greedy steps up to this size.
+REFERENCE_CACHE_BYTES = 256 * 2**20
 
 
 def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
@@ -167,3 +169,51 @@ class GatedRunner:
         run_feed = {**feed, **self.gate_feed(set(removed)), self.units[unit].exit: entry_value}
         values = session.run(self.targets, {k: v for k, v in run_feed.items() if k in inputs})
         return dict(zip(self.targets, values))
+
+class ReferenceOutputs:
+    """The original network's value of one target, batch by batch, across the
+    steps of a greedy search over the same calibration batches.
+
+    The first step (nothing removed yet) computes it anyway; it is kept in
+    memory up to `limit` bytes, and recomputed in later steps when larger.
+    `transform(value, feed)` turns a run's value into what is compared (rows
+    of a representation, say). Use: `start(removed)` before a step's batches,
+    `get(b, feed, current)` per batch (`current`: the step's full run), `end()`.
+    """
+
+    def __init__(self, runner: GatedRunner, target: str, *, transform=None, limit: int | None = None) -> None:
+        self.runner, self.target = runner, target
+        self.limit = REFERENCE_CACHE_BYTES if limit is None else limit
+        self.transform = transform or (lambda value, feed: value)
+        self._kept: list[np.ndarray] | None = None
+        self._keeping: list[np.ndarray] | None = None
+        self._bytes = 0
+        self._removed: set[int] = set()
+        self.recomputed = False
+
+    def start(self, removed: set[int]) -> None:
+        self._removed = set(removed)
+        self._keeping = [] if self._kept is None and not removed else None
+        self._bytes = 0
+        self.recomputed = False
+
+    def get(self, b: int, feed: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> np.ndarray:
+        if not self._removed:
+            reference = self.transform(current[self.target], feed)
+        elif self._kept is not None:
+            return self._kept[b]
+        else:
+            reference = self.transform(self.runner.run(feed, set())[self.target], feed)
+            self.recomputed = True
+        if self._keeping is not None:
+            self._bytes += reference.nbytes
+            if self._bytes <= self.limit:
+                self._keeping.append(reference)
+            else:  # too large to keep: recomputed in later steps instead
+                self._keeping = None
+        return reference
+
+    def end(self) -> None:
+        if self._keeping is not None:
+            self._kept = self._keeping
+            self._keeping = None

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...surgery.gating import GatedRunner
+from ...surgery.gating import GatedRunner, ReferenceOutputs
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
 from ...evidence.activations import as_samples
 from ...evidence.similarity import MinibatchCKA
@@ -29,9 +29,6 @@ from .base import Context, Criterion, Selection, register
 # Ops that can be the classifier or LM head: the tensor they read (besides
 # their weights) is the network's final representation.
 HEAD_OPS = LINEAR_OPS | CONV_OPS
-# The original network's final representation is kept in memory across
-# greedy steps up to this size; above it, it is recomputed every step.
-REFERENCE_CACHE_BYTES = 256 * 2**20
 
 
 def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
@@ -83,7 +80,7 @@ class GreedyCKA:
         self.state = GreedyState(representation=rep, representation_rule=rule)
         self.runner = GatedRunner(ctx.model, self.units, [rep], provider=ctx.provider)
         self.use_suffix = use_suffix
-        self._reference: list[np.ndarray] | None = None
+        self.references = ReferenceOutputs(self.runner, rep, transform=self._rows)
 
     # -- running networks ------------------------------------------------
     def _rows(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -110,29 +107,15 @@ class GreedyCKA:
         removed = set(state.order)
         candidates = [k for k in range(len(self.units)) if k not in removed]
         accumulators = {k: MinibatchCKA(2) for k in candidates}
-        reference_rows: list[np.ndarray] | None = [] if self._reference is None and not removed else None
-        reference_bytes = 0
-        recomputed = False
+        self.references.start(removed)
         for b, (feed, _) in enumerate(self._batches(f"cka-removal step {len(state.order) + 1}")):
             current = self._run_full(feed, removed, entries=self.use_suffix)
-            if not removed:
-                reference = self._rows(current[state.representation], feed)
-            elif self._reference is not None:
-                reference = self._reference[b]
-            else:
-                reference = self._rows(self._run_full(feed, set(), entries=False)[state.representation], feed)
-                recomputed = True
-            if reference_rows is not None:
-                reference_bytes += reference.nbytes
-                if reference_bytes <= REFERENCE_CACHE_BYTES:
-                    reference_rows.append(reference)
-                else:  # too large to keep: recomputed in later steps instead
-                    reference_rows = None
+            reference = self.references.get(b, feed, current)
             for k in candidates:
                 rows = self._rows(self._run_candidate(feed, removed, k, current), feed)
                 accumulators[k].update([reference, rows])
-        if reference_rows is not None:
-            self._reference = reference_rows
+        self.references.end()
+        recomputed = self.references.recomputed
         state.full_passes += 1 + recomputed
         if self.use_suffix:
             state.suffix_passes += len(candidates)

@@ -26,11 +26,11 @@ import numpy as np
 
 from ...errors import UserError
 from ...evidence.fidelity import FidelityMeter
+from ...surgery.gating import ReferenceOutputs
 from .base import Context, Criterion, Selection, register
 
 EXHAUSTIVE_LIMIT = 128
 FAST_CANDIDATES = 6
-REFERENCE_CACHE_BYTES = 256 * 2**20
 
 
 class DamageSearch:
@@ -53,7 +53,7 @@ class DamageSearch:
         self.full_passes = 0
         self.partial_passes = 0
         self.seconds = 0.0
-        self._reference: list[np.ndarray] | None = None
+        self.references = ReferenceOutputs(self.runner, self.kind.output)
 
     def meter(self) -> FidelityMeter:
         return FidelityMeter(self.kind, token_level=self.ctx.calib.is_token_data)
@@ -77,29 +77,16 @@ class DamageSearch:
         candidates = self._candidates()
         target = self.kind.output
         meters = {k: self.meter() for k in candidates}
-        keep: list[np.ndarray] | None = [] if self._reference is None and not removed else None
-        kept_bytes = 0
+        self.references.start(removed)
         for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
             current = self.runner.run(feed, removed, entries=True)
+            reference = self.references.get(b, feed, current)
             self.full_passes += b == 0
-            if not removed:
-                reference = current[target]
-            elif self._reference is not None:
-                reference = self._reference[b]
-            else:
-                reference = self.runner.run(feed, set())[target]
-                self.full_passes += b == 0
-            if keep is not None:
-                kept_bytes += reference.nbytes
-                if kept_bytes <= REFERENCE_CACHE_BYTES:
-                    keep.append(reference)
-                else:  # too large to keep: recomputed in later steps instead
-                    keep = None
+            self.full_passes += b == 0 and self.references.recomputed
             mask = self.mask(feed)
             for k in candidates:
                 meters[k].update(reference, self.runner.run_extension(feed, removed, k, current)[target], mask)
-        if keep is not None:
-            self._reference = keep
+        self.references.end()
         self.partial_passes += len(candidates)
         scores = {k: m.score for k, m in meters.items()}
         if self.single is None:
