@@ -36,7 +36,7 @@ from .activations import as_samples
 DISTRIBUTION_OPS = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}
 # Ops a head's result may pass through on its way to the graph output.
 PASS_THROUGH = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub",
-                "DequantizeLinear"}
+                "DequantizeLinear", "QuantizeLinear"}
 KINDS = ("kl", "cosine", "relative")
 UNITS = {"kl": "nats", "cosine": "cosine distance", "relative": "relative error"}
 # The terminal warns above these scores (or below 90% top-1 agreement).

@@ -117,10 +117,14 @@ class SpillStore:
         self.folder = folder
         self._index: dict[str, list[tuple[int, tuple, np.dtype]]] = {}
         self._files: dict[str, Path] = {}
+        self._created = 0  # files ever made: a dropped tensor's number is never reused
 
     def write(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
-        path = self._files.setdefault(name, self.folder / f"{len(self._files)}.bin")
+        if name not in self._files:
+            self._files[name] = self.folder / f"{self._created}.bin"
+            self._created += 1
+        path = self._files[name]
         with open(path, "ab") as f:
             offset = f.tell()
             f.write(array.tobytes())

@@ -239,6 +239,9 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise UserError(f"{path} is not a usable ONNX model (no graph nodes or no opset)")
     _check_unique_node_names(model, path)
     check_external_data_paths(model, path.parent)
+    from ..graph.ort_schemas import register as register_ort_schemas
+
+    register_ort_schemas()  # ONNX Runtime's SimplifiedLayerNormalization (the genai builder's RMS norm)
     try:
         # From the path, so that external weights are neither read nor copied.
         onnx.checker.check_model(str(path))

@@ -55,4 +55,57 @@ COUNTED_OPS = {
     "Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
     "Einsum", "Attention",
 }
-COUNTED_CONTRIB_OPS = {"FusedConv", "FusedGemm", "FusedMatMul"}
+COUNTED_CONTRIB_OPS = {"FusedConv", "FusedGemm", "FusedMatMul", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
+                       "DynamicQuantizeMatMul"}
+
+# Ops whose output keeps its input's quantization: ONNX Runtime runs them on
+# a QOperator graph's integers directly, and its QDQ quantizer gives their
+# output the input's scale and zero point.
+QUANTIZATION_PRESERVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                               "Slice", "Split")
+
+# Quantized ops (ONNX Runtime's QOperator format, and Q/DQ themselves): for
+# each input read in the integer domain, the positions of its scale and zero
+# point; and the positions of the output's scale and zero point (None: the
+# output is float or int32). com.microsoft QLinearConcat is variadic (see
+# `quantized_operands`).
+QUANTIZED_ONNX_OPS: dict[str, tuple[dict[int, tuple[int, int]], tuple[int, int] | None]] = {
+    "QuantizeLinear": ({}, (1, 2)),
+    "DequantizeLinear": ({0: (1, 2)}, None),
+    "QLinearConv": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QLinearMatMul": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+}
+QUANTIZED_CONTRIB_OPS: dict[str, tuple[dict[int, tuple[int, int]], tuple[int, int] | None]] = {
+    "QLinearAdd": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QLinearMul": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QLinearConv": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QLinearMatMul": ({0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QGemm": ({0: (1, 2), 3: (4, 5)}, (7, 8)),
+    "QLinearLeakyRelu": ({0: (1, 2)}, (3, 4)),
+    "QLinearSigmoid": ({0: (1, 2)}, (3, 4)),
+    "QLinearSoftmax": ({0: (1, 2)}, (3, 4)),
+    "QLinearGlobalAveragePool": ({0: (1, 2)}, (3, 4)),
+    "QLinearAveragePool": ({0: (1, 2)}, (3, 4)),
+    "QLinearReduceMean": ({0: (1, 2)}, (3, 4)),
+    "QLinearWhere": ({1: (2, 3), 4: (5, 6)}, (7, 8)),
+}
+
+
+def quantized_operands(node: onnx.NodeProto) -> tuple[dict[int, tuple[int, int]], tuple[int, int] | None] | None:
+    """(input position -> positions of its scale and zero point, the output's
+    scale and zero point positions or None) for a quantized op, None for any
+    other op. Positions past the node's inputs are left out (an optional zero
+    point, QGemm's float output)."""
+    if is_contrib(node, "QLinearConcat"):
+        n = len(node.input)
+        return {k: (k + 1, k + 2) for k in range(2, n - 2, 3)}, (0, 1)
+    if is_onnx(node, *QUANTIZED_ONNX_OPS):
+        operands, result = QUANTIZED_ONNX_OPS[node.op_type]
+    elif is_contrib(node, *QUANTIZED_CONTRIB_OPS):
+        operands, result = QUANTIZED_CONTRIB_OPS[node.op_type]
+    else:
+        return None
+    n = len(node.input)
+    if result is not None and result[0] >= n:
+        result = None
+    return {k: v for k, v in operands.items() if k < n}, result

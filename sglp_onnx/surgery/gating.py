@@ -39,16 +39,22 @@ def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
     result is renamed and the Where node produces the exit, so consumers,
     graph outputs and chained units (a unit whose entry is the previous exit)
     need no rewiring. A unit's companion pairs (a quantized exit's scale and
-    zero point) are gated the same way for the nodes that read its exit.
+    zero point) are gated the same way for every node that reads them and
+    is not upstream of the exit (what reads the exit, and what computes from
+    them constants it reads, such as a bias requantized for its input's
+    scale); a unit whose entry is another unit's exit takes that unit's
+    gated companions as its entry side.
     The node list is left unsorted.
     """
     tensors = graph.tensors()
     gates = []
+    gated_sides: dict[tuple[str, str], gs.Variable] = {}  # (unit exit, exit-side name) -> gated tensor
+    entry_sides: list[tuple[gs.Node, str, str]] = []
     for k, unit in enumerate(units):
         exit_tensor = tensors.get(unit.exit)
         if exit_tensor is None or not exit_tensor.inputs:
             raise UserError(f"unit {unit.name}: its exit {unit.exit!r} is not computed by a node")
-        readers = list(exit_tensor.outputs)
+        upstream = _upstream(exit_tensor) if unit.companions else set()
         producer = exit_tensor.inputs[0]
         gate = gs.Variable(f"{GATE_PREFIX}{k}", dtype=np.bool_, shape=[])
         graph.inputs.append(gate)
@@ -60,13 +66,37 @@ def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
         for exit_side, entry_side in unit.companions:
             original = tensors[exit_side]
             gated = gs.Variable(f"{exit_side}{GATED_SUFFIX}{k}", dtype=original.dtype, shape=original.shape)
-            graph.nodes.append(gs.Node("Where", name=f"sglp_gate/{k}/{exit_side}",
-                                       inputs=[gate, tensors[entry_side], original], outputs=[gated]))
-            for reader in readers:
+            where = gs.Node("Where", name=f"sglp_gate/{k}/{exit_side}",
+                            inputs=[gate, tensors[entry_side], original], outputs=[gated])
+            graph.nodes.append(where)
+            gated_sides[(unit.exit, exit_side)] = gated
+            entry_sides.append((where, unit.entry, entry_side))
+            for reader in list(original.outputs):
+                if reader is where or id(reader) in upstream:
+                    continue
                 for pos, tensor in enumerate(reader.inputs):
                     if tensor is original:
                         reader.inputs[pos] = gated
+    # With the previous unit bypassed too, the entry holds that unit's entry's
+    # integers: its scale is the previous unit's gated one.
+    for where, entry, entry_side in entry_sides:
+        if (entry, entry_side) in gated_sides:
+            where.inputs[1] = gated_sides[(entry, entry_side)]
     return gates
+
+
+def _upstream(tensor: gs.Variable) -> set[int]:
+    """Ids of the nodes `tensor` is computed from (its producer included)."""
+    seen: set[int] = set()
+    frontier = list(tensor.inputs)
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for t in node.inputs:
+            frontier.extend(t.inputs)
+    return seen
 
 
 def gated_model(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> tuple[onnx.ModelProto, list[str]]:
@@ -166,9 +196,12 @@ class GatedRunner:
         `removed` with entries): a partial pass from `unit` on."""
         entry_value = current[self.units[unit].entry]
         session, inputs = self._suffix_session(unit, entry_value.dtype)
-        run_feed = {**feed, **self.gate_feed(set(removed)), self.units[unit].exit: entry_value}
+        # The unit's own gate stays in the suffix for its companions (the
+        # entry's scale and zero point): it must be set with the entry fed.
+        run_feed = {**feed, **self.gate_feed(set(removed) | {unit}), self.units[unit].exit: entry_value}
         values = session.run(self.targets, {k: v for k, v in run_feed.items() if k in inputs})
         return dict(zip(self.targets, values))
+
 
 class ReferenceOutputs:
     """The original network's value of one target, batch by batch, across the

@@ -5,6 +5,7 @@ reproduction of the input model when nothing was removed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,11 +46,50 @@ def _signature(model: onnx.ModelProto) -> tuple[dict, dict]:
 
 
 def full_check(model: onnx.ModelProto) -> None:
-    if fits_in_protobuf(model):
-        onnx.checker.check_model(model, full_check=True)
+    from ..graph.ort_schemas import register as register_ort_schemas
+
+    register_ort_schemas()  # ONNX Runtime's SimplifiedLayerNormalization (the genai builder's RMS norm)
+    with _without_contradicted_constant_types(model):
+        if fits_in_protobuf(model):
+            onnx.checker.check_model(model, full_check=True)
+            return
+        with saved_with_external_data(model) as path:
+            onnx.checker.check_model(str(path), full_check=True)
+
+
+@contextlib.contextmanager
+def _without_contradicted_constant_types(model: onnx.ModelProto):
+    """`model` without the value_info of Constant outputs whose declared shape
+    contradicts the constant itself, while the block runs (restored after).
+
+    The onnxruntime-genai builder declares its 1-element constant `[1]` as a
+    scalar; ONNX Runtime uses the constant, but the checker's shape inference
+    refuses the declaration (and so every model the builder writes)."""
+    constants = {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+                 for a in n.attribute if a.name == "value"}
+    if not constants:
+        yield
         return
-    with saved_with_external_data(model) as path:
-        onnx.checker.check_model(str(path), full_check=True)
+    kept, dropped = [], False
+    original = list(model.graph.value_info)
+    for vi in original:
+        dims = declared_dims(vi) if vi.name in constants else None
+        actual = tuple(constants[vi.name].dims) if dims is not None else ()
+        if dims is not None and (len(dims) != len(actual) or any(
+                isinstance(d, int) and d != a for d, a in zip(dims, actual))):
+            dropped = True
+            continue
+        kept.append(vi)
+    if not dropped:
+        yield
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    try:
+        yield
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(original)
 
 
 def check_standalone(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, provider: str = "cpu",
