@@ -24,7 +24,7 @@ from graphs import (
     with_identity,
 )
 from sglp_onnx.surgery.remove import remove_units, substitutions
-from sglp_onnx.units.discovery import PrunableUnit
+from sglp_onnx.units.discovery import PrunableUnit, find_units
 
 # (model, indices of removed units): singles, adjacent pairs (k and k+1 both
 # removed), a whole stage, units on both sides of a projection block, everything.
@@ -166,3 +166,13 @@ def test_substitutions_resolve_chains_whatever_the_order():
     assert substitutions(chain) == expected
     assert substitutions(chain[::-1]) == expected
     assert substitutions([chain[2], chain[0]]) == {"c": "b", "a": "x"}
+
+
+def test_declared_io_types_survive_a_shapeless_value_info_of_the_same_name():
+    # ONNX Runtime's float16 converter lists graph outputs in value_info without shapes.
+    model = _two_block_graph()
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    units = find_units(model, shapes={"x": (2, 4), "a1": (2, 4), "y": (2, 4)})
+    pruned = remove_units(model, units[:1])
+    assert [o.type for o in pruned.graph.output] == [o.type for o in model.graph.output]
+    assert [i.type for i in pruned.graph.input] == [i.type for i in model.graph.input]

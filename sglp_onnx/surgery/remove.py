@@ -92,6 +92,13 @@ def _redirect_shape_reads(model: onnx.ModelProto, graph: gs.Graph, owned_inputs:
 
 
 def _restore_model_fields(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:
+    # The kept inputs and outputs keep their declared types exactly (graphsurgeon
+    # lets a value_info entry of the same name, without a shape, replace them:
+    # ONNX Runtime's float16 converter writes such entries).
+    declared = {vi.name: vi.type for vi in list(original.graph.input) + list(original.graph.output)}
+    for vi in list(pruned.graph.input) + list(pruned.graph.output):
+        if vi.name in declared:
+            vi.type.CopyFrom(declared[vi.name])
     pruned.ir_version = original.ir_version
     del pruned.opset_import[:]
     pruned.opset_import.extend(original.opset_import)
