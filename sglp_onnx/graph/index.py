@@ -231,17 +231,22 @@ class GraphIndex:
                     queue.append(i)
         return False
 
-    def descendants_of(self, tensor: str) -> set[int]:
-        """Indices of nodes that (transitively) consume `tensor`."""
+    def descendants_of(self, tensor: str, *, within: set[int] | None = None) -> set[int]:
+        """Indices of nodes that (transitively) consume `tensor`; with `within`,
+        only through nodes in it (the nodes between two tensors, say)."""
+        def readers(name: str):
+            found = self.consumers.get(name, ())
+            return found if within is None else [c for c in found if c in within]
+
         seen: set[int] = set()
-        queue = deque(self.consumers.get(tensor, ()))
+        queue = deque(readers(tensor))
         while queue:
             i = queue.popleft()
             if i in seen:
                 continue
             seen.add(i)
             for out in self.nodes[i].output:
-                queue.extend(self.consumers.get(out, ()))
+                queue.extend(readers(out))
         return seen
 
     def live_nodes(self, outputs: Iterable[str], substitutions: dict[str, str] | None = None) -> set[int]:

@@ -73,16 +73,7 @@ def _skip_source(index: GraphIndex, tensor: str) -> str:
 def _region(index: GraphIndex, source: str, target: str) -> frozenset[int]:
     """Nodes on some path from `source` to `target` (inclusive of target's producer)."""
     ancestors = index.ancestors_of(target, stop_below=index.position(source) + 1, values_only=True)
-    reached: set[int] = set()
-    frontier = [c for c in index.consumers.get(source, ()) if c in ancestors]
-    while frontier:
-        i = frontier.pop()
-        if i in reached:
-            continue
-        reached.add(i)
-        for out in index.nodes[i].output:
-            frontier.extend(c for c in index.consumers.get(out, ()) if c in ancestors)
-    return frozenset(reached)
+    return frozenset(index.descendants_of(source, within=ancestors))
 
 
 def _post_op(index: GraphIndex, join_output: str) -> int | None:
