@@ -23,9 +23,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $(STAMP)
 
-$(TEST_STAMP): $(STAMP)
-	@echo "== setup: installing the test tools (pytest, hypothesis, scikit-learn, transformers) =="
+# onnxruntime-genai's wheel requires the CPU package `onnxruntime`, which would
+# land on top of onnxruntime-gpu (both own the `onnxruntime/` folder); it
+# loads whichever onnxruntime is importable, so it goes in without its
+# dependencies and binds to ours. Its model builder also needs onnx-ir
+# (undeclared; onnxscript already brings it, with its own dependencies).
+$(TEST_STAMP): $(STAMP) Makefile
+	@echo "== setup: installing the test tools (pytest, hypothesis, scikit-learn, transformers, onnxruntime-genai) =="
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt onnxruntime-genai==0.18.0 onnx-ir==1.1.0
+	@echo "== setup: optimum-onnx in its own folder $(VENV)/optimum-onnx (it needs transformers < 4.58; tests run its export in a subprocess) =="
+	rm -rf $(VENV)/optimum-onnx
+	$(BIN)/pip install -q --no-deps --target $(VENV)/optimum-onnx optimum-onnx==0.1.0 optimum==2.1.0 \
+		transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2 requests==2.34.2 urllib3==2.8.0 \
+		certifi==2026.10.19.post1 charset-normalizer==3.5.3
 	touch $(TEST_STAMP)
 
 demo: setup
@@ -53,6 +64,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/latency_formats.py
 	$(BIN)/python benchmarks/streaming.py
 
 # About 10 minutes on 2 cores (measured: 4.1 + 4.2 min): every criterion on

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> (module, attribute). Imported on first use: `import sglp_onnx`
 # stays cheap (no onnx, onnxruntime, torch or matplotlib until needed).

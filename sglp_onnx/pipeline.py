@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -20,8 +21,8 @@ import onnx
 from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
-from .files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for, proto_size,
-                                write_model_files)
+from .files.model_files import (atomic_paths, beside, check_output_path, files_size, load_model_files, model_files_for,
+                                proto_size, write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
@@ -30,7 +31,8 @@ from .report.build import analysis_report
 from .report.summary import analysis_summary, summary, to_json
 from .selection.budget import budget_to_count, max_loss_count, suggest_removals
 from .selection.criteria import Context, Selection, get_criterion
-from .surgery.kv_cache import genai_config_source, genai_config_target, renumber_kept_cache, updated_genai_config
+from .surgery.kv_cache import (genai_config_source, genai_config_target, genai_support_files, other_model_files,
+                               renumber_kept_cache, updated_genai_config)
 from .surgery.remove import remove_units
 from .surgery.validation import validate
 from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
@@ -58,6 +60,8 @@ class Analysis:
     # graph with its joins made visible); None when `model` is the file.
     source_model: onnx.ModelProto | None = None
     rewrites: list = field(default_factory=list)
+    # The input's files: the model, then its external data files.
+    input_files: list[Path] = field(default_factory=list)
 
     @property
     def removed_units(self) -> list[PrunableUnit]:
@@ -193,7 +197,7 @@ def analyze(
                         "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
     model_path = Path(model_path)
     with _timed(timings, "load", progress):
-        source_model = load_model(model_path)
+        source_model, input_files = load_model_files(model_path)
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                  needed=chosen.needs_calibration or opts.torch_model is not None
@@ -265,7 +269,7 @@ def analyze(
         model_path=model_path, options=opts, n_remove=n_remove, selection=selection, units=units,
         data=data, held_out=held_out, all_samples=all_samples, evidence=evidence, pairing=pairing_info,
         before={"params": model_params(source_model), "flops": total_flops,
-                "file_size": model_path.stat().st_size},
+                "file_size": files_size(input_files)},
         suggestions=suggestions, fidelity=fidelity, notes=notes, timings=timings)
     if plot_path is not None:
         with _timed(timings, "plot", progress), atomic_paths(plot_path) as (tmp,):
@@ -274,7 +278,8 @@ def analyze(
             plot_report(report, tmp)
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
                     total_flops=total_flops, timings=timings,
-                    source_model=None if model is source_model else source_model, rewrites=rewrites)
+                    source_model=None if model is source_model else source_model, rewrites=rewrites,
+                    input_files=input_files)
 
 
 def _selection_options(options: dict, caller: str) -> SelectionOptions:
@@ -318,7 +323,10 @@ def compress(
     # An onnxruntime-genai config beside the input is rewritten for the output.
     genai_source = genai_config_source(model_path)
     genai_path = genai_config_target(model_path, out) if genai_source is not None else None
-    destinations = {"output model": out, "report": report_path, "plot": plot_path, "genai config": genai_path}
+    # Written to another folder, the pruned model gets the tokenizer files onnxruntime-genai reads beside it.
+    copies, copy_notes = genai_support_files(model_path, out) if genai_source is not None else ([], [])
+    destinations = {"output model": out, "report": report_path, "plot": plot_path, "genai config": genai_path,
+                    **{f"copy of {source.name}": target for source, target in copies}}
     named = [(what, path) for what, path in destinations.items() if path is not None]
     # Two targets on one file: the last rename would silently win.
     for i, (what, path) in enumerate(named):
@@ -336,6 +344,8 @@ def compress(
             _check_writable(plot_path, force=force, what="plot", input_path=model_path)
         if genai_path is not None:
             _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
+        for source, target in copies:
+            _check_writable(target, force=force, what=f"copy of {source.name}", input_path=model_path)
 
     # Suggestions are for deciding what to remove; compress has decided.
     analysis = analyze(model_path, **{"suggest": None, **options})
@@ -375,15 +385,29 @@ def compress(
             layers_after=rep["kv_cache"]["layers_after"], model_name=model_path.name, output_name=out.name)
         if genai_config is not None:
             rep["kv_cache"]["genai_config"] = str(genai_path)
-            naming = ("the kept cache tensors are renumbered 0..n-1" if rep["kv_cache"].get("renamed")
-                      else "the kept cache tensors keep their names (see kv_cache.layer_map; --renumber-cache "
-                           "renames them 0..n-1 as onnxruntime-genai expects)")
+            if "renamed" not in rep["kv_cache"]:
+                naming = ("the kept cache tensors keep their names (see kv_cache.layer_map; --renumber-cache "
+                          "renames them 0..n-1 as onnxruntime-genai expects)")
+            elif rep["kv_cache"]["renamed"]:
+                naming = "the kept cache tensors are renumbered 0..n-1"
+            else:
+                naming = "the kept cache tensors are numbered 0..n-1 already"
             wrote = "a real run writes" if dry_run else "wrote"
+            if copies:
+                copied = "a real run copies" if dry_run else "copied"
+                naming += f"; {copied} {', '.join(source.name for source, _ in copies)} beside it"
             rep["notes"].append(f"{wrote} {genai_path} for the pruned model: {'; '.join(changes)}; {naming}")
+            rep["notes"].extend(copy_notes)
+            others = other_model_files(genai_config, out.name)
+            if others and out.parent.resolve() != model_path.parent.resolve():
+                rep["notes"].append(f"{genai_path.name} also names {', '.join(others)}, not copied beside the output "
+                                    f"(models are never copied): copy {'them' if len(others) > 1 else 'it'} from "
+                                    f"{model_path.parent} for onnxruntime-genai to load the folder")
         else:
             rep["notes"].extend(changes)
     if genai_config is None:
         genai_path = None
+        copies = []
     if dry_run:
         rep["dry_run"] = True
         rep["after"]["file_size"] = proto_size(pruned)
@@ -392,11 +416,14 @@ def compress(
             model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,
             calib=analysis.calib, total_flops=analysis.total_flops, timings=timings, pruned=pruned)
     with _timed(timings, "write", options.get("progress")):
-        # Weights near the protobuf limit go to OUTPUT.data, renamed into
-        # place with the other files (the model records the final name).
-        model_paths = model_files_for(pruned, out, force=force)
+        # Weights go to OUTPUT.data when the input kept its own external or
+        # near the protobuf limit, renamed into place with the other files
+        # (the model records the final name).
+        model_paths = model_files_for(pruned, out, force=force, external=len(analysis.input_files) > 1,
+                                      inputs=analysis.input_files)
         n = len(model_paths)
         targets = model_paths + [report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
+        targets += [target for _, target in copies]
         try:
             with atomic_paths(*targets, overwrite=force) as temps:
                 rep["after"]["file_size"] = write_model_files(pruned, model_paths, temps)
@@ -406,6 +433,8 @@ def compress(
                     plot_report(rep, temps[n + 1])
                 if genai_path is not None:
                     temps[n + 1 + (plot_path is not None)].write_text(json.dumps(genai_config, indent=2) + "\n")
+                for (source, _), temp in zip(copies, temps[len(targets) - len(copies):]):
+                    shutil.copyfile(source, temp)
                 rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
                 temps[n].write_text(to_json(rep))
                 _pause_point("rename")

@@ -301,3 +301,28 @@ def test_committed_tiny_llama_flops_match_torch(name):
         return lm(input_ids=i, attention_mask=m, use_cache=False).logits
 
     assert_model_flops_match(model, feed, forward, (torch.from_numpy(ids), torch.from_numpy(mask)), min_units=8)
+
+
+def test_matmul_nbits_weights_count_as_their_logical_parameters():
+    """A 4-bit MatMulNBits weight counts K x N parameters (not its packed
+    bytes) and its scales and zero points none, so an int4 model reports the
+    parameter count of its float original."""
+    from sglp_onnx.graph.flops import model_params
+
+    k, n, block = 64, 48, 32
+    blocks = k // block
+    ms = "com.microsoft"
+
+    def model(nodes, inits):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+
+    fp32 = model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                 [helper.make_tensor("w", TensorProto.FLOAT, [k, n], np.ones(k * n, np.float32))])
+    int4 = model([helper.make_node("MatMulNBits", ["x", "q4", "scales", "zp"], ["y"], domain=ms, K=k, N=n, bits=4,
+                                   block_size=block)],
+                 [helper.make_tensor("q4", TensorProto.UINT8, [n, blocks, block // 2], np.zeros(n * k // 2, np.uint8)),
+                  helper.make_tensor("scales", TensorProto.FLOAT, [n, blocks], np.ones(n * blocks, np.float32)),
+                  helper.make_tensor("zp", TensorProto.UINT8, [n * blocks // 2], np.zeros(n * blocks // 2, np.uint8))])
+    assert model_params(fp32) == model_params(int4) == k * n

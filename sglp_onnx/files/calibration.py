@@ -182,6 +182,7 @@ def check_calibration(
     for spec in specs:
         array = arrays[spec.name]
         inputs[spec.name] = _check_array(array, spec, source)
+        _check_cache_dims(inputs[spec.name], spec, model, source)
     counts = {len(a) for a in inputs.values()}
     labels = arrays.get("labels")
     if labels is not None:
@@ -318,6 +319,18 @@ def attention_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> list[int] |
             return None
         return dims
     return None
+
+
+def _check_cache_dims(array: np.ndarray, spec: InputSpec, model: onnx.ModelProto, source: str) -> None:
+    """A past key or value of an attention op must have its KV heads and head
+    size, which its declaration may leave symbolic (see `attention_cache_dims`)."""
+    if array.ndim != 4 or (dims := attention_cache_dims(model, spec)) is None:
+        return
+    heads, _, size = dims
+    if array.shape[1] != heads or array.shape[3] != size:
+        raise UserError(f"{source}: input {spec.name!r} has shape {array.shape}; the attention that reads it expects "
+                        f"[samples, {heads}, past length, {size}] ({heads} KV heads of size {size}); leave the past "
+                        "out for whole sequences")
 
 
 def _projection_width(model: onnx.ModelProto, tensor: str) -> int | None:

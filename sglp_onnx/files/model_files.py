@@ -39,13 +39,20 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     return proto_size(model) < PROTOBUF_LIMIT
 
 
-def model_files_for(model: onnx.ModelProto, path: Path, *, force: bool) -> list[Path]:
+def model_files_for(model: onnx.ModelProto, path: Path, *, force: bool, external: bool = False,
+                    inputs: Sequence[Path] = ()) -> list[Path]:
     """The files writing `model` to `path` creates: `path`, and `path.data` when
-    its weights go to a side file (an existing side file needs `force`).
-    Renamed into place with the caller's other outputs (see `atomic_paths`)."""
-    if not needs_external_data(model):
+    its weights go to a side file: when `external` (the input kept its weights
+    in external data, so the output does too) or when the model is too large
+    for one file. An existing side file needs `force`; one of the `inputs`
+    (the input model's own files) is refused. Renamed into place with the
+    caller's other outputs (see `atomic_paths`)."""
+    if not external and not needs_external_data(model):
         return [path]
     data_path = path.with_name(path.name + ".data")
+    if any(data_path.resolve() == Path(p).resolve() for p in inputs):
+        raise UserError(f"the output's weights would go to {data_path}, a file of the input model; choose another "
+                        "output path (inputs are never overwritten)")
     if data_path.exists() and not force:
         raise UserError(f"{data_path} exists; pass --force to overwrite it")
     return [path, data_path]
@@ -223,6 +230,13 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     """Load an ONNX model, turning every way a file can be wrong into a UserError
     (unreadable, no nodes, duplicate node names, external data outside its
     folder, refused by onnx.checker)."""
+    return load_model_files(path, load_external_data=load_external_data)[0]
+
+
+def load_model_files(path: str | os.PathLike, *,
+                     load_external_data: bool = True) -> tuple[onnx.ModelProto, list[Path]]:
+    """`load_model`, and the files the model is made of: `path`, then each
+    external data file it references (once each, in order of first use)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -249,12 +263,18 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
                         "again") from None
-    if load_external_data and external_locations(model):
+    locations = list(dict.fromkeys(external_locations(model)))
+    if load_external_data and locations:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise UserError(f"cannot read the external data of {path}: {exc}") from None
-    return model
+    return model, [path] + [path.parent / location for location in locations]
+
+
+def files_size(paths: Sequence[Path]) -> int:
+    """Bytes on disk of `paths` (a model and its external data files)."""
+    return sum(Path(p).stat().st_size for p in paths)
 
 
 def _check_unique_node_names(model: onnx.ModelProto, path: Path) -> None:

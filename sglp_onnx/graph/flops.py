@@ -243,14 +243,30 @@ def model_params(model: onnx.ModelProto) -> int:
     """Number of weights in the model (initializers and Constant nodes with >1 element):
     float ones, and a quantized model's integer weights and biases (what is
     dequantized or read as a quantized op's operand or bias), not counting
-    scales and zero points, so a model and its quantized copy count alike."""
+    scales and zero points, so a model and its quantized copy count alike.
+    A MatMulNBits weight counts as the K x N values it packs (see `packed_weights`)."""
     index = GraphIndex(model)
     parameters, quantized = quantization_roles(index)
+    packed = packed_weights(index)
     return sum(
-        index.numel(name) for name, t in index.constants.items()
+        packed.get(name, index.numel(name)) for name, t in index.constants.items()
         if t.dims and index.numel(name) > 1 and name not in parameters
         and (t.data_type in FLOAT_TYPES or name in quantized)
     )
+
+
+def packed_weights(index: GraphIndex) -> dict[str, int]:
+    """Constants read as the packed weight B of a com.microsoft MatMulNBits ->
+    the number of weights they hold, K x N from its attributes (the uint8
+    tensor holds 8 / bits of them per byte, in blocks)."""
+    counts: dict[str, int] = {}
+    for node in index.nodes:
+        if not is_contrib(node, "MatMulNBits") or len(node.input) < 2 or node.input[1] not in index.constants:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("K", 0) > 0 and attrs.get("N", 0) > 0:
+            counts[node.input[1]] = attrs["K"] * attrs["N"]
+    return counts
 
 
 # Integer biases of quantized ops, by position.
@@ -266,6 +282,11 @@ def quantization_roles(index: GraphIndex) -> tuple[set[str], set[str]]:
         if is_onnx(node, "ConvInteger", "MatMulInteger"):
             data.update(node.input[:2])
             parameters.update(node.input[2:4])
+            continue
+        if is_contrib(node, "MatMulNBits"):
+            # A, B (packed weights), scales, zero_points, g_idx, bias: the bias is a float weight.
+            data.update(node.input[1:2])
+            parameters.update(node.input[2:5])
             continue
         described = quantized_operands(node)
         if described is None:

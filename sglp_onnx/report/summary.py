@@ -116,8 +116,9 @@ def summary(report: dict) -> str:
         mapping = ", ".join(f"{k}->{'-' if v is None else v}" for k, v in cache["layer_map"].items())
         lines.append(f"KV cache: {cache['layers_before']} -> {cache['layers_after']} layers (old->new: {mapping}); "
                      f"{len(cache['removed_inputs'])} past inputs and {len(cache['removed_outputs'])} present "
-                     "outputs removed, " + ("the others renumbered 0..n-1 (--renumber-cache)" if cache.get("renamed")
-                                            else "the others keep their names"))
+                     "outputs removed, " + ("the others keep their names" if "renamed" not in cache
+                                            else "the others renumbered 0..n-1 (--renumber-cache)" if cache["renamed"]
+                                            else "the others numbered 0..n-1 already (--renumber-cache)"))
     before, after = report["before"], report.get("after")
     if after:
         def ratio(key):

@@ -132,6 +132,63 @@ def genai_config_target(model_path: Path, output: Path) -> Path:
     return beside(output, f".{GENAI_CONFIG}")
 
 
+# What onnxruntime-genai reads beside genai_config.json other than the models:
+# the tokenizer and processor files its model builder copies in. A pruned
+# model written to another folder gets copies, so that folder is complete;
+# models and their data files are never copied.
+GENAI_SUPPORT_FILES = ("tokenizer*.json", "tokenizer.model", "*.tiktoken", "special_tokens_map.json",
+                       "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                       "sentencepiece*.model", "chat_template*.jinja", "chat_template*.json", "*processor*.json")
+_MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin", ".safetensors", ".pt", ".pth")
+
+
+def genai_support_files(model_path: Path, output: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(source, target) pairs of the tokenizer and processor files beside the
+    input model to copy beside the output, and notes on files left behind.
+
+    Empty when the output shares the input's folder. A file that is a link
+    to somewhere outside the input's folder is not copied (a note says so),
+    as external data outside it is never read.
+    """
+    folder = model_path.parent
+    if output.parent.resolve() == folder.resolve():
+        return [], []
+    base = folder.resolve()
+    pairs: list[tuple[Path, Path]] = []
+    notes: list[str] = []
+    names = sorted({p.name for pattern in GENAI_SUPPORT_FILES for p in folder.glob(pattern)})
+    for name in names:
+        source = folder / name
+        if name.lower().endswith(_MODEL_FILE_SUFFIXES) or not source.is_file():
+            continue
+        if base not in source.resolve().parents:
+            notes.append(f"{source} was not copied beside the output: it is a link to a file outside the model's "
+                         "folder")
+            continue
+        pairs.append((source, output.with_name(name)))
+    return pairs, notes
+
+
+def other_model_files(config: Any, output_name: str) -> list[str]:
+    """File names other than `output_name` that a genai config gives as a
+    `filename` (the other models of a multi-model pipeline: vision, embedding...)."""
+    names: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "filename" and isinstance(value, str) and value != output_name and value not in names:
+                    names.append(value)
+                else:
+                    visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return names
+
+
 def updated_genai_config(source: Path, *, layers_before: int, layers_after: int, model_name: str,
                          output_name: str) -> tuple[dict | None, list[str]]:
     """The config of `source` with its decoder layer count set to `layers_after`.
@@ -163,7 +220,8 @@ def updated_genai_config(source: Path, *, layers_before: int, layers_after: int,
                     changes.append(f"{where} {layers_before} -> {layers_after}")
                 elif key == "filename" and value == model_name:
                     node[key] = output_name
-                    changes.append(f"{where} {model_name} -> {output_name}")
+                    if output_name != model_name:
+                        changes.append(f"{where} {model_name} -> {output_name}")
                 else:
                     visit(value, where)
         elif isinstance(node, list):

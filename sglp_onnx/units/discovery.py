@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import UserError
 from ..options import GRANULARITIES
-from ..graph.flops import quantization_roles
+from ..graph.flops import packed_weights, quantization_roles
 from ..graph.index import GraphIndex, declared_dims
 from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, is_onnx
 from .patterns import Join, applicable
@@ -359,6 +359,7 @@ def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
     """
     outputs = index.output_names
     scales = quantization_roles(index)[0]  # a quantized model's scales and zero points are no parameters
+    packed = packed_weights(index)  # MatMulNBits weights count as the K x N values they pack
     base_live = index.live_nodes(outputs)
     used_inputs = {t for n in base_live for t in index.nodes[n].input}
     for unit in units:
@@ -378,7 +379,8 @@ def _fill_removal_sets(index: GraphIndex, units: list[PrunableUnit]) -> None:
         still_used = {t for n in live for t in index.nodes[n].input}
         dead_weights = {t for n in dead for t in index.nodes[n].input if t in index.constants and t not in still_used}
         unit.nodes = tuple(index.nodes[n].name or f"#{n}" for n in sorted(dead))
-        unit.params = sum(index.numel(t) for t in dead_weights if index.constants[t].dims and t not in scales)
+        unit.params = sum(packed.get(t, index.numel(t)) for t in dead_weights
+                          if index.constants[t].dims and t not in scales)
         unit.owned_outputs = tuple(owned)
         candidates = [i for i in index.input_names if i in used_inputs and i != unit.entry]
         alone = {i for i in candidates if i not in still_used}
