@@ -169,6 +169,20 @@ def _criterion_names() -> list[str]:
     return [DEFAULT_CRITERION] + sorted(n for n in REGISTRY if n != DEFAULT_CRITERION)
 
 
+class _LazyHelpOption(click.Option):
+    """An option whose help is made when help is shown (the criterion names
+    come from the registry, which imports onnx: not worth it for every run)."""
+
+    def __init__(self, *args, help_factory=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_factory = help_factory
+
+    def get_help_record(self, ctx: click.Context):
+        if self._help_factory is not None:
+            self.help, self._help_factory = self._help_factory(), None
+        return super().get_help_record(ctx)
+
+
 def _click_option(spec: dataclasses.Field):
     """The click option for one `SelectionOptions` field, from its metadata."""
     meta = spec.metadata
@@ -181,7 +195,7 @@ def _click_option(spec: dataclasses.Field):
     elif kind == "file":
         kwargs["type"] = click.Path(dir_okay=False)
     elif kind == "criterion":
-        kwargs["help"] = f"{', '.join(_criterion_names())}. {meta['help']}"
+        kwargs.update(cls=_LazyHelpOption, help_factory=lambda: f"{', '.join(_criterion_names())}. {meta['help']}")
     elif kind in (int, float):
         kwargs["type"] = kind
     if meta["metavar"]:

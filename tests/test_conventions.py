@@ -255,3 +255,40 @@ def test_user_code_that_exits_inside_forward_is_the_inputs_fault(ws, capsys, tmp
     err = run_main(ws, capsys, ["compress", str(ws.model), "-o", str(ws.output), "--remove", "1",
                                 "--torch-model", f"sglp_exiting_forward:{factory}"], says=says)
     assert "nothing was written" in err
+
+
+LAZY_PROBE = """
+import sys
+from sglp_onnx.cli import main
+code = main(sys.argv[1:])
+print(code, *sorted(m for m in ("onnx", "torch", "transformers", "matplotlib") if m in sys.modules))
+"""
+
+
+def _modules_after(argv: list[str]) -> list[str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LAZY_PROBE, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    words = proc.stdout.strip().splitlines()[-1].split()
+    assert words[0] == "0", proc.stderr
+    return words[1:]
+
+
+def test_the_version_and_help_import_nothing_heavy():
+    assert _modules_after(["--version"]) == []
+    assert "torch" not in _modules_after(["compress", "--help"])
+
+
+def test_a_bare_onnx_compress_never_imports_torch_transformers_or_matplotlib(ws):
+    assert _modules_after(["compress", str(ws.model), "-o", str(ws.output), "--remove", "1", "-q"]) == ["onnx"]
+
+
+def test_a_plain_torch_model_never_imports_transformers(tmp_path):
+    models = Path(__file__).resolve().parents[1] / "models"
+    imported = _modules_after(["compress", str(models / "resnet56_digits.onnx"), "-o", str(tmp_path / "p.onnx"),
+                               "--remove", "2", "-q", "--criterion", "gradnorm",
+                               "--torch-model", "models.resnet_cifar:resnet56_digits",
+                               "--torch-weights", str(models / "resnet56_digits.pt")])
+    assert "torch" in imported and "transformers" not in imported

@@ -8,6 +8,8 @@ reproduces is refused, as is a model whose final outputs differ.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -223,6 +225,8 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     archs = getattr(config, "architectures", None) or []
     if type(model).__name__.endswith("ForCausalLM") or any(a.endswith("ForCausalLM") for a in archs):
         return True
+    if config is None or "transformers" not in sys.modules:
+        return False  # not a transformers model: never import transformers to find out
     try:  # transformers' own list also names the older *LMHeadModel classes (GPT-2)
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
