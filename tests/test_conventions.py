@@ -292,3 +292,9 @@ def test_a_plain_torch_model_never_imports_transformers(tmp_path):
                                "--torch-model", "models.resnet_cifar:resnet56_digits",
                                "--torch-weights", str(models / "resnet56_digits.pt")])
     assert "torch" in imported and "transformers" not in imported
+
+
+def test_the_report_names_its_input_by_absolute_path(ws, capsys, monkeypatch):
+    monkeypatch.chdir(ws.model.parent)
+    assert main(["compress", ws.model.name, "-o", str(ws.output), "--remove", "1", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == str(ws.model.resolve())

@@ -23,7 +23,7 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
     seg_ids = segments_of(selection.segments) if selection.segments else None
     report = {
         "tool": tool_info(),
-        "input": str(model_path),
+        "input": str(Path(model_path).resolve()),
         "criterion": options.criterion,
         "granularity": options.granularity,
         "budget": {"remove": options.remove, "ratio": options.ratio, "target_flops": options.target_flops,
