@@ -469,7 +469,9 @@ def export(state: _State, factory: str, output: str, torch_weights: str | None, 
       sglp-onnx export models.resnet_cifar:resnet56_digits --torch-weights models/resnet56_digits.pt -o r56.onnx
       sglp-onnx export hf:models/tinyllama_pydoc --with-cache --exporter legacy -o llama.kv.onnx
     """
-    with _stdout_to_stderr():
+    from .progress import stage
+
+    with _stdout_to_stderr(), stage(_progress_factory(state), f"exporting {factory} with the {exporter} exporter"):
         _export(factory, Path(output), torch_weights, exporter, input_shape, with_cache, force)
     _echo_summary(state, f"wrote {output}")
 
