@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from sglp_onnx import validate_report
+from test_transformers import delete_layers
 
 # The exporters warn about every traced branch of the HF code.
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -161,24 +162,6 @@ def tiny_bert() -> nn.Module:
     return BertForMaskedLM(BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, initializer_range=0.2)).eval()
-
-
-def delete_layers(model: nn.Module, removed: set[int]) -> nn.Module:
-    """A copy of a Llama/BERT without the layers in `removed`, renumbered as transformers would build it."""
-    clone = copy.deepcopy(model)
-    parent = clone.model if hasattr(clone, "model") else clone.bert.encoder
-    name = "layers" if hasattr(parent, "layers") else "layer"
-    layers = getattr(parent, name)
-    kept = [i for i in range(len(layers)) if i not in removed]
-    setattr(parent, name, nn.ModuleList([layers[i] for i in kept]))
-    clone.config.num_hidden_layers = len(kept)
-    if isinstance(getattr(clone.config, "layer_types", None), list):
-        clone.config.layer_types = [clone.config.layer_types[i] for i in kept]
-    for new, old in enumerate(kept):
-        for module in layers[old].modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new
-    return clone.eval()
 
 
 @torch.no_grad()
