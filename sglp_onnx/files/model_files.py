@@ -280,8 +280,15 @@ def files_size(paths: Sequence[Path]) -> int:
 def _check_unique_node_names(model: onnx.ModelProto, path: Path) -> None:
     # Units, pairing and the report name nodes; two nodes with one name would
     # be mixed up (onnx.checker does not refuse them, ONNX's IR asks for unique names).
+    graph = model.graph
+    values = [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    nodes = [s for node in graph.node for s in (node.name, node.op_type, node.domain, *node.input, *node.output)]
+    # protobuf hands back bytes for a string field that is not valid UTF-8 (a damaged file).
+    if any(isinstance(s, bytes) for s in values + nodes):
+        raise UserError(f"{path} is not valid ONNX: a node, op type or tensor name is not UTF-8 text "
+                        "(the file is damaged)")
     seen: set[str] = set()
-    for node in model.graph.node:
+    for node in graph.node:
         if node.name and node.name in seen:
             raise UserError(f"{path} has two nodes named {node.name!r}; node names must be unique "
                             "(rename one, or export the model again)")
