@@ -21,8 +21,8 @@ import onnx
 from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
-from .files.model_files import (atomic_paths, beside, check_output_path, files_size, load_model_files, model_files_for,
-                                proto_size, write_model_files)
+from .files.model_files import (atomic_paths, beside, check_output_path, external_bytes, external_data_folder,
+                                files_size, load_model_files, model_files_for, proto_size, write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
@@ -155,16 +155,7 @@ def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str
     return units, sum(per_node.values())
 
 
-def analyze(
-    model_path: str | os.PathLike,
-    *,
-    suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
-    plot: str | os.PathLike | None = None,
-    force: bool = False,
-    threads: int | None = None,
-    progress: Progress | None = None,
-    **options,
-) -> Analysis:
+def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:
     """Find units, measure them and choose which to remove, without writing a model.
 
     Keyword `options` are the fields of `options.SelectionOptions` (calib,
@@ -178,7 +169,25 @@ def analyze(
     `threads` sets the ONNX Runtime and torch threads of this process from
     now on (`runtime.set_threads`; None: leave the setting as it is).
     `progress` wraps long loops (`progress(iterable, label)`).
+
+    A model with external data is worked on without reading its large
+    tensors into this process: the returned `model` references them in the
+    input's data files (relative to the model's folder).
     """
+    with external_data_folder(Path(model_path).parent):
+        return _analyze(model_path, **kwargs)
+
+
+def _analyze(
+    model_path: str | os.PathLike,
+    *,
+    suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
+    plot: str | os.PathLike | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    **options,
+) -> Analysis:
     if threads is not None:
         from .graph.runtime import set_threads
 
@@ -197,7 +206,7 @@ def analyze(
                         "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
     model_path = Path(model_path)
     with _timed(timings, "load", progress):
-        source_model, input_files = load_model_files(model_path)
+        source_model, input_files = load_model_files(model_path, defer=True)
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                  needed=chosen.needs_calibration or opts.torch_model is not None
@@ -289,17 +298,7 @@ def _selection_options(options: dict, caller: str) -> SelectionOptions:
     return SelectionOptions(**options).checked()
 
 
-def compress(
-    model_path: str | os.PathLike,
-    output: str | os.PathLike | None = None,
-    *,
-    report: str | os.PathLike | None = None,
-    plot: str | os.PathLike | None = None,
-    force: bool = False,
-    renumber_cache: bool = False,
-    dry_run: bool = False,
-    **options,
-) -> CompressionResult:
+def compress(model_path: str | os.PathLike, output: str | os.PathLike | None = None, **kwargs) -> CompressionResult:
     """Remove residual units from an ONNX model and write the validated result.
 
     Keyword options are those of `analyze`: the fields of
@@ -312,7 +311,28 @@ def compress(
     everything up to and including validation runs (the pruned model in
     memory) and nothing is written: the result's report says what a real run
     would remove, save and write.
+
+    For a model with external data, the output's weights are copied from the
+    input's data files into the output's as it is written; the returned
+    `pruned` model references the input's files (write it again with
+    `sglp_onnx.files.model_files.save_model` inside
+    `external_data_folder(input folder)`).
     """
+    with external_data_folder(Path(model_path).parent):
+        return _compress(model_path, output, **kwargs)
+
+
+def _compress(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    report: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    force: bool = False,
+    renumber_cache: bool = False,
+    dry_run: bool = False,
+    **options,
+) -> CompressionResult:
     opts = _selection_options({k: v for k, v in options.items() if k in SelectionOptions.names()}, "compress")
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -410,7 +430,7 @@ def compress(
         copies = []
     if dry_run:
         rep["dry_run"] = True
-        rep["after"]["file_size"] = proto_size(pruned)
+        rep["after"]["file_size"] = proto_size(pruned) + external_bytes(pruned)
         rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return CompressionResult(
             model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,

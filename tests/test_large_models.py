@@ -99,3 +99,79 @@ def test_checker_above_the_protobuf_limit_goes_through_a_file(monkeypatch, model
 
 def test_proto_size_is_the_serialised_size(model):
     assert proto_size(model) == len(model.SerializeToString())
+
+
+def _saved_external(tmp_path, model: onnx.ModelProto, name: str = "big.onnx"):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_model(model, folder / name, external_data=True)
+    return folder / name
+
+
+def test_compress_leaves_large_external_weights_in_the_input_file(tmp_path, monkeypatch, x):
+    """With external data, no large tensor is read into the process: sessions,
+    the checker and the writer take it from the input's data file, and the
+    output equals the one written from a fully loaded copy of the same model."""
+    from sglp_onnx import compress
+
+    monkeypatch.setattr(model_files, "DEFER_MIN_BYTES", 2048)  # the 4 KiB weights stay in the file
+    model = residual_mlp(6, width=WIDTH)
+    external = _saved_external(tmp_path, model)
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, str(inline))
+    read = []
+    original_load = onnx.external_data_helper.load_external_data_for_tensor
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_tensor",
+                        lambda tensor, base_dir: (read.append(tensor.name), original_load(tensor, base_dir))[1])
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(1).standard_normal((24, WIDTH)).astype(np.float32))
+    result = compress(external, tmp_path / "out.onnx", remove=2, criterion="damage", calib=calib)
+    assert read == []
+    weights = [t for t in result.pruned.graph.initializer if t.dims == [WIDTH, WIDTH]]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["big.onnx", "big.onnx.data"]
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_tensor", original_load)
+    expected = compress(inline, tmp_path / "inline.pruned.onnx", remove=2, criterion="damage", calib=calib)
+    assert result.selection.removed == expected.selection.removed
+    written = load_model(tmp_path / "out.onnx")
+    reference = load_model(tmp_path / "inline.pruned.onnx")
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in written.graph.initializer} == \
+        {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in reference.graph.initializer}
+    np.testing.assert_array_equal(outputs(str(tmp_path / "out.onnx"), x), outputs(str(tmp_path / "inline.pruned.onnx"), x))
+    assert result.report["validation"]["runs"] and result.report["fidelity"] == expected.report["fidelity"]
+
+
+def test_small_external_tensors_are_loaded_and_large_ones_referenced(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_files, "DEFER_MIN_BYTES", 2048)
+    model = residual_mlp(2, width=WIDTH)
+    path = _saved_external(tmp_path, model)
+    loaded, files = model_files.load_model_files(path, defer=True)
+    assert files == [path, path.with_name("big.onnx.data")]
+    for tensor in loaded.graph.initializer:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        assert external == (model_files._tensor_bytes(tensor) >= 2048), tensor.name
+    with model_files.external_data_folder(path.parent):
+        for tensor, original in zip(loaded.graph.initializer, model.graph.initializer):
+            np.testing.assert_array_equal(model_files.tensor_array(tensor), onnx.numpy_helper.to_array(original))
+
+
+def test_a_reference_beyond_the_end_of_its_data_file_is_refused(tmp_path, monkeypatch):
+    from sglp_onnx.errors import UserError
+
+    monkeypatch.setattr(model_files, "DEFER_MIN_BYTES", 2048)
+    path = _saved_external(tmp_path, residual_mlp(2, width=WIDTH))
+    data = path.with_name("big.onnx.data")
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(UserError, match="external data"):
+        model_files.load_model_files(path, defer=True)
+
+
+def test_the_checker_reads_a_deferred_model_without_its_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_files, "DEFER_MIN_BYTES", 2048)
+    loaded, _ = model_files.load_model_files(_saved_external(tmp_path, residual_mlp(2, width=WIDTH)), defer=True)
+    validation.full_check(loaded)  # from any working directory: the data files are stood in for
+    broken = onnx.ModelProto()
+    broken.CopyFrom(loaded)
+    broken.graph.node[0].input[1] = "missing_weight"
+    with pytest.raises(Exception):
+        validation.full_check(broken)

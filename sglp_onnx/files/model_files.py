@@ -9,6 +9,7 @@ no-clobber `os.link` where nothing may be overwritten).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import signal
@@ -27,6 +28,62 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 # Protobuf cannot serialise a message above 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PROTOBUF_LIMIT = 2**31 - 1
+# Loading with `defer=True`, external tensors of at least this many bytes stay
+# in the input's data files: ONNX Runtime reads them from there, the output
+# streams them from there, and the ModelProto only references them.
+DEFER_MIN_BYTES = 64 * 2**10
+# Chunk size when streaming a tensor from the input's data file to the output's.
+_COPY_CHUNK = 64 * 2**20
+
+# The folder the external-data locations of the models being worked on are
+# relative to (the input model's folder), set for the length of a run.
+_DATA_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("sglp_onnx_data_folder", default=None)
+
+
+@contextlib.contextmanager
+def external_data_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Within the block, external tensors that models still reference (see
+    `load_model_files(defer=True)`) are read from `folder`: by ONNX Runtime
+    sessions, `tensor_array` and the writers, which copy them into the output."""
+    token = _DATA_FOLDER.set(Path(folder).resolve())
+    try:
+        yield _DATA_FOLDER.get()
+    finally:
+        _DATA_FOLDER.reset(token)
+
+
+def data_folder() -> Path | None:
+    """The folder set by `external_data_folder`, or None outside one."""
+    return _DATA_FOLDER.get()
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of `model` (initializers, subgraphs, attributes) whose data is in an external file."""
+    return [t for t in onnx.external_data_helper._get_all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors `model` references in external files (0 when it holds all its weights)."""
+    return sum(_external_info(t)[2] for t in external_tensors(model))
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """(location, offset, length) of an external tensor; length from its type when not recorded."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    length = int(entries["length"]) if "length" in entries else (_tensor_bytes(tensor) or 0)
+    return entries.get("location", ""), int(entries.get("offset", 0)), length
+
+
+def tensor_array(tensor: onnx.TensorProto):
+    """The values of `tensor` as a numpy array, read from the data folder
+    (`external_data_folder`) when they are still external."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return onnx.numpy_helper.to_array(tensor)
+    folder = data_folder()
+    if folder is None:
+        raise RuntimeError(f"tensor {tensor.name!r} is external and no data folder is set")
+    return onnx.numpy_helper.to_array(tensor, base_dir=str(folder))
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -78,6 +135,31 @@ def proto_size(model: onnx.ModelProto) -> int:
 
 
 @contextlib.contextmanager
+def checkable(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | Path]:
+    """What `onnx.checker.check_model(..., full_check=True)` should read for
+    `model`: the model itself, or, when it references external data, its
+    graph saved in a temporary folder beside empty stand-ins of its data
+    files (the checker wants the files to exist; it never reads them).
+    Above the protobuf limit, the model saved with its weights in a side file."""
+    locations = list(dict.fromkeys(_external_info(t)[0] for t in external_tensors(model)))
+    if not locations and fits_in_protobuf(model):
+        yield model
+        return
+    if not fits_in_protobuf(model):
+        with saved_with_external_data(model) as path:
+            yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sglp-check-", ignore_cleanup_errors=True) as tmp:
+        for location in locations:
+            stand_in = Path(tmp) / location
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.touch()
+        path = Path(tmp) / "sglp-checked-model.onnx"
+        onnx.save_model(model, str(path))
+        yield path
+
+
+@contextlib.contextmanager
 def saved_with_external_data(model: onnx.ModelProto) -> Iterator[Path]:
     """`model` saved in a temporary folder with its weights in a side file, for
     readers that need a path (ONNX Runtime, which maps the side file instead of
@@ -106,27 +188,63 @@ def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path
     stub = onnx.ModelProto()
     _copy_fields(model, stub, skip="graph")
     _copy_fields(model.graph, stub.graph, skip="initializer")
+    source = data_folder()
+    # External tensors of subgraphs and attributes, copied with the nodes.
+    nested = external_tensors(stub) if source is not None else []
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
             target = stub.graph.initializer.add()
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                target.CopyFrom(tensor)
+                if source is not None:
+                    _stream_external(target, source, data, location)
+                continue
             size = _tensor_bytes(tensor)
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or size is None or size < size_threshold:
+            if size is None or size < size_threshold:
                 target.CopyFrom(tensor)
                 continue
             raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
-            data.write(b"\0" * (-data.tell() % _DATA_ALIGNMENT))
-            offset = data.tell()
+            offset = _aligned(data)
             data.write(raw)
             target.name = tensor.name
             target.data_type = tensor.data_type
             target.dims.extend(tensor.dims)
             if tensor.doc_string:
                 target.doc_string = tensor.doc_string
-            target.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                target.external_data.add(key=key, value=value)
+            _set_external(target, location, offset, len(raw))
             del raw
+        for tensor in nested:
+            _stream_external(tensor, source, data, location)
     onnx.save_model(stub, str(model_path))
+
+
+def _aligned(data) -> int:
+    data.write(b"\0" * (-data.tell() % _DATA_ALIGNMENT))
+    return data.tell()
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _stream_external(tensor: onnx.TensorProto, folder: Path, data, location: str) -> None:
+    """Copy an external tensor's bytes from its file under `folder` to the end
+    of `data` in chunks, and point `tensor` at the copy."""
+    source, start, length = _external_info(tensor)
+    offset = _aligned(data)
+    with open(folder / source, "rb") as f:
+        f.seek(start)
+        left = length
+        while left:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{folder / source} ends before tensor {tensor.name!r}")
+            data.write(chunk)
+            left -= len(chunk)
+    _set_external(tensor, location, offset, length)
 
 
 def _copy_fields(source, target, *, skip: str) -> None:
@@ -233,10 +351,15 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     return load_model_files(path, load_external_data=load_external_data)[0]
 
 
-def load_model_files(path: str | os.PathLike, *,
-                     load_external_data: bool = True) -> tuple[onnx.ModelProto, list[Path]]:
+def load_model_files(path: str | os.PathLike, *, load_external_data: bool = True,
+                     defer: bool = False) -> tuple[onnx.ModelProto, list[Path]]:
     """`load_model`, and the files the model is made of: `path`, then each
-    external data file it references (once each, in order of first use)."""
+    external data file it references (once each, in order of first use).
+
+    With `defer`, external tensors of `DEFER_MIN_BYTES` or more are not read:
+    the model keeps referencing them (relative to the model's folder, see
+    `external_data_folder`), so that no copy of the weights is made in this
+    process; the smaller ones (scales, norms, biases) are loaded."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -266,10 +389,29 @@ def load_model_files(path: str | os.PathLike, *,
     locations = list(dict.fromkeys(external_locations(model)))
     if load_external_data and locations:
         try:
-            onnx.load_external_data_for_model(model, str(path.parent))
+            if defer:
+                _load_small_external(model, path.parent)
+            else:
+                onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise UserError(f"cannot read the external data of {path}: {exc}") from None
     return model, [path] + [path.parent / location for location in locations]
+
+
+def _load_small_external(model: onnx.ModelProto, folder: Path) -> None:
+    """Load the external tensors under `DEFER_MIN_BYTES` into `model`; the larger
+    stay referenced. Every reference is checked against its file's size."""
+    sizes: dict[str, int] = {}
+    for tensor in external_tensors(model):
+        location, offset, length = _external_info(tensor)
+        if location not in sizes:
+            sizes[location] = (folder / location).stat().st_size
+        if offset + length > sizes[location]:
+            raise ValueError(f"tensor {tensor.name!r} lies beyond the end of {location}")
+        if length < DEFER_MIN_BYTES:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def files_size(paths: Sequence[Path]) -> int:

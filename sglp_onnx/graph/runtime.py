@@ -18,7 +18,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import UserError
 from ..options import PROVIDERS
-from ..files.model_files import proto_size, saved_with_external_data
+from ..files.model_files import data_folder, external_tensors, proto_size, saved_with_external_data
 
 # Each --provider choice (options.PROVIDERS) and the ONNX Runtime providers it asks for, in order.
 PROVIDER_CHAINS = dict(zip(PROVIDERS, (
@@ -152,7 +152,7 @@ def make_session(
         options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with _serialised(model) as source, _quiet_provider_loading(provider != "cpu"):
+    with _serialised(model, options) as source, _quiet_provider_loading(provider != "cpu"):
         try:
             # No Python-level fallback: it prints a banner and hides which provider failed.
             session = ort.InferenceSession(source, sess_options=options, providers=chain, enable_fallback=0)
@@ -189,11 +189,21 @@ def _quiet_provider_loading(enabled: bool) -> Iterator[None]:
         ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
 
 
+# ONNX Runtime reads the external data of a model given as bytes from this folder.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
 @contextmanager
-def _serialised(model: onnx.ModelProto | str | os.PathLike) -> Iterator[bytes | str]:
+def _serialised(model: onnx.ModelProto | str | os.PathLike, options: ort.SessionOptions) -> Iterator[bytes | str]:
+    """What ONNX Runtime reads `model` from. A model that still references the
+    input's external data (`load_model_files(defer=True)`) goes as bytes, and
+    ONNX Runtime maps its weights from the input's own data files."""
     if not isinstance(model, onnx.ModelProto):
         yield str(model)
         return
+    folder = data_folder()
+    if folder is not None and external_tensors(model):
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(folder))
     if proto_size(model) < SESSION_FILE_THRESHOLD:
         yield model.SerializeToString()
         return

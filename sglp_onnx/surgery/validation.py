@@ -13,7 +13,7 @@ import onnx
 
 from ..errors import UserError, ValidationError
 from ..graph.index import declared_dims
-from ..files.model_files import fits_in_protobuf, saved_with_external_data
+from ..files.model_files import checkable
 from ..graph.runtime import make_session
 
 
@@ -49,12 +49,8 @@ def full_check(model: onnx.ModelProto) -> None:
     from ..graph.ort_schemas import register as register_ort_schemas
 
     register_ort_schemas()  # ONNX Runtime's SimplifiedLayerNormalization (the genai builder's RMS norm)
-    with _without_contradicted_constant_types(model):
-        if fits_in_protobuf(model):
-            onnx.checker.check_model(model, full_check=True)
-            return
-        with saved_with_external_data(model) as path:
-            onnx.checker.check_model(str(path), full_check=True)
+    with _without_contradicted_constant_types(model), checkable(model) as source:
+        onnx.checker.check_model(source if isinstance(source, onnx.ModelProto) else str(source), full_check=True)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ...files.model_files import tensor_array
 from ...graph.index import GraphIndex, subgraph_references
 from ...graph.ops import QUANTIZATION_PRESERVING_OPS, is_onnx
 from . import Join, Pattern
@@ -258,7 +259,7 @@ def requantize_biases(model: onnx.ModelProto) -> None:
         return dq
 
     def value(name: str):
-        return None if name not in initializers else numpy_helper.to_array(initializers[name])
+        return None if name not in initializers else tensor_array(initializers[name])
 
     def fresh(base: str) -> str:
         name, k = f"{base}{REQUANTIZED_SUFFIX}", 1

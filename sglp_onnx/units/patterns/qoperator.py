@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...files.model_files import tensor_array
 from ...graph.index import GraphIndex
 from ...graph.ops import PASS_THROUGH_OPS, QUANTIZATION_PRESERVING_OPS, is_contrib, is_onnx, quantized_operands
 from . import Join, Pattern
@@ -287,7 +288,7 @@ class QOperatorPattern(Pattern):
                         and s.data_type == onnx.TensorProto.FLOAT and int(np.prod(s.dims)) == 1:
                     tag = f"{BIAS_PREFIX}{k}/{node.name}"
                     quantized = helper.make_tensor(f"{tag}/quantized_scale", onnx.TensorProto.DOUBLE, [],
-                                                   [float(numpy_helper.to_array(s).reshape(()))])
+                                                   [float(tensor_array(s).reshape(()))])
                     added.append(quantized)
                     double = onnx.TensorProto.DOUBLE
                     nodes += [
@@ -329,9 +330,9 @@ class QOperatorPattern(Pattern):
                 tag = name[: -len("/bias")]
                 original = by_output[f"{tag}/original"].input[0]
                 read = by_output[f"{tag}/read_scale"].input[0]
-                b = numpy_helper.to_array(initializers[original])
-                quantized = numpy_helper.to_array(initializers[f"{tag}/quantized_scale"]).astype(np.float64)
-                s = numpy_helper.to_array(initializers[read]).astype(np.float64).reshape(())
+                b = tensor_array(initializers[original])
+                quantized = tensor_array(initializers[f"{tag}/quantized_scale"]).astype(np.float64)
+                s = tensor_array(initializers[read]).astype(np.float64).reshape(())
                 # The computation `prepare` wrote, in the same double precision.
                 value = np.round(b.astype(np.float64) * (quantized / s)).astype(np.int32)
                 if np.array_equal(value, b):
