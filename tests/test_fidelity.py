@@ -207,3 +207,34 @@ def test_meters_match_their_definitions():
     bad = FidelityMeter(OutputKind("o", "kl", "logits", ""), token_level=False)
     bad.update(a, np.full_like(a, np.nan))
     assert np.isfinite(bad.score)
+
+
+def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monkeypatch):
+    """A large model's suffix sessions would hold many copies of its weights:
+    candidates then go in groups that fit the budget (one full pass each), the
+    sessions closed between groups, with the same scores and the same order."""
+    import weakref
+
+    import sglp_onnx.surgery.gating as gating
+
+    free = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    live: list[weakref.ref] = []
+    peak = 0
+    make = gating.make_session
+
+    def counting(model, provider="cpu", **kwargs):
+        nonlocal peak
+        session = make(model, provider, **kwargs)
+        if "input" not in {i.name for i in model.graph.input}:  # a suffix: it starts inside the graph
+            live.append(weakref.ref(session))
+        peak = max(peak, sum(r() is not None for r in live))
+        return session
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gating, "make_session", counting)
+    grouped = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    assert grouped.removed == free.removed
+    np.testing.assert_allclose(grouped.importance, free.importance, rtol=1e-6, atol=1e-12)
+    assert grouped.passes["forward_partial"] == free.passes["forward_partial"]
+    assert grouped.passes["forward"] > free.passes["forward"]  # one full pass per group
+    assert 1 <= peak < len(analyze(mlp, criterion="last", remove=1, suggest=None).units)

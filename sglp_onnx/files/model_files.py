@@ -68,6 +68,12 @@ def external_bytes(model: onnx.ModelProto) -> int:
     return sum(_external_info(t)[2] for t in external_tensors(model))
 
 
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, held or external: what a session on `model` loads."""
+    return sum(_external_info(t)[2] if t.data_location == onnx.TensorProto.EXTERNAL else (_tensor_bytes(t) or 0)
+               for t in model.graph.initializer)
+
+
 def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     """(location, offset, length) of an external tensor; length from its type when not recorded."""
     entries = {e.key: e.value for e in tensor.external_data}

@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UserError
+from ..files.model_files import initializer_bytes
 from ..graph.runtime import make_session, session_with_outputs
 from ..units.discovery import PrunableUnit
 
@@ -27,6 +28,9 @@ UNGATED_SUFFIX = "/sglp_ungated"
 GATED_SUFFIX = "/sglp_gated/"
 # The original network's value of a scored tensor is kept across greedy steps up to this size.
 REFERENCE_CACHE_BYTES = 256 * 2**20
+# Suffix sessions alive at once hold at most this many bytes of weights, or the
+# model's own weights when larger: with the full session, twice the weights.
+SUFFIX_BUDGET_BYTES = 512 * 2**20
 
 
 def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
@@ -173,6 +177,9 @@ class GatedRunner:
         self.full = session_with_outputs(self.gated, self.exposed, provider)
         self.full_inputs = {i.name for i in self.full.get_inputs()}
         self._suffix: dict[int, tuple[object, set[str]]] = {}
+        self._suffix_sizes: dict[int, int] = {}
+        self.weights = initializer_bytes(model)
+        self.budget = max(SUFFIX_BUDGET_BYTES, self.weights)
 
     def gate_feed(self, removed: set[int] | frozenset[int]) -> dict[str, np.ndarray]:
         return {g: np.array(k in removed) for k, g in enumerate(self.gates)}
@@ -186,9 +193,43 @@ class GatedRunner:
     def _suffix_session(self, unit: int, dtype: np.dtype):
         if unit not in self._suffix:
             model = suffix_model(self.gated, self.units[unit].exit, dtype, self.targets)
+            self._suffix_sizes[unit] = initializer_bytes(model)
             session = make_session(model, self.provider)
             self._suffix[unit] = (session, {i.name for i in session.get_inputs()})
         return self._suffix[unit]
+
+    def _suffix_size(self, unit: int) -> int:
+        if unit not in self._suffix_sizes:
+            # The dtype only types the new input; the weights are what is counted.
+            model = suffix_model(self.gated, self.units[unit].exit, np.float32, self.targets)
+            self._suffix_sizes[unit] = initializer_bytes(model)
+        return self._suffix_sizes[unit]
+
+    def _all_fit(self, units: Sequence[int]) -> bool:
+        return len(units) * self.weights <= self.budget
+
+    def suffix_groups(self, units: Sequence[int]) -> list[list[int]]:
+        """`units` in consecutive groups whose suffix sessions together hold at
+        most the runner's weight budget (a unit alone always makes a group);
+        one group unless the model is large."""
+        if self._all_fit(units):
+            return [list(units)] if units else []
+        groups: list[list[int]] = []
+        used = self.budget
+        for unit in units:
+            size = self._suffix_size(unit)
+            if groups and used + size <= self.budget:
+                groups[-1].append(unit)
+                used += size
+            else:
+                groups.append([unit])
+                used = size
+        return groups
+
+    def release_suffixes(self) -> None:
+        """Close the suffix sessions unless every unit's would fit the budget together."""
+        if not self._all_fit(self.units):
+            self._suffix.clear()
 
     def run_extension(self, feed: dict[str, np.ndarray], removed, unit: int,
                       current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

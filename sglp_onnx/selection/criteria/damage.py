@@ -78,15 +78,24 @@ class DamageSearch:
         target = self.kind.output
         meters = {k: self.meter() for k in candidates}
         self.references.start(removed)
-        for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
-            current = self.runner.run(feed, removed, entries=True)
-            reference = self.references.get(b, feed, current)
-            self.full_passes += b == 0
-            self.full_passes += b == 0 and self.references.recomputed
-            mask = self.mask(feed)
-            for k in candidates:
-                meters[k].update(reference, self.runner.run_extension(feed, removed, k, current)[target], mask)
-        self.references.end()
+        # Suffix sessions hold weights: candidates go in groups whose suffixes
+        # fit the runner's budget, each group one more full pass (one group
+        # for any model that is not large).
+        for g, group in enumerate(self.runner.suffix_groups(candidates)):
+            for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
+                current = self.runner.run(feed, removed, entries=True)
+                if g == 0 or removed:
+                    reference = self.references.get(b, feed, current)
+                else:  # nothing removed yet: the reference is this very run
+                    reference = current[target]
+                self.full_passes += b == 0
+                self.full_passes += b == 0 and self.references.recomputed
+                mask = self.mask(feed)
+                for k in group:
+                    meters[k].update(reference, self.runner.run_extension(feed, removed, k, current)[target], mask)
+            self.runner.release_suffixes()
+            if g == 0:
+                self.references.end()
         self.partial_passes += len(candidates)
         scores = {k: m.score for k, m in meters.items()}
         if self.single is None:
