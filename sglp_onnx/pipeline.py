@@ -240,8 +240,11 @@ def _analyze(
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets) -> list[dict]:
-        from .evidence.fidelity import measure_sets
+        from .evidence.fidelity import measure_sets, measure_sets_sequential
 
+        if opts.sequential:
+            return measure_sets_sequential(model, units, ctx.output_kind(), fidelity_data, removal_sets,
+                                           batch_size=opts.batch_size, provider=opts.provider)
         return measure_sets(ctx.runner(), ctx.output_kind(), fidelity_data, removal_sets,
                             batch_size=opts.batch_size)
 
@@ -375,9 +378,17 @@ def _compress(
         pruned = finish_patterns(remove_units(analysis.model, removed), analysis.rewrites)
     with _timed(timings, "validation", options.get("progress")):
         feed = analysis.calib.first(min(opts.batch_size, analysis.calib.n_samples))
+        original = analysis.source_model or analysis.model
+        reference = None
+        if opts.sequential and removed:
+            # The original's outputs piece by piece: only the pruned model is loaded whole.
+            from .evidence.sequential import probe_sequential, residual_boundaries
+
+            reference = probe_sequential(original, feed, [], provider=opts.provider,
+                                         boundaries=[u.exit for u in analysis.units] + residual_boundaries(original))
         try:
             result = validate(
-                analysis.source_model or analysis.model, pruned, feed,
+                original, pruned, feed, reference=reference,
                 removed_outputs={o for u in removed for o in u.owned_outputs},
                 removed_inputs={i for u in removed for i in u.owned_inputs},
                 nothing_removed=not removed, provider=opts.provider,

@@ -154,3 +154,34 @@ def test_cli_sequential_compress_matches_one_shot(tmp_path):
         reports.append(json.loads(out.with_suffix(".json").read_text()))
     assert [u["removed"] for u in reports[0]["units"]] == [u["removed"] for u in reports[1]["units"]]
     np.testing.assert_allclose(reports[1]["cka"], reports[0]["cka"], atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["sglp", "damage"])
+def test_sequential_fidelity_and_validation_never_load_the_whole_original(tmp_path, monkeypatch, criterion):
+    """With --sequential, the held-out fidelity runs the original and the pruned
+    model piece by piece and validation compares the pruned model's own session
+    with the original's piecewise outputs: no session on a model with every
+    block except the pruned model's (and, for damage, the gated search's)."""
+    import sglp_onnx.graph.runtime as runtime
+    import sglp_onnx.surgery.validation as validation
+    from sglp_onnx.pipeline import compress
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=24)
+    one_shot = compress(model, tmp_path / "one.onnx", remove=2, criterion=criterion)
+    sizes: list[int] = []
+    make = runtime.make_session
+
+    def recording(source, provider="cpu", **kwargs):
+        if isinstance(source, onnx.ModelProto):
+            sizes.append(sum(n.op_type == "MatMul" for n in source.graph.node))
+        return make(source, provider, **kwargs)
+
+    for module in (sequential, validation):
+        monkeypatch.setattr(module, "make_session", recording)
+    seq = compress(model, tmp_path / "seq.onnx", remove=2, criterion=criterion, sequential=True)
+    assert seq.selection.removed == one_shot.selection.removed
+    assert max(sizes) == 2 * (6 - 2) + 1  # the largest session: the pruned model (2 MatMuls a block, a head)
+    for key in ("score", "top1_agreement", "rows"):
+        np.testing.assert_allclose(seq.report["fidelity"][key], one_shot.report["fidelity"][key], rtol=1e-5)
+    assert seq.report["validation"]["max_abs_output_diff"] == pytest.approx(
+        one_shot.report["validation"]["max_abs_output_diff"], rel=1e-5)

@@ -174,6 +174,37 @@ def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: in
     return [meters[s].record() for s in sets]
 
 
+def measure_sets_sequential(model: onnx.ModelProto, units, kind: OutputKind, data, removal_sets, *,
+                            batch_size: int, provider: str = "cpu") -> list[dict]:
+    """`measure_sets` for `--sequential`: the original and each pruned model
+    (as `surgery.remove_units` writes it) run piece by piece, so that ONNX
+    Runtime holds one piece's weights at a time; the outputs meet batch by
+    batch from the pieces' spill files."""
+    from ..surgery.remove import remove_units
+    from .sequential import stream_sequential
+
+    sets = [frozenset(s) for s in removal_sets]
+    distinct = [s for s in dict.fromkeys(sets) if s]
+    meters = {s: FidelityMeter(kind, token_level=data.is_token_data) for s in dict.fromkeys(sets)}
+    exits = [u.exit for u in units]
+
+    def outputs(network):
+        for batch in stream_sequential(network, data, [], boundaries=exits, batch_size=batch_size,
+                                       provider=provider):
+            yield batch.outputs[kind.output]
+
+    # Each stream runs its whole pass (and frees its pieces) on its first batch.
+    streams = [outputs(remove_units(model, [units[i] for i in sorted(s)])) for s in distinct]
+    mask_name = data.token_mask_name
+    for (feed, _), reference, *pruned in zip(data.batches(batch_size), outputs(model), *streams):
+        mask = feed.get(mask_name) if mask_name else None
+        for s, value in zip(distinct, pruned):
+            meters[s].update(reference, value, mask)
+        if frozenset() in meters:
+            meters[frozenset()].update(reference, reference, mask)
+    return [meters[s].record() for s in sets]
+
+
 def fidelity_record(record: dict, kind: OutputKind, data, held_out) -> dict:
     """A `measure_sets` record as the report stores it: with its definition,
     the scored output and rule, and which samples it was measured on."""

@@ -121,8 +121,13 @@ def validate(
     removed_inputs: set[str],
     nothing_removed: bool,
     provider: str = "cpu",
+    reference: dict[str, np.ndarray] | None = None,
 ) -> ValidationResult:
-    """Check `pruned` against `original` on one batch; raise ValidationError on any failure."""
+    """Check `pruned` against `original` on one batch; raise ValidationError on any failure.
+
+    `reference`: the original's outputs on `feed` when the caller computed
+    them already (piece by piece, `--sequential`); else a session on
+    `original` computes them once the pruned model's session is closed."""
     result = ValidationResult()
     try:
         full_check(pruned)
@@ -159,8 +164,12 @@ def validate(
     result.runs = True
     del session  # one model's weights in ONNX Runtime at a time: matters for big models
 
-    reference_session = make_session(original, provider)
-    ref_values = dict(zip([o.name for o in reference_session.get_outputs()], reference_session.run(None, feed)))
+    if reference is None:
+        reference_session = make_session(original, provider)
+        ref_values = dict(zip([o.name for o in reference_session.get_outputs()], reference_session.run(None, feed)))
+        del reference_session
+    else:
+        ref_values = reference
     for name, value in new_values.items():
         ref = ref_values[name]
         if np.issubdtype(value.dtype, np.floating) and np.all(np.isfinite(ref)) and not np.all(np.isfinite(value)):
