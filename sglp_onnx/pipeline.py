@@ -275,6 +275,10 @@ def _analyze(
 
     evidence = ctx.evidence_if_computed
     notes = list(selection.notes) + budget_notes
+    if opts.sequential and ctx.runner_used:
+        notes.append(f"--criterion {opts.criterion} ran the whole model (its gated graph) to measure damage: "
+                     "--sequential kept only the calibration pass, the fidelity and the validation to one piece "
+                     "at a time; for a model larger than memory use --criterion sglp")
     if loss_note is not None and ctx.gradnorm_computed:
         notes.append(loss_note)
     report = analysis_report(

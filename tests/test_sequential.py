@@ -183,5 +183,6 @@ def test_sequential_fidelity_and_validation_never_load_the_whole_original(tmp_pa
     assert max(sizes) == 2 * (6 - 2) + 1  # the largest session: the pruned model (2 MatMuls a block, a head)
     for key in ("score", "top1_agreement", "rows"):
         np.testing.assert_allclose(seq.report["fidelity"][key], one_shot.report["fidelity"][key], rtol=1e-5)
+    assert any("ran the whole model" in note for note in seq.report["notes"]) == (criterion == "damage")
     assert seq.report["validation"]["max_abs_output_diff"] == pytest.approx(
         one_shot.report["validation"]["max_abs_output_diff"], rel=1e-5)

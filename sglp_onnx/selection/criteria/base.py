@@ -96,6 +96,11 @@ class Context:
         return self._evidence
 
     @property
+    def runner_used(self) -> bool:
+        """True once a criterion ran the whole gated graph (`runner`)."""
+        return self._runner is not None
+
+    @property
     def evidence_if_computed(self) -> Evidence | None:
         """The calibration pass's evidence when a criterion needed it, else None (no pass is run)."""
         return self._evidence

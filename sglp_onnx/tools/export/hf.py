@@ -24,9 +24,9 @@ import onnx
 import torch
 
 from ...errors import UserError
-from .torch_export import EXPORTERS, first_line, quiet_output, root_cause, verbose_requested
+from .torch_export import EXPORTERS, first_line, quiet_output, root_cause, verbose_requested, weight_bytes
 from ...paired.hf_model import load_hf_model
-from ...files.model_files import save_model
+from ...files.model_files import EXTERNAL_DATA_THRESHOLD, save_model
 
 # Symbolic dimension names, as Optimum writes them.
 BATCH = "batch_size"
@@ -162,7 +162,9 @@ def export_hf(
     `model_dir_or_model` is a local `save_pretrained` folder, loaded with
     `AutoModelForCausalLM` in float32, or an already loaded float32 model
     (its training flag is restored afterwards). Batch and sequence lengths
-    are dynamic. Any export failure becomes a UserError.
+    are dynamic. Any export failure becomes a UserError. A model above 2 GB
+    keeps its weights in `<path>.data` beside it; the returned model then
+    references them (its weights are not loaded).
     """
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -178,13 +180,19 @@ def export_hf(
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
         raise UserError(f"the model has {sorted(map(str, dtypes))} parameters; convert it with model.float() first")
+    # Above the protobuf limit the exporter writes the file itself, weights in `<name>.data`.
+    large = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if large and exporter != "dynamo":
+        raise UserError("a model above 2 GB exports with the dynamo exporter only (the default)")
     was_training = model.training
     model.eval()
     try:
-        proto = _export(model, with_cache=with_cache, exporter=exporter, opset=opset, show=verbose_requested(verbose))
+        proto = _export(model, with_cache=with_cache, exporter=exporter, opset=opset, show=verbose_requested(verbose),
+                        large_to=path if large else None)
     finally:
         model.train(was_training)
-    save_model(proto, path)
+    if not large:
+        save_model(proto, path)
     return proto
 
 
@@ -205,7 +213,8 @@ def _example_inputs(model, *, with_cache: bool) -> tuple[tuple[torch.Tensor, ...
     return (ids, mask, positions, *past), num_layers
 
 
-def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: bool) -> onnx.ModelProto:
+def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: bool,
+            large_to: Path | None = None) -> onnx.ModelProto:
     args, num_layers = _example_inputs(model, with_cache=with_cache)
     module = _LogitsAndPresent(model, num_layers) if with_cache else _LogitsOnly(model)
     names_in = input_names(num_layers, with_cache=with_cache)
@@ -232,7 +241,11 @@ def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: 
                     optimize=True,
                     verbose=show,
                 )
-                proto = program.model_proto
+                if large_to is None:
+                    proto = program.model_proto
+                else:
+                    program.save(str(large_to), external_data=True)
+                    proto = onnx.load(str(large_to), load_external_data=False)
             else:
                 axes = {"input_ids": token_axes, "attention_mask": mask_axes, "logits": token_axes}
                 if with_cache:
@@ -269,5 +282,9 @@ def _export(model, *, with_cache: bool, exporter: str, opset: int | None, show: 
         # one name, as the legacy exporter writes it, keeps the signature uniform.
         for output in proto.graph.output[1:]:
             output.type.tensor_type.shape.dim[2].dim_param = TOTAL
-    onnx.checker.check_model(proto)
+    if large_to is None:
+        onnx.checker.check_model(proto)
+    else:  # the graph rewritten beside its unchanged data file, checked from the path
+        onnx.save(proto, str(large_to))
+        onnx.checker.check_model(str(large_to))
     return proto

@@ -107,7 +107,8 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -163,7 +164,7 @@ def export_torch(
     if exporter == "dynamo":
         kwargs["dynamo"] = True
         # One self-contained file unless the weights cannot fit in a protobuf.
-        kwargs["external_data"] = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        kwargs["external_data"] = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
         if dynamic_batch:
             batch = torch.export.Dim(BATCH_DIM)
             kwargs["dynamic_shapes"] = tuple({0: batch} for _ in example_inputs)
