@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 MODEL  := models/resnet56_digits.onnx
 OUT    := out
 
-.PHONY: setup demo test test-slow bench bench-quality bench-speed clean
+.PHONY: setup demo test test-slow bench bench-quality bench-speed bench-scale clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/latency_formats.py
 	$(BIN)/python benchmarks/streaming.py
+	$(BIN)/python benchmarks/large_model.py
+
+# About 12 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter
+# Llama built, exported and compressed four ways (benchmarks/llm_scale.py).
+bench-scale: $(TEST_STAMP)
+	$(BIN)/python benchmarks/llm_scale.py
 
 # About 10 minutes on 2 cores (measured: 4.1 + 4.2 min): every criterion on
 # ResNet-56, ResNet-110 and the 1-D CNN at ~30% and ~50% FLOPs removed, with
