@@ -62,6 +62,9 @@ class Analysis:
     rewrites: list = field(default_factory=list)
     # The input's files: the model, then its external data files.
     input_files: list[Path] = field(default_factory=list)
+    # The original's outputs on the first calibration batch, when the
+    # calibration pass computed them (what validation compares with).
+    first_outputs: dict | None = None
 
     @property
     def removed_units(self) -> list[PrunableUnit]:
@@ -295,7 +298,29 @@ def _analyze(
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
                     total_flops=total_flops, timings=timings,
                     source_model=None if model is source_model else source_model, rewrites=rewrites,
-                    input_files=input_files)
+                    input_files=input_files, first_outputs=evidence.first_outputs if evidence else None)
+
+
+def _validation_reference(analysis: Analysis, feed: dict, *, sequential: bool, provider: str) -> dict | None:
+    """The original's outputs on the validation batch without a session on the
+    whole original: from the calibration pass, which ran that very batch first;
+    with `--sequential` and no calibration pass, piece by piece. None (validation
+    then runs the original itself) when nothing was removed (the output must be
+    bit-identical to the input's, so both come from plain sessions), when the
+    patterns rewrote the file, or without `--sequential` and a calibration pass."""
+    if not analysis.selection.removed or analysis.source_model is not None:
+        return None
+    rows = next(iter(feed.values())).shape[0]
+    outputs = analysis.first_outputs
+    if outputs is not None and all(v.ndim and v.shape[0] == rows for v in outputs.values()):
+        return outputs
+    if not sequential:
+        return None
+    from .evidence.sequential import probe_sequential, residual_boundaries
+
+    original = analysis.model
+    return probe_sequential(original, feed, [], provider=provider,
+                            boundaries=[u.exit for u in analysis.units] + residual_boundaries(original))
 
 
 def _selection_options(options: dict, caller: str) -> SelectionOptions:
@@ -383,13 +408,7 @@ def _compress(
     with _timed(timings, "validation", options.get("progress")):
         feed = analysis.calib.first(min(opts.batch_size, analysis.calib.n_samples))
         original = analysis.source_model or analysis.model
-        reference = None
-        if opts.sequential and removed:
-            # The original's outputs piece by piece: only the pruned model is loaded whole.
-            from .evidence.sequential import probe_sequential, residual_boundaries
-
-            reference = probe_sequential(original, feed, [], provider=opts.provider,
-                                         boundaries=[u.exit for u in analysis.units] + residual_boundaries(original))
+        reference = _validation_reference(analysis, feed, sequential=opts.sequential, provider=opts.provider)
         try:
             result = validate(
                 original, pruned, feed, reference=reference,

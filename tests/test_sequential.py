@@ -186,3 +186,34 @@ def test_sequential_fidelity_and_validation_never_load_the_whole_original(tmp_pa
     assert any("ran the whole model" in note for note in seq.report["notes"]) == (criterion == "damage")
     assert seq.report["validation"]["max_abs_output_diff"] == pytest.approx(
         one_shot.report["validation"]["max_abs_output_diff"], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [{}, {"sequential": True}])
+def test_validation_compares_with_the_calibration_pass_outputs(tmp_path, monkeypatch, flags):
+    """The calibration pass ran the validation batch first: its outputs are the
+    reference, so validation opens one session, on the pruned model; with
+    nothing removed both outputs still come from plain sessions (bit-exact)."""
+    import sglp_onnx.surgery.validation as validation
+    from sglp_onnx.pipeline import compress
+
+    import sglp_onnx.pipeline as pipeline
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=5, n_samples=24)
+    with monkeypatch.context() as patch:  # the reference from a session on the original, as before
+        patch.setattr(pipeline, "_validation_reference", lambda *args, **kwargs: None)
+        plain = compress(model, tmp_path / "plain.onnx", remove=2, criterion="sglp")
+    opened: list[int] = []
+    make = validation.make_session
+
+    def recording(source, provider="cpu", **kwargs):
+        opened.append(sum(n.op_type == "MatMul" for n in source.graph.node))
+        return make(source, provider, **kwargs)
+
+    monkeypatch.setattr(validation, "make_session", recording)
+    result = compress(model, tmp_path / "out.onnx", remove=2, criterion="sglp", **flags)
+    assert opened == [2 * 3 + 1]  # the pruned model only
+    assert result.report["validation"]["max_abs_output_diff"] == pytest.approx(
+        plain.report["validation"]["max_abs_output_diff"], rel=1e-5, abs=1e-7)
+    opened.clear()
+    none = compress(model, tmp_path / "none.onnx", remove=0, criterion="sglp", **flags)
+    assert opened == [2 * 5 + 1, 2 * 5 + 1] and none.report["validation"]["exact_when_nothing_removed"]

@@ -27,6 +27,9 @@ class Evidence:
     n_samples: int  # rows seen: inputs, or unpadded tokens for sequence models
     nonfinite_values: int
     batches: int
+    # The graph outputs on the first batch (`calib.first(batch_size)`): the
+    # original's outputs that validation compares the pruned model with.
+    first_outputs: dict[str, np.ndarray] | None = None
 
 
 def collect_evidence(
@@ -48,6 +51,7 @@ def collect_evidence(
     cka = MinibatchCKA(len(tracked))
     influence = MeanCosineDistance(len(units))
     n_batches = 0
+    first_outputs = None
     if sequential:
         from .sequential import stream_sequential
 
@@ -59,6 +63,8 @@ def collect_evidence(
         rows = {name: batch.samples(name, calib) for name in tracked}
         cka.update([rows[name] for name in tracked])
         influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])
+        if n_batches == 0:
+            first_outputs = dict(batch.outputs)
         n_batches += 1
     full = cka.result()
     U = len(units)
@@ -70,4 +76,5 @@ def collect_evidence(
         n_samples=cka.n_samples,
         nonfinite_values=cka.nonfinite_values,
         batches=n_batches,
+        first_outputs=first_outputs,
     )
