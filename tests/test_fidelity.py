@@ -230,6 +230,7 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
         peak = max(peak, sum(r() is not None for r in live))
         return session
 
+    monkeypatch.setattr(gating, "batched_suffix_model", lambda *args: None)  # one suffix session per candidate
     monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
     monkeypatch.setattr(gating, "make_session", counting)
     grouped = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
@@ -238,3 +239,39 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
     assert grouped.passes["forward_partial"] == free.passes["forward_partial"]
     assert grouped.passes["forward"] > free.passes["forward"]  # one full pass per group
     assert 1 <= peak < len(analyze(mlp, criterion="last", remove=1, suggest=None).units)
+
+
+def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, monkeypatch):
+    """Where one suffix session per candidate would not fit the weight budget,
+    the candidates run side by side in one session (the weights once, one run
+    per batch, kept across steps), with the scores of one session each."""
+    import sglp_onnx.surgery.gating as gating
+
+    separate = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    made: list[int] = []
+    make = gating.make_session
+
+    def counting(model, provider="cpu", **kwargs):
+        made.append(sum(i.name.startswith(gating.COPY_PREFIX) for i in model.graph.input))
+        return make(model, provider, **kwargs)
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gating, "make_session", counting)
+    batched = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    assert len([n for n in made if n]) == 1  # one side-by-side session, kept for the three steps
+    assert batched.removed == separate.removed
+    np.testing.assert_allclose(batched.importance, separate.importance, rtol=1e-6, atol=1e-12)
+    assert batched.passes == separate.passes
+
+
+def test_batched_suffixes_refuse_subgraphs():
+    import sglp_onnx.surgery.gating as gating
+
+    then = helper.make_graph([helper.make_node("Identity", ["h"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph)
+    assert gating.batched_suffix_model(model, {0: ("h", TensorProto.FLOAT)}, ["y"], []) is None

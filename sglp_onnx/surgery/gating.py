@@ -158,6 +158,75 @@ def suffix_model(gated: onnx.ModelProto, start: str, start_dtype: np.dtype, outp
     return model
 
 
+COPY_PREFIX = "sglp_candidate/"
+
+
+def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, int]], outputs: Sequence[str],
+                         gates: Sequence[str]) -> onnx.ModelProto | None:
+    """One model holding, for each key k of `starts` = {k: (tensor, ONNX
+    dtype)}, its own copy of the part of `gated` that computes `outputs`
+    from that tensor (made an input): what `suffix_model` makes for one
+    start, side by side, the weights read once. Copy k's tensors, gates and
+    outputs are renamed `sglp_candidate/k/NAME`; the other graph inputs (a
+    mask, positions) are shared. One session run then scores every
+    candidate, each on a partial pass from its own unit. None when a needed
+    node has a subgraph (its outer-scope reads would need renaming too)."""
+    graph = gated.graph
+    producer = {out: node for node in graph.node for out in node.output if out}
+    initializers = {init.name: init for init in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input}
+    gate_set = set(gates)
+    nodes, inputs, outs, read_inits = [], [], [], {}
+    shared: dict[str, onnx.ValueInfoProto] = {}
+    for k, (start, dtype) in starts.items():
+        prefix = f"{COPY_PREFIX}{k}/"
+        needed: dict[int, onnx.NodeProto] = {}
+        frontier = [t for t in outputs if t != start]
+        seen = set(frontier)
+        while frontier:
+            node = producer.get(frontier.pop())
+            if node is None or id(node) in needed:
+                continue
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                return None
+            needed[id(node)] = node
+            for t in node.input:
+                if t and t != start and t not in seen:
+                    seen.add(t)
+                    frontier.append(t)
+        local = {out for node in needed.values() for out in node.output if out} | {start}
+
+        def rename(t: str) -> str:
+            return prefix + t if t in local or t in gate_set else t
+
+        for node in graph.node:  # the gated graph's order: topological
+            if id(node) not in needed:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = prefix + (node.name or node.op_type)
+            copy.input[:] = [rename(t) if t else t for t in node.input]
+            copy.output[:] = [rename(t) if t else t for t in node.output]
+            nodes.append(copy)
+            for t in node.input:
+                if t in initializers:
+                    read_inits[t] = initializers[t]
+                elif t in gate_set:
+                    inputs.append(onnx.helper.make_tensor_value_info(prefix + t, onnx.TensorProto.BOOL, []))
+                elif t in graph_inputs and t != start:
+                    shared[t] = graph_inputs[t]
+        inputs.append(onnx.helper.make_tensor_value_info(prefix + start, dtype, None))
+        outs += [onnx.ValueInfoProto(name=prefix + t) for t in outputs]
+    inputs = list({vi.name: vi for vi in inputs}.values())
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, f"{graph.name}_candidates", list(shared.values()) + inputs, outs,
+                               list(read_inits.values())),
+        opset_imports=list(gated.opset_import))
+    model.ir_version = gated.ir_version
+    model.functions.extend(gated.functions)
+    return model
+
+
 class GatedRunner:
     """Runs the original network, any removal set, and single-unit extensions of one.
 
@@ -178,6 +247,8 @@ class GatedRunner:
         self.full_inputs = {i.name for i in self.full.get_inputs()}
         self._suffix: dict[int, tuple[object, set[str]]] = {}
         self._suffix_sizes: dict[int, int] = {}
+        self._batched_key: tuple[int, ...] | None = None
+        self._batched: tuple[object, set[str]] | None = None
         self.weights = initializer_bytes(model)
         self.budget = max(SUFFIX_BUDGET_BYTES, self.weights)
 
@@ -197,6 +268,43 @@ class GatedRunner:
             session = make_session(model, self.provider)
             self._suffix[unit] = (session, {i.name for i in session.get_inputs()})
         return self._suffix[unit]
+
+    def run_extensions(self, feed: dict[str, np.ndarray], removed, candidates: Sequence[int],
+                       current: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]] | None:
+        """`run_extension` for every candidate in one session run of a
+        `batched_suffix_model`: the weights loaded once, where one suffix
+        session per candidate would not fit the weight budget (a large model).
+        None where one session per candidate is the better choice (on CPU the
+        side-by-side run takes as long as the separate ones, and ONNX
+        Runtime optimizes the big graph more slowly than the small ones) or
+        where the graph does not allow it. The session is built for a
+        superset of the candidates and kept across greedy steps while the
+        candidates are at least half of its copies."""
+        if self._all_fit(candidates):
+            return None
+        built = self._batched_key
+        if built is None or not set(candidates) <= set(built) or 2 * len(candidates) < len(built):
+            self._batched = None  # release the previous session first
+            dtype = onnx.helper.np_dtype_to_tensor_dtype
+            starts = {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
+            model = batched_suffix_model(self.gated, starts, self.targets, self.gates)
+            self._batched_key = tuple(candidates)
+            if model is not None:
+                session = make_session(model, self.provider)
+                self._batched = (session, {i.name for i in session.get_inputs()})
+        if self._batched is None:
+            return None
+        session, inputs = self._batched
+        run_feed = {name: value for name, value in feed.items() if name in inputs}
+        for k in self._batched_key:  # copies of units removed since are computed and ignored
+            prefix = f"{COPY_PREFIX}{k}/"
+            for gate, value in self.gate_feed(set(removed) | {k}).items():
+                if prefix + gate in inputs:
+                    run_feed[prefix + gate] = value
+            run_feed[prefix + self.units[k].exit] = current[self.units[k].entry]
+        names = [f"{COPY_PREFIX}{k}/{t}" for k in candidates for t in self.targets]
+        values = iter(session.run(names, run_feed))
+        return {k: {t: next(values) for t in self.targets} for k in candidates}
 
     def _suffix_size(self, unit: int) -> int:
         if unit not in self._suffix_sizes:

@@ -77,10 +77,16 @@ class DamageSearch:
         candidates = self._candidates()
         target = self.kind.output
         meters = {k: self.meter() for k in candidates}
+        # All candidates in one session run per batch (their suffixes side by
+        # side, the weights once) where the graph allows.
+        if self._batched_step(removed, candidates, meters):
+            self.partial_passes += len(candidates)
+            self._choose(candidates, meters)
+            return
+        # Else one suffix session per candidate: they hold weights, so the
+        # candidates go in groups whose suffixes fit the runner's budget, each
+        # group one more full pass (one group for any model that is not large).
         self.references.start(removed)
-        # Suffix sessions hold weights: candidates go in groups whose suffixes
-        # fit the runner's budget, each group one more full pass (one group
-        # for any model that is not large).
         for g, group in enumerate(self.runner.suffix_groups(candidates)):
             for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
                 current = self.runner.run(feed, removed, entries=True)
@@ -97,6 +103,28 @@ class DamageSearch:
             if g == 0:
                 self.references.end()
         self.partial_passes += len(candidates)
+        self._choose(candidates, meters)
+
+    def _batched_step(self, removed: set[int], candidates: list[int], meters: dict) -> bool:
+        """Score every candidate with one run per batch; False (nothing scored)
+        when the runner cannot batch this graph."""
+        target = self.kind.output
+        self.references.start(removed)
+        for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
+            current = self.runner.run(feed, removed, entries=True)
+            values = self.runner.run_extensions(feed, removed, candidates, current)
+            if values is None:
+                return False
+            reference = self.references.get(b, feed, current)
+            self.full_passes += b == 0
+            self.full_passes += b == 0 and self.references.recomputed
+            mask = self.mask(feed)
+            for k in candidates:
+                meters[k].update(reference, values[k][target], mask)
+        self.references.end()
+        return True
+
+    def _choose(self, candidates: list[int], meters: dict) -> None:
         scores = {k: m.score for k, m in meters.items()}
         if self.single is None:
             self.single = [scores[k] for k in range(len(self.ctx.units))]
