@@ -278,7 +278,9 @@ def _analyze(
 
     evidence = ctx.evidence_if_computed
     notes = list(selection.notes) + budget_notes
-    if opts.sequential and ctx.runner_used:
+    runner_used = ctx.runner_used
+    ctx.release()
+    if opts.sequential and runner_used:
         notes.append(f"--criterion {opts.criterion} ran the whole model (its gated graph) to measure damage: "
                      "--sequential kept only the calibration pass, the fidelity and the validation to one piece "
                      "at a time; for a model larger than memory use --criterion sglp")

@@ -95,6 +95,13 @@ class Context:
             self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
         return self._evidence
 
+    def release(self) -> None:
+        """Close the gated graph's sessions and drop the criteria's state (a
+        damage search holds the context: a cycle the collector frees late),
+        so that the next stage's sessions do not sit beside them."""
+        self._runner = None
+        self.cache.clear()
+
     @property
     def runner_used(self) -> bool:
         """True once a criterion ran the whole gated graph (`runner`)."""
