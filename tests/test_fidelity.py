@@ -275,3 +275,41 @@ def test_batched_suffixes_refuse_subgraphs():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph)
     assert gating.batched_suffix_model(model, {0: ("h", TensorProto.FLOAT)}, ["y"], []) is None
+
+
+def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):
+    """A damage search holds its context in a cycle; its sessions must still be
+    gone (without waiting for the collector) when the pruned model's opens."""
+    import weakref
+
+    import sglp_onnx.graph.runtime as runtime
+    import sglp_onnx.surgery.gating as gating
+    import sglp_onnx.surgery.validation as validation
+
+    gated: list[weakref.ref] = []
+    alive_at_validation: list[int] = []
+    make = runtime.make_session
+
+    def recording(model, provider="cpu", **kwargs):
+        session = make(model, provider, **kwargs)
+        if isinstance(model, onnx.ModelProto) and any(i.name.startswith(gating.GATE_PREFIX) or
+                                                      i.name.startswith(gating.COPY_PREFIX)
+                                                      for i in model.graph.input):
+            gated.append(weakref.ref(session))
+        return session
+
+    def validating(model, provider="cpu", **kwargs):
+        alive_at_validation.append(sum(r() is not None for r in gated))
+        return make(model, provider, **kwargs)
+
+    import gc
+
+    monkeypatch.setattr(runtime, "make_session", recording)
+    monkeypatch.setattr(gating, "make_session", recording)
+    monkeypatch.setattr(validation, "make_session", validating)
+    gc.disable()
+    try:
+        compress(mlp, mlp.with_name("out.onnx"), criterion="damage-greedy", remove=2)
+    finally:
+        gc.enable()
+    assert gated and alive_at_validation and set(alive_at_validation) == {0}
