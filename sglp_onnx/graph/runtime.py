@@ -132,11 +132,13 @@ def make_session(
     *,
     threads: int | None = None,
     optimize: bool = True,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """A session on `provider` that refuses to fall back silently to the CPU.
 
     `threads` (intra-op; inter-op 1) defaults to the process-wide setting
-    (`set_threads`); 0 leaves the choice to ONNX Runtime. ONNX Runtime's own
+    (`set_threads`); 0 leaves the choice to ONNX Runtime. `prepack=False`
+    keeps ONNX Runtime from packing constant weights ahead of time. ONNX Runtime's own
     log stays quiet (errors reach the caller as exceptions) unless
     `set_verbose(True)`.
     """
@@ -152,6 +154,10 @@ def make_session(
         options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not prepack:
+        # Weights read by several nodes are otherwise packed once per node
+        # before the copies are merged: a transient of up to their size.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     with _serialised(model, options) as source, _quiet_provider_loading(provider != "cpu"):
         try:
             # No Python-level fallback: it prints a banner and hides which provider failed.

@@ -290,7 +290,9 @@ class GatedRunner:
             model = batched_suffix_model(self.gated, starts, self.targets, self.gates)
             self._batched_key = tuple(candidates)
             if model is not None:
-                session = make_session(model, self.provider)
+                # The copies share weights: packing them ahead of time would
+                # hold them twice while the session is made.
+                session = make_session(model, self.provider, prepack=False)
                 self._batched = (session, {i.name for i in session.get_inputs()})
         if self._batched is None:
             return None
