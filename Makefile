@@ -66,6 +66,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/latency_formats.py
 	$(BIN)/python benchmarks/streaming.py
+	$(BIN)/python benchmarks/candidate_batching.py
 	$(BIN)/python benchmarks/large_model.py
 
 # About 12 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter

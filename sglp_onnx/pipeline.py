@@ -408,6 +408,9 @@ def _compress(
     with _timed(timings, "surgery", options.get("progress")):
         pruned = finish_patterns(remove_units(analysis.model, removed), analysis.rewrites)
     with _timed(timings, "validation", options.get("progress")):
+        from .graph.runtime import release_memory
+
+        release_memory()  # the stages' sessions are closed: the pruned model's opens next
         feed = analysis.calib.first(min(opts.batch_size, analysis.calib.n_samples))
         original = analysis.source_model or analysis.model
         reference = _validation_reference(analysis, feed, sequential=opts.sequential, provider=opts.provider)

@@ -71,6 +71,22 @@ def apply_torch_threads() -> None:
             torch.set_num_threads(n)
 
 
+def release_memory() -> None:
+    """Give the memory of closed sessions back to the system before a large
+    one opens: collect cycles, then (glibc) return the allocator's free pages
+    (`malloc_trim`), which freed ONNX Runtime buffers otherwise keep resident."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def set_verbose(verbose: bool) -> None:
     """With -v, ONNX Runtime's own error log lines reach stderr too."""
     _settings["verbose"] = bool(verbose)
