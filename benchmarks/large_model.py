@@ -175,6 +175,21 @@ def run_child(model: Path, out: Path, *, sequential: bool, batch_size: int, floo
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def floor_sentence(floor: dict) -> str:
+    """The report's line on the floor run (`baseline`)."""
+    return ("Floor, measured in the same run (a fresh process: `onnx.load` with the weights, one ONNX Runtime pass "
+            "over the calibration set, `save_model` with external data): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in floor.get("timings", {}).items())
+            + f", **{floor.get('seconds', float('nan')):.1f} s** in all, peak RSS "
+            f"{floor.get('peak_rss_gib', float('nan')):.2f} GiB.")
+
+
+def stage_cells(r: dict) -> tuple[str, str]:
+    """A run's stage seconds and peak RSS at the end of each stage, as table cells."""
+    return (", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()),
+            ", ".join(f"{k} {v:.2f}" for k, v in r["stage_peak_rss_gib"].items()))
+
+
 def run_in(folder: Path, name: str, model: Path, **kwargs) -> dict:
     """`run_child` writing into `folder/name`, emptied afterwards (the disk freed for the next run)."""
     out_dir = folder / name
@@ -242,10 +257,7 @@ def main() -> None:
     weights = data_bytes / 2**30
     floor_s = floor.get("seconds", float("nan"))
     lines[-2:-2] = [
-        "Floor, measured in the same run (a fresh process: `onnx.load` with the weights, one ONNX Runtime pass over "
-        "the calibration set, `save_model` with external data): "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in floor.get("timings", {}).items())
-        + f", **{floor_s:.1f} s** in all, peak RSS {floor.get('peak_rss_gib', float('nan')):.2f} GiB.",
+        floor_sentence(floor),
         "",
     ]
     checks = []
@@ -276,8 +288,7 @@ def main() -> None:
             lines.append(f"| {mode} | failed (exit {r['returncode']}): {r['failed']} | {r['seconds']:.1f} | "
                          f"{r['peak_rss_gib']:.2f} (largest child so far) | | | | |")
             continue
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-        peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_peak_rss_gib"].items())
+        stages, peaks = stage_cells(r)
         lines.append(f"| {mode} | removed {r['removed']}/{r['units']} units | {r['seconds']:.1f} | "
                      f"{r['peak_rss_gib']:.2f} | {stages} | {peaks} | {r['after_file_size'] / 2**30:.2f} GiB | "
                      f"{', '.join(r['data_files_recorded'])} (files: {', '.join(r['files_beside_output'])}) |")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.large_model import peak_rss_gib, run_in  # noqa: E402
+from benchmarks.large_model import floor_sentence, peak_rss_gib, run_in, stage_cells  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -113,10 +113,7 @@ def main() -> None:
         f"(a quarter held out), batch {args.batch_size}; `compress --remove {args.remove} --criterion sglp`, "
         "gradient-free or with `--torch-model hf:DIR` (GradNorm on the paired model); each run in a fresh process.",
         "",
-        "Floor, measured in the same run (`onnx.load` with the weights, one ONNX Runtime pass over the "
-        "calibration set, `save_model` with external data): "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in floor.get("timings", {}).items())
-        + f", **{floor.get('seconds', float('nan')):.1f} s**, peak RSS {floor.get('peak_rss_gib', float('nan')):.2f} GiB.",
+        floor_sentence(floor),
         "",
         "| run | result | wall s | x floor | peak RSS GiB | x model size | stage seconds | "
         "peak RSS GiB at the end of each stage |",
@@ -127,8 +124,7 @@ def main() -> None:
             lines.append(f"| {run} | failed (exit {r['returncode']}): {r['failed']} | {r['seconds']:.1f} | | "
                          f"{r['peak_rss_gib']:.2f} | | | |")
             continue
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-        peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_peak_rss_gib"].items())
+        stages, peaks = stage_cells(r)
         lines.append(f"| {run} | removed {r['removed']}/{r['units']} units | {r['seconds']:.1f} | "
                      f"{r['seconds'] / floor['seconds']:.2f} | {r['peak_rss_gib']:.2f} | "
                      f"{r['peak_rss_gib'] / gib:.2f} | {stages} | {peaks} |")
