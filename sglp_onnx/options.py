@@ -19,6 +19,10 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
 GRANULARITIES = ("layer", "sublayer")
 DEFAULT_CRITERION = "damage"
 DEFAULT_RATIO = 0.25
+# Repair maps at the cuts (sglp_onnx.repair): a full linear map, a per-channel
+# scale and bias, or none; the default is what won `make bench-quality`.
+REPAIR_FORMS = ("full", "diagonal", "none")
+DEFAULT_REPAIR = "full"
 
 
 def _option(flag: str, help: str, *, kind: type | str = str, choices: tuple[str, ...] | None = None,
@@ -61,6 +65,11 @@ class SelectionOptions:
         "--sequential", "Calibrate piece by piece (graph cut at unit boundaries, activations spilled to a "
                         "temporary folder) so ONNX Runtime holds one piece's weights at a time: for big models.",
         kind=bool, default=False)
+    repair: str = _option(
+        "--repair", "Closed-form repair at every cut: 'full' fits a least-squares linear map (with bias) from the "
+                    "cut's entry to the original's exit on the selection samples and inserts it (1x1 Conv or "
+                    "MatMul + Add); 'diagonal' a per-channel scale and bias; 'none' bypasses only. Kept only where "
+                    "it improves the held-out fidelity.", choices=REPAIR_FORMS, default=DEFAULT_REPAIR)
     max_calib_samples: int | None = _option("--max-calib-samples", "Use at most N calibration samples.", kind=int,
                                             cli=False)
 
@@ -91,6 +100,8 @@ class SelectionOptions:
             raise UserError(f"--segments must be at least 1, got {self.segments}")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.repair not in REPAIR_FORMS:
+            raise UserError(f"--repair must be one of {', '.join(REPAIR_FORMS)}, got {self.repair!r}")
         if self.provider not in PROVIDERS:
             raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         return replace(self, ratio=ratio)

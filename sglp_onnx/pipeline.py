@@ -65,6 +65,8 @@ class Analysis:
     # The original's outputs on the first calibration batch, when the
     # calibration pass computed them (what validation compares with).
     first_outputs: dict | None = None
+    # The chosen removal set's repair (repair.stage.RepairOutcome); None with --repair none.
+    repair: object | None = None
 
     @property
     def removed_units(self) -> list[PrunableUnit]:
@@ -242,14 +244,35 @@ def _analyze(
                   timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None)
     fidelity_data = held_out if held_out is not None else data
 
-    def held_out_fidelity(*removal_sets) -> list[dict]:
+    def held_out_fidelity(*removal_sets, network=None) -> list[dict]:
+        """Held-out fidelity records of `removal_sets` of the input, or of
+        `network` = (model, units) (the input with repair maps added)."""
         from .evidence.fidelity import measure_sets, measure_sets_sequential
+        from .surgery.gating import GatedRunner
 
+        net_model, net_units = network or (model, units)
         if opts.sequential:
-            return measure_sets_sequential(model, units, ctx.output_kind(), fidelity_data, removal_sets,
+            return measure_sets_sequential(net_model, net_units, ctx.output_kind(), fidelity_data, removal_sets,
                                            batch_size=opts.batch_size, provider=opts.provider)
-        return measure_sets(ctx.runner(), ctx.output_kind(), fidelity_data, removal_sets,
-                            batch_size=opts.batch_size)
+        runner = ctx.runner() if network is None else GatedRunner(net_model, net_units, [ctx.output_kind().output],
+                                                                   provider=opts.provider)
+        return measure_sets(runner, ctx.output_kind(), fidelity_data, removal_sets, batch_size=opts.batch_size)
+
+    def repaired(removed, plain: dict):
+        """The repair of `removed` (`repair.repair_removal`), measured against `plain`, its unrepaired record."""
+        from .repair.stage import repair_removal
+
+        return repair_removal(model, units, removed, data, form=opts.repair, plain=plain,
+                              measure=lambda m, u, r: held_out_fidelity(r, network=(m, u))[0],
+                              batch_size=opts.batch_size, provider=opts.provider, progress=progress)
+
+    def loss_of(removed) -> dict:
+        """What --max-loss reads: the held-out record of the model compress would write."""
+        plain = held_out_fidelity(removed)[0]
+        if opts.repair == "none" or not removed:
+            return plain
+        outcome = repaired(removed, plain)
+        return outcome.fidelity if outcome.applied else plain
 
     budget_notes: list[str] = []
     with _timed(timings, "selection", progress):
@@ -258,7 +281,7 @@ def _analyze(
                                                   ratio=opts.ratio, target_flops=opts.target_flops)
         else:
             n_remove, selection, budget_notes = max_loss_count(
-                chosen, ctx, units, total_flops, lambda r: held_out_fidelity(r)[0], float(opts.max_loss),
+                chosen, ctx, units, total_flops, loss_of, float(opts.max_loss),
                 remove=opts.remove, ratio=opts.ratio, target_flops=opts.target_flops)
     # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
     timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
@@ -270,16 +293,39 @@ def _analyze(
         from .evidence.fidelity import fidelity_record
 
         sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
-        records = iter(held_out_fidelity(*sets))
-        fidelity = fidelity_record(next(records), ctx.output_kind(), data, held_out)
-        for x in suggestions or []:
-            x["fidelity"] = fidelity_record(next(records), ctx.output_kind(), data, held_out) \
-                if x["achievable"] else None
-
+        plain_records = held_out_fidelity(*sets)
     evidence = ctx.evidence_if_computed
     notes = list(selection.notes) + budget_notes
     runner_used = ctx.runner_used
+    kind = ctx.output_kind()
     ctx.release()
+    # Repair: fitted on the selection samples, kept where the held-out fidelity improves.
+    outcomes = [None] * len(sets)
+    if opts.repair != "none":
+        with _timed(timings, "repair", progress):
+            outcomes = [repaired(s, r) if s else None for s, r in zip(sets, plain_records)]
+    records = iter(zip(plain_records, outcomes))
+
+    def final(pair):
+        plain, outcome = pair
+        chosen_record = outcome.fidelity if outcome is not None and outcome.applied else plain
+        return fidelity_record(chosen_record, kind, data, held_out)
+
+    first = next(records)
+    fidelity = final(first)
+    repair = first[1]
+    for x in suggestions or []:
+        if x["achievable"]:
+            pair = next(records)
+            x["fidelity"] = final(pair)
+            x["fidelity_without_repair"] = fidelity_record(pair[0], kind, data, held_out) \
+                if pair[1] is not None else None
+            x["repaired"] = bool(pair[1] is not None and pair[1].applied)
+        else:
+            x["fidelity"] = x["fidelity_without_repair"] = None
+            x["repaired"] = False
+    if repair is not None:
+        notes += repair_notes(repair, units)
     if opts.sequential and runner_used:
         notes.append(f"--criterion {opts.criterion} ran the whole model (its gated graph) to measure damage: "
                      "--sequential kept only the calibration pass, the fidelity and the validation to one piece "
@@ -292,6 +338,9 @@ def _analyze(
         before={"params": model_params(source_model), "flops": total_flops,
                 "file_size": files_size(input_files)},
         suggestions=suggestions, fidelity=fidelity, notes=notes, timings=timings)
+    report["repair"] = None if repair is None else {
+        **repair.record(units),
+        "fidelity_without_repair": fidelity_record(repair.fidelity_without, kind, data, held_out)}
     if plot_path is not None:
         with _timed(timings, "plot", progress), atomic_paths(plot_path) as (tmp,):
             from .report.plots import plot_report
@@ -300,7 +349,21 @@ def _analyze(
     return Analysis(model=model, units=units, selection=selection, report=report, calib=data,
                     total_flops=total_flops, timings=timings,
                     source_model=None if model is source_model else source_model, rewrites=rewrites,
-                    input_files=input_files, first_outputs=evidence.first_outputs if evidence else None)
+                    input_files=input_files, first_outputs=evidence.first_outputs if evidence else None,
+                    repair=repair)
+
+
+def repair_notes(outcome, units) -> list[str]:
+    """The report's notes on one removal set's repair (also printed)."""
+    notes = list(outcome.skipped)
+    if outcome.applied:
+        notes.append(f"repair: {len(outcome.repairs)} cut(s) mapped ({outcome.form}; "
+                     f"{sum(r.params for r in outcome.repairs):,} parameters); held-out score "
+                     f"{outcome.fidelity_without['score']:.4g} without repair, {outcome.fidelity['score']:.4g} with")
+    elif outcome.repairs:
+        notes.append(f"repair {outcome.reason} (held-out score {outcome.fidelity_without['score']:.4g} without "
+                     f"repair, {outcome.fidelity['score']:.4g} with): the plain removal is written")
+    return notes
 
 
 def _validation_reference(analysis: Analysis, feed: dict, *, sequential: bool, provider: str) -> dict | None:
@@ -405,8 +468,12 @@ def _compress(
     analysis = analyze(model_path, **{"suggest": None, **options})
     timings = analysis.timings
     removed = analysis.removed_units
+    repair = analysis.repair if analysis.repair is not None and analysis.repair.applied else None
     with _timed(timings, "surgery", options.get("progress")):
-        pruned = finish_patterns(remove_units(analysis.model, removed), analysis.rewrites)
+        # A repaired removal bypasses the units of the input with the maps added (repair.with_repairs).
+        base, base_units = (repair.model, repair.units) if repair else (analysis.model, analysis.units)
+        pruned = finish_patterns(remove_units(base, [base_units[i] for i in analysis.selection.removed]),
+                                 analysis.rewrites)
     with _timed(timings, "validation", options.get("progress")):
         from .graph.runtime import release_memory
 
@@ -434,7 +501,7 @@ def _compress(
     removed_set = set(analysis.selection.removed)
     rep["after"] = {
         "params": model_params(pruned),
-        "flops": analysis.total_flops - sum(u.flops for u in removed),
+        "flops": analysis.total_flops - sum(u.flops for u in removed) + (repair.flops if repair else 0),
         "file_size": 0,
     }
     genai_config = None

@@ -1,0 +1,96 @@
+"""One map's least-squares fit, from sums streamed batch by batch.
+
+Rows are the samples of a channel vector: every pixel of every image of a
+feature map (channels on `axis`), every unpadded token of a sequence. The
+sums are float64 and their size depends on the channel count only, so the
+calibration set can be as large as the user likes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# full: y = x W + b (a C x C matrix and a bias); diagonal: y_c = a_c x_c + b_c.
+FORMS = ("full", "diagonal")
+# Ridge strength relative to the mean energy of one input channel.
+RIDGE = 1e-4
+CHUNK_ROWS = 1 << 16
+
+
+def as_rows(value: np.ndarray, axis: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """`value` as (rows, channels), channels from `axis`; for a (B, T, C)
+    sequence with a (B, T') token mask, only the unpadded tokens (the mask's
+    last T positions, as with a KV cache)."""
+    moved = np.moveaxis(value, axis, -1)
+    if mask is not None and moved.ndim == 3 and mask.ndim == 2 and mask.shape[0] == moved.shape[0] \
+            and mask.shape[1] >= moved.shape[1]:
+        keep = mask[:, mask.shape[1] - moved.shape[1]:].astype(bool)
+        return moved[keep]
+    return moved.reshape(-1, moved.shape[-1])
+
+
+class LinearFit:
+    """Accumulates the normal equations of y ~ map(x) for one cut."""
+
+    def __init__(self, channels: int, form: str = "full") -> None:
+        if form not in FORMS:
+            raise ValueError(f"unknown repair form {form!r}")
+        self.form = form
+        self.channels = channels
+        self.n = 0
+        c = channels
+        self.sx, self.sy = np.zeros(c), np.zeros(c)
+        self.syy = np.zeros(c)
+        if form == "full":
+            self.xx, self.xy = np.zeros((c, c)), np.zeros((c, c))
+        else:
+            self.xx, self.xy = np.zeros(c), np.zeros(c)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Add rows x (entry) and y (the original's exit), both (rows, C)."""
+        if x.shape != y.shape or x.shape[-1] != self.channels:
+            raise ValueError(f"repair fit: entry rows {x.shape} and exit rows {y.shape} differ")
+        for start in range(0, len(x), CHUNK_ROWS):
+            xs = np.nan_to_num(x[start:start + CHUNK_ROWS].astype(np.float64))
+            ys = np.nan_to_num(y[start:start + CHUNK_ROWS].astype(np.float64))
+            self.n += len(xs)
+            self.sx += xs.sum(0)
+            self.sy += ys.sum(0)
+            self.syy += (ys * ys).sum(0)
+            if self.form == "full":
+                self.xx += xs.T @ xs
+                self.xy += xs.T @ ys
+            else:
+                self.xx += (xs * xs).sum(0)
+                self.xy += (xs * ys).sum(0)
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(weight, bias, fit error): y ~ x @ weight + bias for `full`
+        (weight C x C), y ~ x * weight + bias for `diagonal` (weight C); the
+        fit error is the map's squared residual over the plain bypass's
+        (y ~ x) on the fitted rows: 0 is exact, 1 no better than removal."""
+        n, c = max(self.n, 1), self.channels
+        mean_x, mean_y = self.sx / n, self.sy / n
+        if self.form == "full":
+            cxx = self.xx - n * np.outer(mean_x, mean_x)
+            cxy = self.xy - n * np.outer(mean_x, mean_y)
+            ridge = RIDGE * max(float(np.trace(cxx)) / c, 1e-12)
+            try:
+                weight = np.linalg.solve(cxx + ridge * np.eye(c), cxy)
+            except np.linalg.LinAlgError:
+                weight = np.linalg.lstsq(cxx + ridge * np.eye(c), cxy, rcond=None)[0]
+            bias = mean_y - mean_x @ weight
+            # sum ||y - xW - b||^2 from the sums alone
+            residual = (self.syy.sum() - n * mean_y @ mean_y) - 2 * np.sum(weight * cxy) \
+                + np.sum(weight * (cxx @ weight))
+            bypass = self.syy.sum() - 2 * np.trace(self.xy) + np.trace(self.xx)
+        else:
+            cxx = self.xx - n * mean_x ** 2
+            cxy = self.xy - n * mean_x * mean_y
+            ridge = RIDGE * max(float(cxx.mean()), 1e-12)
+            weight = cxy / (cxx + ridge)
+            bias = mean_y - weight * mean_x
+            residual = np.sum((self.syy - n * mean_y ** 2) - 2 * weight * cxy + weight ** 2 * cxx)
+            bypass = np.sum(self.syy - 2 * self.xy + self.xx)
+        error = float(max(residual, 0.0) / bypass) if bypass > 0 else 0.0
+        return weight, bias, error

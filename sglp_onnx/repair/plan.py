@@ -1,0 +1,206 @@
+"""Fitting the repairs of one removal set, and their report records.
+
+Cuts are fitted front to back on the pruned model's own entries: cut i's
+map reads what the pruned model, with cuts 0..i-1 already repaired, computes
+at the cut's entry, and is fitted to the original network's value at the
+cut's exit, so each map also corrects what the earlier cuts left over
+(fitting every cut on the original's entries instead, `fit_on="original"`,
+is one pass but measured worse at high removal ratios: see docs/criteria.md).
+Each cut costs one partial pass over the selection samples (up to its entry);
+the original's exits are computed once and kept up to REFERENCE_BYTES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph.index import GraphIndex
+from ..graph.runtime import session_with_outputs
+from ..surgery.remove import remove_units
+from ..units.discovery import PrunableUnit
+from .cuts import Cut, channel_axis, cuts_of, unit_order
+from .fit import FORMS, LinearFit, as_rows
+from .graph import with_repairs
+
+from ..options import DEFAULT_REPAIR, REPAIR_FORMS as REPAIR_CHOICES  # noqa: E402,F401 (re-exported)
+FIT_ON = ("pruned", "original")
+REFERENCE_BYTES = 256 * 2**20
+
+
+@dataclass
+class Repair:
+    """The fitted map of one cut."""
+
+    cut: Cut
+    form: str
+    axis: int
+    rank: int
+    elem_type: int  # ONNX element type of the entry (and exit)
+    weight: np.ndarray
+    bias: np.ndarray
+    fit_error: float
+    rows: int
+    flops: int  # per sample
+    # Entry scale, entry zero point, exit scale, exit zero point of quantized activations.
+    quant: tuple[str, str, str, str] | None = None
+
+    @property
+    def params(self) -> int:
+        return int(self.weight.size + self.bias.size)
+
+
+class Unrepairable(Exception):
+    """A cut whose map cannot be built (the reason is the message)."""
+
+
+def _quantization(index: GraphIndex, units: Sequence[PrunableUnit], cut: Cut) -> tuple[str, str, str, str]:
+    """Scale and zero point of a quantized cut's entry and exit, from the
+    units' companions (entry side of the first unit, exit side of the last)."""
+    def split(pairs, side):
+        names = [p[side] for p in pairs]
+        scale = next((n for n in names if index.dtypes.get(n) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)),
+                     None)
+        zero = next((n for n in names if n != scale), None)
+        return scale, zero
+
+    entry_scale, entry_zero = split(units[cut.units[0]].companions, 1)
+    exit_scale, exit_zero = split(units[cut.units[-1]].companions, 0)
+    found = (entry_scale, entry_zero, exit_scale, exit_zero)
+    if None in found or not all(index.is_constant(n) for n in found):
+        raise Unrepairable("quantized activations whose scale and zero point are not constants of the graph")
+    return found
+
+
+def _constant(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    raise Unrepairable(f"{name!r} is not a plain constant")
+
+
+class _Reference:
+    """The original network's value at every cut's exit (and the first
+    cut's entry), batch by batch; kept after the first pass while small."""
+
+    def __init__(self, model, names, provider) -> None:
+        self.model, self.names, self.provider = model, names, provider
+        self.session = None
+        self.kept: list[dict] | None = []
+        self.bytes = 0
+
+    def get(self, b: int, feed: dict) -> dict[str, np.ndarray]:
+        if self.kept is not None and b < len(self.kept):
+            return self.kept[b]
+        if self.session is None:
+            self.session = session_with_outputs(self.model, self.names, self.provider)
+        inputs = {i.name for i in self.session.get_inputs()}
+        values = dict(zip(self.names, self.session.run(self.names, {k: v for k, v in feed.items() if k in inputs})))
+        if self.kept is not None:
+            self.bytes += sum(v.nbytes for v in values.values())
+            if self.bytes <= REFERENCE_BYTES and b == len(self.kept):
+                self.kept.append(values)
+            else:
+                self.kept = None
+        return values
+
+    def close(self) -> None:
+        if self.kept is not None:
+            self.session = None
+
+
+def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, data, *, form: str,
+                batch_size: int, provider: str = "cpu", fit_on: str = "pruned",
+                progress: Callable[[Iterator, str], Iterator] | None = None) -> tuple[list[Repair], list[str]]:
+    """The repairs of removal set `removed` fitted on `data` (the selection
+    samples), and a note per cut that could not be repaired (why)."""
+    if form not in FORMS or fit_on not in FIT_ON:
+        raise ValueError(f"repair form {form!r} / fit on {fit_on!r}")
+    cuts = unit_order(model, cuts_of(units, removed))
+    if not cuts:
+        return [], []
+    index = GraphIndex(model)
+    mask_name = data.token_mask_name
+    reference = _Reference(model, list(dict.fromkeys([c.exit for c in cuts] + [c.entry for c in cuts])), provider)
+    repairs: list[Repair] = []
+    skipped: list[str] = []
+
+    def batches(label):
+        it = data.batches(batch_size)
+        return progress(it, label) if progress else it
+
+    for i, cut in enumerate(cuts):
+        names = ", ".join(units[k].name for k in cut.units)
+        try:
+            quant = None
+            if any(units[k].companions for k in cut.units):
+                quant = _quantization(index, units, cut)
+                entry_q = (_constant(model, quant[0]), _constant(model, quant[1]))
+                exit_q = (_constant(model, quant[2]), _constant(model, quant[3]))
+        except Unrepairable as exc:
+            skipped.append(f"cut {names}: not repaired ({exc})")
+            continue
+        own = fit_on == "pruned" and repairs
+        session = None
+        if own:  # the pruned model with the earlier cuts repaired, up to this cut's entry
+            repaired, new_units = with_repairs(model, units, repairs)
+            pruned = remove_units(repaired, [new_units[k] for k in sorted(removed)])
+            session = session_with_outputs(pruned, [cut.entry], provider)
+            inputs = {x.name for x in session.get_inputs()}
+        fit = axis = rank = elem = flops = None
+        for b, (feed, _) in enumerate(batches(f"repair {i + 1}/{len(cuts)}")):
+            ref = reference.get(b, feed)
+            x = session.run([cut.entry], {k: v for k, v in feed.items() if k in inputs})[0] if own else ref[cut.entry]
+            y = ref[cut.exit]
+            if fit is None:
+                rank = x.ndim
+                axis = channel_axis(index, cut.entry, rank)
+                if x.shape != y.shape:
+                    break
+                fit = LinearFit(x.shape[axis], form)
+                elem = onnx.helper.np_dtype_to_tensor_dtype(x.dtype)
+                per_sample = int(np.prod(x.shape[1:]))
+                flops = 2 * per_sample * (x.shape[axis] if form == "full" else 1)
+            if quant is not None:
+                x = (x.astype(np.float64) - entry_q[1]) * entry_q[0]
+                y = (y.astype(np.float64) - exit_q[1]) * exit_q[0]
+            elif not np.issubdtype(x.dtype, np.floating):
+                break
+            mask = feed.get(mask_name) if mask_name else None
+            fit.update(as_rows(x, axis, mask), as_rows(y, axis, mask))
+        session = None
+        if fit is None or (quant is None and not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem),
+                                                                np.floating)):
+            skipped.append(f"cut {names}: not repaired (its entry is not a float or quantized feature tensor "
+                           "of the exit's shape)")
+            continue
+        weight, bias, error = fit.solve()
+        repairs.append(Repair(cut=cut, form=form, axis=axis, rank=rank, elem_type=elem, weight=weight, bias=bias,
+                              fit_error=error, rows=fit.n, flops=flops, quant=quant))
+    reference.close()
+    return repairs, skipped
+
+
+def repair_records(repairs: Sequence[Repair], units: Sequence[PrunableUnit]) -> list[dict]:
+    """The report's `repair.cuts`: one record per repaired cut."""
+    kinds = {"full": "full linear map", "diagonal": "per-channel scale and bias"}
+    records = []
+    for r in repairs:
+        op = "Mul + Add" if r.form == "diagonal" else ("Conv 1x1" if r.axis == 1 and r.rank >= 3 else "MatMul + Add")
+        if r.quant is not None:
+            op = f"DequantizeLinear -> {op} -> QuantizeLinear"
+        records.append({
+            "units": [units[k].name for k in r.cut.units],
+            "entry": r.cut.entry, "exit": r.cut.exit,
+            "form": r.form, "map": kinds[r.form], "nodes": op,
+            "channels": int(r.bias.size), "params": r.params, "flops": r.flops,
+            "fit_error": round(r.fit_error, 6), "fit_rows": int(r.rows),
+        })
+    return records
