@@ -179,7 +179,9 @@ def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:
     tensors into this process: the returned `model` references them in the
     input's data files (relative to the model's folder).
     """
-    with external_data_folder(Path(model_path).parent):
+    from .graph.runtime import blas_threads
+
+    with external_data_folder(Path(model_path).parent), blas_threads():
         return _analyze(model_path, **kwargs)
 
 
@@ -241,7 +243,8 @@ def _analyze(
 
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn, progress=progress,
-                  timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None)
+                  timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None,
+                  repair=opts.repair)
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets, network=None) -> list[dict]:
@@ -415,7 +418,9 @@ def compress(model_path: str | os.PathLike, output: str | os.PathLike | None = N
     `sglp_onnx.files.model_files.save_model` inside
     `external_data_folder(input folder)`).
     """
-    with external_data_folder(Path(model_path).parent):
+    from .graph.runtime import blas_threads
+
+    with external_data_folder(Path(model_path).parent), blas_threads():
         return _compress(model_path, output, **kwargs)
 
 

@@ -453,3 +453,52 @@ def signature(model: onnx.ModelProto) -> tuple[list, list]:
 
     return ([describe(i) for i in model.graph.input if i.name not in inits],
             [describe(o) for o in model.graph.output])
+
+
+# -- the independent reference of a repaired model ----------------------------
+
+def apply_map(value: np.ndarray, cut: dict, constants: dict[str, np.ndarray]) -> np.ndarray:
+    """A report cut's map (`repair.cuts[i]`) applied to `value` in numpy, from
+    the map's constants as stored in the written model."""
+    weight, bias = (constants[n].astype(np.float64) for n in cut["initializers"])
+    moved = np.moveaxis(value.astype(np.float64), cut["axis"], -1)
+    if cut["form"] == "diagonal":
+        out = moved * weight.reshape(-1) + bias.reshape(-1)
+    else:
+        if weight.ndim > 2:  # a 1x1 Conv kernel (C_out, C_in, 1, ...): y = x @ kernel.T
+            weight = weight.reshape(weight.shape[:2]).T
+        out = moved @ weight + bias.reshape(-1)
+    return np.moveaxis(out, -1, cut["axis"]).astype(value.dtype)
+
+
+def repaired_reference(model: onnx.ModelProto, report: dict, pruned: onnx.ModelProto,
+                       feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The original with the report's removed units bypassed and each reported
+    cut's map applied, computed outside the graph: every cut's exit is opened
+    into a graph input, the bypass is `rewire`, and the maps run in numpy,
+    cut by cut, on what the rewired network computes at each cut's entry."""
+    cuts = report["repair"]["cuts"]
+    pairs = [(u["entry"], u["exit"]) for u in report["units"] if u["removed"]]
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    opened = onnx.ModelProto()
+    opened.CopyFrom(model)
+    outputs = [o.name for o in model.graph.output]
+    for k, cut in enumerate(cuts):
+        assert cut["exit"] not in outputs
+        for node in opened.graph.node:
+            for j, name in enumerate(node.input):
+                if name == cut["exit"]:
+                    node.input[j] = f"opened/{k}"
+        opened.graph.input.append(onnx.helper.make_tensor_value_info(f"opened/{k}", onnx.TensorProto.FLOAT, None))
+        opened.graph.output.append(onnx.ValueInfoProto(name=cut["entry"]))
+    opened = rewire(opened, [(e, x) for e, x in pairs if x not in {c["exit"] for c in cuts}])
+    # Shapes of the entries: the original network's, for the maps not yet computed.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=c["entry"]) for c in cuts)
+    entries = run(probe, feed)[len(outputs):]
+    maps = {f"opened/{k}": np.zeros_like(e) for k, e in enumerate(entries)}
+    for k, cut in enumerate(cuts):  # cuts are in front-to-back order
+        values = run(opened, {**feed, **maps})
+        maps[f"opened/{k}"] = apply_map(values[len(outputs) + k], cut, constants)
+    return run(opened, {**feed, **maps})[:len(outputs)]

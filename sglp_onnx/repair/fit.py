@@ -32,10 +32,17 @@ def as_rows(value: np.ndarray, axis: int, mask: np.ndarray | None = None) -> np.
 class LinearFit:
     """Accumulates the normal equations of y ~ map(x) for one cut."""
 
-    def __init__(self, channels: int, form: str = "full") -> None:
+    def __init__(self, channels: int, form: str = "full", *, rows_per_update: int | None = None,
+                 product: type = np.float64) -> None:
+        """`rows_per_update` keeps at most that many rows of each update
+        (evenly strided: neighbouring pixels say nearly the same) and
+        `product` computes each update's products in float32 (the sums stay
+        float64): what a search that only ranks candidates can afford."""
         if form not in FORMS:
             raise ValueError(f"unknown repair form {form!r}")
         self.form = form
+        self.rows_per_update = rows_per_update
+        self.product = product
         self.channels = channels
         self.n = 0
         c = channels
@@ -50,19 +57,22 @@ class LinearFit:
         """Add rows x (entry) and y (the original's exit), both (rows, C)."""
         if x.shape != y.shape or x.shape[-1] != self.channels:
             raise ValueError(f"repair fit: entry rows {x.shape} and exit rows {y.shape} differ")
+        if self.rows_per_update and len(x) > self.rows_per_update:
+            stride = -(-len(x) // self.rows_per_update)
+            x, y = x[::stride], y[::stride]
         for start in range(0, len(x), CHUNK_ROWS):
-            xs = np.nan_to_num(x[start:start + CHUNK_ROWS].astype(np.float64))
-            ys = np.nan_to_num(y[start:start + CHUNK_ROWS].astype(np.float64))
+            xs = np.nan_to_num(x[start:start + CHUNK_ROWS].astype(self.product))
+            ys = np.nan_to_num(y[start:start + CHUNK_ROWS].astype(self.product))
             self.n += len(xs)
-            self.sx += xs.sum(0)
-            self.sy += ys.sum(0)
-            self.syy += (ys * ys).sum(0)
+            self.sx += xs.sum(0, dtype=np.float64)
+            self.sy += ys.sum(0, dtype=np.float64)
+            self.syy += (ys * ys).sum(0, dtype=np.float64)
             if self.form == "full":
-                self.xx += xs.T @ xs
-                self.xy += xs.T @ ys
+                self.xx += (xs.T @ xs).astype(np.float64)
+                self.xy += (xs.T @ ys).astype(np.float64)
             else:
-                self.xx += (xs * xs).sum(0)
-                self.xy += (xs * ys).sum(0)
+                self.xx += (xs * xs).sum(0, dtype=np.float64)
+                self.xy += (xs * ys).sum(0, dtype=np.float64)
 
     def solve(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(weight, bias, fit error): y ~ x @ weight + bias for `full`
@@ -94,3 +104,14 @@ class LinearFit:
             bypass = np.sum(self.syy - 2 * self.xy + self.xx)
         error = float(max(residual, 0.0) / bypass) if bypass > 0 else 0.0
         return weight, bias, error
+
+
+def apply_fitted(value: np.ndarray, weight: np.ndarray, bias: np.ndarray, axis: int) -> np.ndarray:
+    """A `LinearFit.solve` map applied to `value` along `axis`, in float32,
+    returned in `value`'s dtype (weight C x C: full; weight C: diagonal)."""
+    moved = np.moveaxis(value.astype(np.float32, copy=False), axis, -1)
+    if weight.ndim == 2:
+        out = moved @ weight.astype(np.float32) + bias.astype(np.float32)
+    else:
+        out = moved * weight.astype(np.float32) + bias.astype(np.float32)
+    return np.moveaxis(out, -1, axis).astype(value.dtype, copy=False)

@@ -27,30 +27,48 @@ PREFIX = "sglp_repair"
 NARROW_FLOATS = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
+def map_constants(k: int, form: str) -> tuple[str, str]:
+    """Names of repair `k`'s weight (the scale, for the diagonal form) and bias in the graph."""
+    return f"{PREFIX}/{k}/{'scale' if form == 'diagonal' else 'weight'}", f"{PREFIX}/{k}/bias"
+
+
+def linear_nodes(name: str, source: str, target: str, *, form: str, axis: int, rank: int, weight: str,
+                 bias: str) -> list[onnx.NodeProto]:
+    """Nodes computing `target` = map(`source`) along `axis` of a rank-`rank`
+    float32 tensor, reading the tensors `weight` and `bias`: Mul + Add for
+    the diagonal form (both shaped to broadcast), a 1x1 Conv for channels on
+    axis 1 (weight C_out x C_in x 1..., bias C), else MatMul + Add (weight
+    C_in x C_out)."""
+    if form == "diagonal":
+        return [helper.make_node("Mul", [source, weight], [f"{name}/scaled"], name=f"{name}/Mul"),
+                helper.make_node("Add", [f"{name}/scaled", bias], [target], name=f"{name}/Add")]
+    if axis == 1 and rank >= 3:
+        return [helper.make_node("Conv", [source, weight, bias], [target], name=f"{name}/Conv",
+                                 kernel_shape=[1] * (rank - 2))]
+    if axis != rank - 1:
+        raise ValueError(f"repair map on axis {axis} of a rank-{rank} tensor")
+    return [helper.make_node("MatMul", [source, weight], [f"{name}/mapped"], name=f"{name}/MatMul"),
+            helper.make_node("Add", [f"{name}/mapped", bias], [target], name=f"{name}/Add")]
+
+
+def stored(weight: np.ndarray, bias: np.ndarray, *, form: str, axis: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted (weight, bias) (y = x @ W + b, or x * w + b) in the layout `linear_nodes` reads, float32."""
+    weight, bias = weight.astype(np.float32), bias.astype(np.float32)
+    if form == "diagonal":
+        shape = (-1,) + (1,) * (rank - 1 - axis)
+        return weight.reshape(shape), bias.reshape(shape)
+    if axis == 1 and rank >= 3:
+        return np.ascontiguousarray(weight.T).reshape(weight.shape + (1,) * (rank - 2)), bias
+    return weight, bias
+
+
 def _map_nodes(repair, k: int, source: str, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing `target` = map(`source`) in float32, and their constants."""
-    name = f"{PREFIX}/{k}"
-    rank = repair.rank
-    weight, bias = repair.weight.astype(np.float32), repair.bias.astype(np.float32)
-    inits, nodes = [], []
-    if repair.form == "diagonal":
-        shape = (-1,) + (1,) * (rank - 1 - repair.axis) if repair.axis != rank - 1 else (-1,)
-        inits += [numpy_helper.from_array(weight.reshape(shape), f"{name}/scale"),
-                  numpy_helper.from_array(bias.reshape(shape), f"{name}/bias")]
-        nodes += [helper.make_node("Mul", [source, f"{name}/scale"], [f"{name}/scaled"], name=f"{name}/Mul"),
-                  helper.make_node("Add", [f"{name}/scaled", f"{name}/bias"], [target], name=f"{name}/Add")]
-    elif repair.axis == 1 and rank >= 3:
-        kernel = weight.T.reshape(weight.shape + (1,) * (rank - 2))  # (C_out, C_in, 1, ...)
-        inits += [numpy_helper.from_array(kernel, f"{name}/weight"), numpy_helper.from_array(bias, f"{name}/bias")]
-        nodes.append(helper.make_node("Conv", [source, f"{name}/weight", f"{name}/bias"], [target],
-                                      name=f"{name}/Conv", kernel_shape=[1] * (rank - 2)))
-    else:
-        if repair.axis != rank - 1:
-            raise ValueError(f"repair map on axis {repair.axis} of a rank-{rank} tensor")
-        inits += [numpy_helper.from_array(weight, f"{name}/weight"), numpy_helper.from_array(bias, f"{name}/bias")]
-        nodes += [helper.make_node("MatMul", [source, f"{name}/weight"], [f"{name}/mapped"], name=f"{name}/MatMul"),
-                  helper.make_node("Add", [f"{name}/mapped", f"{name}/bias"], [target], name=f"{name}/Add")]
-    return nodes, inits
+    weight_name, bias_name = map_constants(k, repair.form)
+    weight, bias = stored(repair.weight, repair.bias, form=repair.form, axis=repair.axis, rank=repair.rank)
+    inits = [numpy_helper.from_array(weight, weight_name), numpy_helper.from_array(bias, bias_name)]
+    return linear_nodes(f"{PREFIX}/{k}", source, target, form=repair.form, axis=repair.axis, rank=repair.rank,
+                        weight=weight_name, bias=bias_name), inits
 
 
 def repair_nodes(repair, k: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
@@ -109,3 +127,46 @@ def with_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit],
     if not any(op.domain in ("", "ai.onnx") for op in out.opset_import):
         out.opset_import.append(helper.make_opsetid("", 13))
     return out, units
+
+
+RUNTIME_PREFIX = "sglp_map"
+
+
+def runtime_map_inputs(k: int) -> tuple[str, str]:
+    """Graph inputs holding unit k's runtime map (weight, bias) in a gated graph."""
+    return f"{RUNTIME_PREFIX}.{k}.weight", f"{RUNTIME_PREFIX}.{k}.bias"
+
+
+def add_runtime_maps(gated: onnx.ModelProto, specs: dict) -> None:
+    """In place: in a gated graph (`surgery.gating.gated_model`), unit k's
+    bypass reads a full linear map of its entry whose weight and bias are
+    graph inputs (`runtime_map_inputs(k)`), for every k in `specs` = {k:
+    (axis, rank, elem_type)}. With identity weights the bypass is the plain
+    one; a removal set's cut is repaired by feeding its last unit the cut's
+    map and the cut's other units identities, so one session scores any
+    removal set with its repairs (the repair-aware damage search)."""
+    nodes = []
+    for node in gated.graph.node:
+        parts = node.name.split("/")
+        if node.op_type == "Where" and len(parts) == 2 and parts[0] == "sglp_gate" and int(parts[1]) in specs:
+            k = int(parts[1])
+            axis, rank, elem = specs[k]
+            weight, bias = runtime_map_inputs(k)
+            name = f"{RUNTIME_PREFIX}/{k}"
+            source, target = node.input[1], f"{name}/output"
+            if elem in NARROW_FLOATS:
+                nodes.append(helper.make_node("Cast", [source], [f"{name}/float_in"], name=f"{name}/CastIn",
+                                              to=TensorProto.FLOAT))
+                nodes += linear_nodes(name, f"{name}/float_in", f"{name}/float_out", form="full", axis=axis,
+                                      rank=rank, weight=weight, bias=bias)
+                nodes.append(helper.make_node("Cast", [f"{name}/float_out"], [target], name=f"{name}/CastOut",
+                                              to=elem))
+            else:
+                nodes += linear_nodes(name, source, target, form="full", axis=axis, rank=rank, weight=weight,
+                                      bias=bias)
+            node.input[1] = target
+            gated.graph.input.extend([helper.make_tensor_value_info(weight, TensorProto.FLOAT, None),
+                                      helper.make_tensor_value_info(bias, TensorProto.FLOAT, None)])
+        nodes.append(node)
+    del gated.graph.node[:]
+    gated.graph.node.extend(nodes)

@@ -25,7 +25,7 @@ from ..surgery.remove import remove_units
 from ..units.discovery import PrunableUnit
 from .cuts import Cut, channel_axis, cuts_of, unit_order
 from .fit import FORMS, LinearFit, as_rows
-from .graph import with_repairs
+from .graph import map_constants, with_repairs
 
 from ..options import DEFAULT_REPAIR, REPAIR_FORMS as REPAIR_CHOICES  # noqa: E402,F401 (re-exported)
 FIT_ON = ("pruned", "original")
@@ -192,14 +192,15 @@ def repair_records(repairs: Sequence[Repair], units: Sequence[PrunableUnit]) -> 
     """The report's `repair.cuts`: one record per repaired cut."""
     kinds = {"full": "full linear map", "diagonal": "per-channel scale and bias"}
     records = []
-    for r in repairs:
+    for k, r in enumerate(repairs):
         op = "Mul + Add" if r.form == "diagonal" else ("Conv 1x1" if r.axis == 1 and r.rank >= 3 else "MatMul + Add")
         if r.quant is not None:
             op = f"DequantizeLinear -> {op} -> QuantizeLinear"
         records.append({
             "units": [units[k].name for k in r.cut.units],
             "entry": r.cut.entry, "exit": r.cut.exit,
-            "form": r.form, "map": kinds[r.form], "nodes": op,
+            "form": r.form, "map": kinds[r.form], "nodes": op, "axis": int(r.axis),
+            "initializers": list(map_constants(k, r.form)),
             "channels": int(r.bias.size), "params": r.params, "flops": r.flops,
             "fit_error": round(r.fit_error, 6), "fit_rows": int(r.rows),
         })

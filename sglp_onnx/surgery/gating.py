@@ -236,12 +236,18 @@ class GatedRunner:
     """
 
     def __init__(self, model: onnx.ModelProto, units: Sequence[PrunableUnit], targets: Sequence[str], *,
-                 provider: str = "cpu") -> None:
+                 provider: str = "cpu", transform=None, also_expose: Sequence[str] = ()) -> None:
         self.units = list(units)
         self.targets = list(dict.fromkeys(targets))
         self.provider = provider
         self.gated, self.gates = gated_model(model, self.units)
-        self.exposed = self.targets + [n for n in dict.fromkeys(u.entry for u in self.units)
+        # `transform(gated)` edits the gated graph in place before any session
+        # (runtime repair maps: repair.graph.add_runtime_maps); the inputs it
+        # adds are fed from `extra_feed` on every run.
+        if transform is not None:
+            transform(self.gated)
+        self.extra_feed: dict[str, np.ndarray] = {}
+        self.exposed = self.targets + [n for n in dict.fromkeys([u.entry for u in self.units] + list(also_expose))
                                        if n not in self.targets]
         self.full = session_with_outputs(self.gated, self.exposed, provider)
         self.full_inputs = {i.name for i in self.full.get_inputs()}
@@ -258,7 +264,8 @@ class GatedRunner:
     def run(self, feed: dict[str, np.ndarray], removed, *, entries: bool = False) -> dict[str, np.ndarray]:
         """Targets (and unit entries) of the network with `removed` bypassed."""
         names = self.exposed if entries else self.targets
-        run_feed = {**{k: v for k, v in feed.items() if k in self.full_inputs}, **self.gate_feed(set(removed))}
+        run_feed = {**{k: v for k, v in {**feed, **self.extra_feed}.items() if k in self.full_inputs},
+                    **self.gate_feed(set(removed))}
         return dict(zip(names, self.full.run(names, run_feed)))
 
     def _suffix_session(self, unit: int, dtype: np.dtype):
@@ -297,7 +304,7 @@ class GatedRunner:
         if self._batched is None:
             return None
         session, inputs = self._batched
-        run_feed = {name: value for name, value in feed.items() if name in inputs}
+        run_feed = {name: value for name, value in {**feed, **self.extra_feed}.items() if name in inputs}
         for k in self._batched_key:  # copies of units removed since are computed and ignored
             prefix = f"{COPY_PREFIX}{k}/"
             for gate, value in self.gate_feed(set(removed) | {k}).items():
@@ -342,14 +349,17 @@ class GatedRunner:
             self._suffix.clear()
 
     def run_extension(self, feed: dict[str, np.ndarray], removed, unit: int,
-                      current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                      current: dict[str, np.ndarray], value: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Targets with `removed | {unit}` bypassed, from `current` (a full run of
-        `removed` with entries): a partial pass from `unit` on."""
-        entry_value = current[self.units[unit].entry]
+        `removed` with entries): a partial pass from `unit` on. `value`, when
+        given, is what the network reads at `unit`'s exit instead of its entry
+        (a repair map's output)."""
+        entry_value = current[self.units[unit].entry] if value is None else value
         session, inputs = self._suffix_session(unit, entry_value.dtype)
         # The unit's own gate stays in the suffix for its companions (the
         # entry's scale and zero point): it must be set with the entry fed.
-        run_feed = {**feed, **self.gate_feed(set(removed) | {unit}), self.units[unit].exit: entry_value}
+        run_feed = {**feed, **self.extra_feed, **self.gate_feed(set(removed) | {unit}),
+                    self.units[unit].exit: entry_value}
         values = session.run(self.targets, {k: v for k, v in run_feed.items() if k in inputs})
         return dict(zip(self.targets, values))
 

@@ -59,6 +59,8 @@ class Context:
     # The budget is in FLOPs (`--target-flops`): measured-damage criteria
     # then rank by damage per FLOP removed.
     flops_budget: bool = False
+    # The repair form (`--repair`): measured-damage criteria score candidates repaired unless "none".
+    repair: str = "none"
     _evidence: Evidence | None = None
     _gradnorm: np.ndarray | None = None
     _runner: object | None = None

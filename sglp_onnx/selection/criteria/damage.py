@@ -44,8 +44,8 @@ class DamageSearch:
         # The report's CKA matrix and heatmap come from the one calibration
         # pass every criterion with data shares; the choice below does not read it.
         ctx.evidence()
-        self.runner = ctx.runner()
         self.kind = ctx.output_kind()
+        self.runner = self.make_runner()
         self.limit = candidates
         self.order: list[int] = []
         self.scores: list[float] = []  # score after removing order[:k+1]
@@ -54,6 +54,12 @@ class DamageSearch:
         self.partial_passes = 0
         self.seconds = 0.0
         self.references = ReferenceOutputs(self.runner, self.kind.output)
+        self.notes: list[str] = []
+
+    repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
+
+    def make_runner(self):
+        return self.ctx.runner()
 
     def meter(self) -> FidelityMeter:
         return FidelityMeter(self.kind, token_level=self.ctx.calib.is_token_data)
@@ -192,13 +198,18 @@ class _Greedy(Criterion):
             return Selection(removed=[], notes=[f"{self.name}: nothing to remove, no forward pass run"])
         search = ctx.cache.get(self.name)
         if search is None:
-            search = ctx.cache[self.name] = DamageSearch(ctx, candidates=self.candidates)
+            from .damage_repair import repaired_search
+
+            search = repaired_search(ctx, candidates=self.candidates) if ctx.repair != "none" else None
+            search = ctx.cache[self.name] = search or DamageSearch(ctx, candidates=self.candidates)
         search.extend(n_remove)
         order = search.order[:n_remove]
         passes = search.full_passes + search.partial_passes
         limited = f", each step among the {self.candidates} lowest single-unit damages" if self.candidates else ""
         notes = [
-            f"{self.name}: {_rule(search)}",
+            f"{self.name}: {_rule(search)}" + (f"; each candidate scored with its {ctx.repair} repair map fitted "
+                                               "on the selection samples" if search.repaired else ""),
+            *search.notes,
             f"{self.name} greedy order (score after each removal){limited}: "
             + ", ".join(f"{ctx.units[k].name} {s:.4g}" for k, s in zip(order, search.scores)),
             f"{self.name}: {passes} forward passes over the selection samples for {len(search.order)} greedy "
@@ -206,7 +217,8 @@ class _Greedy(Criterion):
         ]
         return Selection(
             removed=sorted(order), importance=list(search.single),
-            importance_kind=f"damage of removing this unit alone ({search.kind.kind} score of the output)",
+            importance_kind=f"damage of removing this unit alone{' with its repair' if search.repaired else ''} "
+                            f"({search.kind.kind} score of the output)",
             notes=notes,
             passes={"forward": passes, "forward_full": search.full_passes, "forward_partial": search.partial_passes},
         )
@@ -270,6 +282,7 @@ class Damage(_Greedy):
         # partial passes (n = L - 1, ...; one removal is the greedy's first step,
         # exact already): the default stays as cheap as cka-removal.
         greedy_passes = sum(L - k for k in range(n_remove))
-        if 1 < n_remove and math.comb(L, n_remove) <= min(EXHAUSTIVE_LIMIT, greedy_passes):
+        # With repair the greedy scores candidates repaired; the joint sets are scored plain.
+        if ctx.repair == "none" and 1 < n_remove and math.comb(L, n_remove) <= min(EXHAUSTIVE_LIMIT, greedy_passes):
             return _exhaustive_selection(ctx, n_remove, self.name)
         return super().select(ctx, n_remove)

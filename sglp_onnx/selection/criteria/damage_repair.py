@@ -1,0 +1,163 @@
+"""The measured-damage greedy scoring every candidate with its repair.
+
+At each step, with the removal set S already chosen (its cuts repaired by
+the maps fitted when they were chosen), a candidate k is scored on the
+network that bypasses S | {k} with every cut repaired: k's cut (k alone,
+or merged with the cuts of S it touches) gets its map fitted from sums over
+the selection samples, from what the repaired S-network computes at the
+cut's entry to what the original computes at its exit (the repair's own
+rule, `repair.plan`), then a partial pass from the cut's exit, fed the
+map's output, gives the score. One gated session serves every step: its
+bypasses read runtime linear maps (`repair.graph.add_runtime_maps`) fed
+with S's maps and identities elsewhere. Costs per step: two full passes
+(fit, then score; the second reuses the first's activations while they fit
+in ACTIVATION_BYTES) and a partial pass per candidate, as the plain greedy.
+
+Used where every unit's entry is a float tensor and the model is small
+enough for one suffix session per candidate (`GatedRunner.suffix_groups`);
+elsewhere the plain greedy chooses and the chosen set is repaired after.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...evidence.activations import probe
+from ...files.model_files import initializer_bytes
+from ...graph.index import GraphIndex
+from ...repair.cuts import channel_axis, cuts_of
+from ...repair.fit import LinearFit, apply_fitted, as_rows
+from ...repair.graph import add_runtime_maps, runtime_map_inputs, stored
+from ...surgery.gating import SUFFIX_BUDGET_BYTES, GatedRunner
+from .base import Context
+from .damage import DamageSearch
+
+ACTIVATION_BYTES = 256 * 2**20
+SEARCH_ROWS_PER_CHANNEL = 16
+
+
+def repaired_search(ctx: Context, *, candidates: int | None = None) -> "RepairedSearch | None":
+    """The repair-aware search on `ctx`, or None where it does not apply
+    (a quantized or integer unit entry, a model too large for one suffix
+    session per candidate); the caller then uses the plain greedy."""
+    if ctx.calib is None or not ctx.units:
+        return None
+    weights = initializer_bytes(ctx.model)
+    if len(ctx.units) * weights > max(SUFFIX_BUDGET_BYTES, weights):
+        return None
+    entries = list(dict.fromkeys(u.entry for u in ctx.units))
+    values = probe(ctx.model, ctx.calib.first(min(2, ctx.calib.n_samples)), entries, provider=ctx.provider)
+    index = GraphIndex(ctx.model)
+    specs = {}
+    for k, unit in enumerate(ctx.units):
+        value = values[unit.entry]
+        if not np.issubdtype(value.dtype, np.floating) or value.ndim < 2 or unit.companions:
+            return None
+        axis = channel_axis(index, unit.entry, value.ndim)
+        specs[k] = (axis, value.ndim, _elem(value.dtype), value.shape[axis])
+    return RepairedSearch(ctx, specs, candidates=candidates)
+
+
+def _elem(dtype: np.dtype) -> int:
+    import onnx
+
+    return onnx.helper.np_dtype_to_tensor_dtype(dtype)
+
+
+class RepairedSearch(DamageSearch):
+    """`DamageSearch` whose candidates are scored repaired."""
+
+    repaired = True
+
+    def __init__(self, ctx: Context, specs: dict, *, candidates: int | None = None) -> None:
+        self.specs = specs  # unit -> (axis, rank, ONNX elem type, channels)
+        self.form = ctx.repair
+        super().__init__(ctx, candidates=candidates)
+        self.maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # last unit of a cut of S -> its map
+        self._original: list[dict] | None = []  # the original's exits and output per batch, kept while small
+        self._original_bytes = 0
+        self._identities()
+
+    def _fit(self, channels: int) -> LinearFit:
+        # Ranking candidates needs their maps roughly: a subsample of each
+        # batch's rows (at least SEARCH_ROWS_PER_CHANNEL per channel), float32 products.
+        return LinearFit(channels, self.form, rows_per_update=max(SEARCH_ROWS_PER_CHANNEL * channels, 2048),
+                         product=np.float32)
+
+    def make_runner(self) -> GatedRunner:
+        specs = {k: spec[:3] for k, spec in self.specs.items()}
+        return GatedRunner(self.ctx.model, self.ctx.units, [self.kind.output], provider=self.ctx.provider,
+                           transform=lambda gated: add_runtime_maps(gated, specs),
+                           also_expose=[u.exit for u in self.ctx.units])
+
+    def _feed_map(self, k: int, weight: np.ndarray, bias: np.ndarray) -> None:
+        axis, rank, _, channels = self.specs[k]
+        if weight.ndim == 1:  # a diagonal map, fed as the full one it is
+            weight = np.diag(weight)
+        w, b = stored(weight, bias, form="full", axis=axis, rank=rank)
+        name_w, name_b = runtime_map_inputs(k)
+        self.runner.extra_feed[name_w], self.runner.extra_feed[name_b] = w, b
+
+    def _identities(self) -> None:
+        for k, (_, _, _, channels) in self.specs.items():
+            self._feed_map(k, np.eye(channels), np.zeros(channels))
+
+    def _original_run(self, b: int, feed: dict) -> dict[str, np.ndarray]:
+        """The original network's exposed tensors for batch b (all gates off)."""
+        if self._original is not None and b < len(self._original):
+            return self._original[b]
+        values = self.runner.run(feed, set(), entries=True)
+        self.full_passes += b == 0
+        if self._original is not None and b == len(self._original):
+            self._original_bytes += sum(v.nbytes for v in values.values())
+            if self._original_bytes <= ACTIVATION_BYTES:
+                self._original.append(values)
+            else:
+                self._original = None
+        return values
+
+    def step(self) -> None:
+        removed = set(self.order)
+        candidates = self._candidates()
+        units = self.ctx.units
+        target = self.kind.output
+        merged = {k: next(c for c in cuts_of(units, removed | {k}) if k in c.units) for k in candidates}
+        fits = {k: self._fit(self.specs[merged[k].units[0]][3]) for k in candidates}
+        kept: list[dict] | None = []
+        held = 0
+        label = f"damage step {len(self.order) + 1}"
+        for b, (feed, _) in enumerate(self.batches(f"{label}: repair fits")):
+            original = self._original_run(b, feed)
+            current = self.runner.run(feed, removed, entries=True) if removed else original
+            self.full_passes += b == 0 and bool(removed)
+            if kept is not None:
+                held += sum(v.nbytes for v in current.values()) if removed else 0
+                kept = kept + [current] if held <= ACTIVATION_BYTES else None
+            mask = self.mask(feed)
+            for k in candidates:
+                cut = merged[k]
+                axis = self.specs[cut.units[0]][0]
+                fits[k].update(as_rows(current[units[cut.units[0]].entry], axis, mask),
+                               as_rows(original[cut.exit], axis, mask))
+        maps = {k: fits[k].solve()[:2] for k in candidates}
+        meters = {k: self.meter() for k in candidates}
+        for b, (feed, _) in enumerate(self.batches(f"{label}: scores")):
+            original = self._original_run(b, feed)
+            if kept is not None:
+                current = kept[b]
+            else:
+                current = self.runner.run(feed, removed, entries=True) if removed else original
+                self.full_passes += b == 0 and bool(removed)
+            mask = self.mask(feed)
+            for k in candidates:
+                cut = merged[k]
+                value = apply_fitted(current[units[cut.units[0]].entry], *maps[k], self.specs[cut.units[0]][0])
+                out = self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)[target]
+                meters[k].update(original[target], out, mask)
+        self.partial_passes += len(candidates)
+        self._choose(candidates, meters)
+        best = self.order[-1]
+        for k in merged[best].units:  # the cut's other units pass their entry on; its last one maps
+            channels = self.specs[k][3]
+            self._feed_map(k, np.eye(channels), np.zeros(channels))
+        self._feed_map(merged[best].units[-1], *maps[best])
