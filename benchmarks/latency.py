@@ -35,6 +35,8 @@ from sglp_onnx.surgery.remove import remove_units  # noqa: E402
 MODELS = ("resnet56_digits", "resnet110_digits", "cnn1d_radio")
 TARGETS = (0.3, 0.5)
 TOLERANCE = 0.10
+# A repaired model (the default) is held to 5%: its maps are counted in its FLOPs.
+REPAIRED_TOLERANCE = 0.05
 
 
 def machine() -> str:
@@ -56,8 +58,15 @@ def variants(name: str, folder: Path) -> list[tuple[str, Path, int, int]]:
     rows = [("original", source, 0, 0)]
     for target in TARGETS:
         out = folder / f"{name}.flops{int(target * 100)}.onnx"
-        result = compress(source, out, target_flops=target, criterion="sglp", force=True)
+        result = compress(source, out, target_flops=target, criterion="sglp", repair="none", force=True)
         rows.append((f"-{target:.0%} FLOPs target", out, len(result.selection.removed), len(result.units)))
+        # The default: measured damage, repaired (the maps' 1x1 convolutions count in its FLOPs).
+        out = folder / f"{name}.flops{int(target * 100)}.repaired.onnx"
+        result = compress(source, out, target_flops=target, force=True)
+        if result.report["repair"] and result.report["repair"]["applied"]:
+            cuts = len(result.report["repair"]["cuts"])
+            rows.append((f"-{target:.0%} FLOPs target, default + repair ({cuts} maps)", out,
+                         len(result.selection.removed), len(result.units)))
     model = load_model(source)
     calib = load_calibration(sidecar_path(source), model, max_samples=8)
     units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
@@ -100,7 +109,7 @@ def main() -> None:
 
     table = [
         "| model | variant | units removed | FLOPs / sample | ideal ratio (FLOPs) | p50 ms | p90 ms | "
-        "latency ratio (min-max) | latency / ideal | within 10% | CPU ms | CPU ratio | CPU / ideal | "
+        "latency ratio (min-max) | latency / ideal | within tolerance | CPU ms | CPU ratio | CPU / ideal | "
         "CPU ratio predicted by the fixed part |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
@@ -121,8 +130,9 @@ def main() -> None:
                 predicted = rest["cpu_ratio"] + (1 - rest["cpu_ratio"]) * (
                     (m["flops_ratio"] - rest["flops_ratio"]) / (1 - rest["flops_ratio"]))
                 off = m["latency_ratio"] / m["flops_ratio"]
+                tolerance = REPAIRED_TOLERANCE if "repair" in label else TOLERANCE
                 verdict = "" if label in ("original", "every unit removed") else (
-                    "yes" if abs(off - 1) <= TOLERANCE else "**no**")
+                    "yes" if abs(off - 1) <= tolerance else "**no**")
                 lo, hi = m["ratio_spread"]
                 table.append(
                     f"| {name} | {label} | {removed}/{n_units} | {m['flops'] / 1e6:.2f} M | {m['flops_ratio']:.3f} | "
@@ -143,11 +153,14 @@ def main() -> None:
         f"the run, on {os.cpu_count()} CPUs shared with other jobs.",
         "",
         f"Command: `python benchmarks/latency.py` (part of `make bench`): each model and its pruned versions "
-        f"(`compress --target-flops 0.3` and `0.5`, criterion sglp with the calibration sidecar) timed with "
+        f"(`compress --target-flops 0.3` and `0.5`: criterion sglp with `--repair none`, and the default "
+        f"(measured damage, repaired: its 1x1-convolution maps count in its FLOPs) with the calibration sidecar) "
+        f"timed with "
         f"`sglp_onnx.bench` at batch {args.batch_size}, one intra-op thread, CPU provider, {args.warmup} warm-up "
         f"and {args.runs} timed runs, models interleaved run by run; median over {args.repeats} bench sessions "
         "(min-max of the ratio in brackets). Ideal ratio = FLOPs after / FLOPs before; the requirement is "
-        f"|latency ratio / ideal - 1| <= {TOLERANCE:.0%}, judged on the wall-clock p50. The CPU columns are the "
+        f"|latency ratio / ideal - 1| <= {TOLERANCE:.0%} ({REPAIRED_TOLERANCE:.0%} for repaired models), judged on "
+        "the wall-clock p50. The CPU columns are the "
         "median CPU time of the calling thread per run (`cpu_p50_ms`): with one intra-op thread all work runs "
         "there, so it is the latency without the other processes on this shared machine.",
         "",

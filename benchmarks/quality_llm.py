@@ -36,11 +36,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.quality import CRITERIA  # noqa: E402  (the same rows as the CNN tables)
+from benchmarks.quality import CRITERIA, REPAIR, repair_of  # noqa: E402  (the same rows as the CNN tables)
 from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
 from sglp_onnx.evidence.metrics import measure  # noqa: E402
 from sglp_onnx.graph.runtime import make_session  # noqa: E402
 from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx.repair import repaired_pruned  # noqa: E402
 
 BEGIN, END = "<!-- llm:begin -->", "<!-- llm:end -->"
 MODEL_DIR = ROOT / "models" / "tinyllama_pydoc"
@@ -66,13 +67,18 @@ def onnx_perplexity(model, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -
     return measure(model, data, batch_size=batch)[0].perplexity  # what `sglp-onnx eval` reports
 
 
-def removal_sets(analysis, counts: list[int]) -> dict[int, list[int]]:
-    """Unit indices the criterion removes for each count, from one analysis."""
+def removal_sets(analysis, counts: list[int]) -> tuple[dict[int, list[int]], dict[int, bool]]:
+    """Unit indices the criterion removes for each count, from one analysis,
+    and whether compress keeps the repair of each set."""
+    repair = analysis.report.get("repair")
     sets = {len(analysis.selection.removed): list(analysis.selection.removed)}
+    kept = {len(analysis.selection.removed): bool(repair and repair["applied"])}
     for suggestion in analysis.report["suggestions"] or []:
-        if suggestion["achievable"] and suggestion["units_removed"] in counts:
-            sets.setdefault(suggestion["units_removed"], suggestion["removed"])
-    return sets
+        if suggestion["achievable"] and suggestion["units_removed"] in counts \
+                and suggestion["units_removed"] not in sets:
+            sets[suggestion["units_removed"]] = suggestion["removed"]
+            kept[suggestion["units_removed"]] = bool(suggestion.get("repaired"))
+    return sets, kept
 
 
 def suggestion_targets(units, total_flops: int, counts: list[int]) -> tuple[float, ...]:
@@ -148,23 +154,31 @@ def run(*, finetune: bool, log) -> dict:
         for seed in seeds:
             start = time.perf_counter()
             analysis = analyze(ONNX, criterion=criterion, seed=seed, remove=max(counts), suggest=targets,
-                               batch_size=CALIB_BATCH,
+                               batch_size=CALIB_BATCH, repair=repair_of(label),
                                **({"torch_model": f"hf:{MODEL_DIR.relative_to(ROOT)}"} if paired else {}))
             seconds = time.perf_counter() - start
             if analysis.report["pairing"]:
                 modules_of.update({u["unit"]: u["modules"] for u in analysis.report["pairing"]["units"]})
-            sets = removal_sets(analysis, counts)
+            sets, kept = removal_sets(analysis, counts)
             for n in counts:
                 if n not in sets:  # a criterion whose suggestion rule disagreed: ask for n directly
-                    sets[n] = list(analyze(ONNX, criterion=criterion, seed=seed, remove=n, suggest=None,
-                                           batch_size=CALIB_BATCH).selection.removed)
+                    again = analyze(ONNX, criterion=criterion, seed=seed, remove=n, suggest=None,
+                                    batch_size=CALIB_BATCH, repair=repair_of(label))
+                    sets[n] = list(again.selection.removed)
+                    kept[n] = bool(again.report["repair"] and again.report["repair"]["applied"])
             per_count = {}
             for n in counts:
                 units = [analysis.units[i] for i in sets[n]]
                 pruned = remove_units(analysis.model, units)
                 entry = {"removed": [u.name for u in units],
                          "layers": [u.layer_index for u in units],
-                         "perplexity": onnx_perplexity(pruned, test["input_ids"], test["attention_mask"])}
+                         "perplexity": onnx_perplexity(pruned, test["input_ids"], test["attention_mask"]),
+                         "repaired": kept[n]}
+                # What compress writes: repaired where repair improved the held-out fidelity.
+                entry["repaired_perplexity"] = onnx_perplexity(
+                    repaired_pruned(analysis.model, analysis.units, sets[n], analysis.calib, form=REPAIR,
+                                    batch_size=CALIB_BATCH),
+                    test["input_ids"], test["attention_mask"]) if kept[n] else entry["perplexity"]
                 if healer is not None:
                     if not modules_of:
                         raise RuntimeError("the first criterion must pair with the transformers model")
@@ -174,7 +188,7 @@ def run(*, finetune: bool, log) -> dict:
                          "notes": analysis.report["notes"], "importance_kind": analysis.report["importance_kind"],
                          "segments": analysis.report["segments"]})
             log(f"  {label} seed {seed}: {seconds:.1f}s  " + "  ".join(
-                f"-{n}: layers {v['layers']} ppl {v['perplexity']:.3f}"
+                f"-{n}: layers {v['layers']} ppl {v['perplexity']:.3f} repaired {v['repaired_perplexity']:.3f}"
                 + (f" ft {v['finetuned']['perplexity']:.3f}" if "finetuned" in v else "")
                 for n, v in per_count.items()))
         result["rows"].append({"label": label, "criterion": criterion, "runs": runs})
@@ -210,7 +224,10 @@ def render(result: dict | None, *, wall: float, threads: int, missing: str | Non
         f"batch {CALIB_BATCH}. `sglp` and `gradnorm` pair with `--torch-model hf:models/tinyllama_pydoc` "
         "(GradNorm of the next-token loss); `random` is mean ± std over seeds "
         f"0..{RANDOM_SEEDS - 1}. **time** is the wall time of the criterion's `analyze` call (both removal "
-        "counts).",
+        "counts). **ppl**: the layers bypassed, no repair. **repaired**: what `compress` writes for that set, "
+        "the bypass plus the closed-form repair map at each cut (`--repair full`, fitted on the selection "
+        "samples; 'not kept' where it did not improve the held-out fidelity, and the plain model's perplexity "
+        "is shown).",
         "",
     ]
     if ft:
@@ -227,8 +244,9 @@ def render(result: dict | None, *, wall: float, threads: int, missing: str | Non
     header = "| criterion |"
     rule = "|---|"
     for n in counts:
-        header += f" layers removed (-{n}) | ppl -{n}/{result['layers']} |" + (f" FT -{n} |" if ft else "")
-        rule += "---|---:|" + ("---:|" if ft else "")
+        header += (f" layers removed (-{n}) | ppl -{n}/{result['layers']} | repaired -{n} |"
+                   + (f" FT -{n} |" if ft else ""))
+        rule += "---|---:|---:|" + ("---:|" if ft else "")
     header += " time (s) |"
     rule += "---:|"
     lines += [header, rule]
@@ -239,6 +257,8 @@ def render(result: dict | None, *, wall: float, threads: int, missing: str | Non
             got = [r["counts"][n] if n in r["counts"] else r["counts"][str(n)] for r in runs]
             cells.append("; ".join(",".join(map(str, g["layers"])) for g in got))
             cells.append(_mean_std([g["perplexity"] for g in got]))
+            cells.append(_mean_std([g["repaired_perplexity"] for g in got])
+                         + ("" if all(g["repaired"] for g in got) else " (not kept)"))
             if ft:
                 cells.append(_mean_std([g["finetuned"]["perplexity"] for g in got]))
         cells.append(f"{statistics.mean(r['seconds'] for r in runs):.1f}")

@@ -21,6 +21,8 @@ from .cuts import Cut, channel_axis, cuts_of
 from .fit import FORMS, LinearFit
 from .graph import with_repairs
 from .plan import DEFAULT_REPAIR, REPAIR_CHOICES, Repair, fit_repairs, repair_records
+from .stage import RepairOutcome, repair_removal, repaired_pruned
 
 __all__ = ["Cut", "channel_axis", "cuts_of", "FORMS", "LinearFit", "with_repairs", "DEFAULT_REPAIR",
-           "REPAIR_CHOICES", "Repair", "fit_repairs", "repair_records"]
+           "REPAIR_CHOICES", "Repair", "fit_repairs", "repair_records", "RepairOutcome", "repair_removal",
+           "repaired_pruned"]

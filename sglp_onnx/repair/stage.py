@@ -83,3 +83,15 @@ def repair_removal(model: onnx.ModelProto, units: Sequence[PrunableUnit], remove
         outcome.reason = ("not applied: the repaired model is not closer to the original than the plain removal "
                           "on the held-out samples")
     return outcome
+
+
+def repaired_pruned(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed: Sequence[int], data, *,
+                    form: str = "full", batch_size: int = 64, provider: str = "cpu") -> onnx.ModelProto:
+    """The pruned model of removal set `removed` with every cut repaired
+    (fitted on `data`), as `compress` writes it when the repair is kept;
+    for benchmarks and scripts that compare removal sets."""
+    from ..surgery.remove import remove_units
+
+    repairs, _ = fit_repairs(model, units, removed, data, form=form, batch_size=batch_size, provider=provider)
+    repaired, new_units = with_repairs(model, units, repairs)
+    return remove_units(repaired, [new_units[k] for k in sorted(removed)])
