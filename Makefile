@@ -82,6 +82,7 @@ bench-scale: $(TEST_STAMP)
 bench-quality: $(TEST_STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/quality_llm.py
+	$(BIN)/python benchmarks/peer_onnxsim.py
 
 # Minutes: cka-removal runs one partial pass per candidate unit per greedy step.
 bench-speed: $(TEST_STAMP)

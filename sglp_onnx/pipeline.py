@@ -244,7 +244,7 @@ def _analyze(
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn, progress=progress,
                   timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None,
-                  repair=opts.repair)
+                  repair="none" if opts.sequential else opts.repair)
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets, network=None) -> list[dict]:
@@ -272,7 +272,7 @@ def _analyze(
     def loss_of(removed) -> dict:
         """What --max-loss reads: the held-out record of the model compress would write."""
         plain = held_out_fidelity(removed)[0]
-        if opts.repair == "none" or not removed:
+        if opts.repair == "none" or opts.sequential or not removed:
             return plain
         outcome = repaired(removed, plain)
         return outcome.fidelity if outcome.applied else plain
@@ -304,7 +304,10 @@ def _analyze(
     ctx.release()
     # Repair: fitted on the selection samples, kept where the held-out fidelity improves.
     outcomes = [None] * len(sets)
-    if opts.repair != "none":
+    if opts.repair != "none" and opts.sequential and selection.removed:
+        notes.append(f"--repair {opts.repair} was not applied: fitting the maps runs the whole model, which "
+                     "--sequential avoids; run without --sequential where the model fits in memory")
+    elif opts.repair != "none":
         with _timed(timings, "repair", progress):
             outcomes = [repaired(s, r) if s else None for s, r in zip(sets, plain_records)]
     records = iter(zip(plain_records, outcomes))

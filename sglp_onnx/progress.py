@@ -18,6 +18,7 @@ STAGE_LABELS = {
     "selection": "choosing units",
     "suggestions": "working out removal suggestions",
     "fidelity": "measuring held-out fidelity",
+    "repair": "fitting a repair map at every cut",
     "plot": "plotting",
     "surgery": "removing units",
     "validation": "validating the pruned model",

@@ -114,7 +114,7 @@ def test_log_level_warning_keeps_the_drift_warning(capsys):
     model = Path(__file__).resolve().parents[1] / "models" / "resnet56_digits.onnx"
     for level, expect_out in (("info", True), ("warning", False)):
         code = main(["compress", str(model), "--remove", "20", "--dry-run", "--criterion", "last",
-                     f"--log-level={level}"])
+                     "--repair", "none", f"--log-level={level}"])
         captured = capsys.readouterr()
         assert code == 0
         assert ("warning:" in captured.out) == expect_out
@@ -186,7 +186,7 @@ def test_each_stage_says_what_it_does_on_a_terminal(ws, capsys):
 
     progress.stage = stage
     compress(ws.model, ws.output, remove=1, criterion="damage", progress=progress)
-    assert shown == [STAGE_LABELS[s] for s in ("load", "discovery", "selection", "fidelity", "surgery",
+    assert shown == [STAGE_LABELS[s] for s in ("load", "discovery", "selection", "fidelity", "repair", "surgery",
                                                 "validation", "write")]
 
 

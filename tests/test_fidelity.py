@@ -55,7 +55,7 @@ def held_out(path: Path) -> np.ndarray:
 
 
 def test_report_fidelity_equals_a_hand_computed_kl_on_the_held_out_samples(mlp):
-    analysis = analyze(mlp, criterion="last", remove=2, suggest=None)
+    analysis = analyze(mlp, criterion="last", remove=2, suggest=None, repair="none")
     fid = analysis.report["fidelity"]
     pruned = remove_units(analysis.model, analysis.removed_units)
     kl, agreement = hand_kl(analysis.model, pruned, held_out(mlp))
@@ -72,19 +72,19 @@ def test_removing_nothing_has_zero_loss_and_full_agreement(mlp):
 
 
 def test_exhaustive_picks_the_set_with_the_lowest_joint_damage(mlp):
-    analysis = analyze(mlp, criterion="damage-exhaustive", remove=2, suggest=None)
+    analysis = analyze(mlp, criterion="damage-exhaustive", remove=2, suggest=None, repair="none")
     x = np.load(mlp.with_suffix(".calib.npz"))["input"]
     x = x[np.arange(len(x)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]  # selection reads these only
     scores = {s: hand_kl(analysis.model, remove_units(analysis.model, [analysis.units[i] for i in s]), x)[0]
               for s in itertools.combinations(range(len(analysis.units)), 2)}
     assert tuple(analysis.selection.removed) == min(scores, key=scores.get)
     # The default is exhaustive where that costs no more passes than the greedy: 5 sets of 4 of 5 units.
-    four = analyze(mlp, criterion="damage-exhaustive", remove=4, suggest=None).selection
-    assert analyze(mlp, remove=4, suggest=None).selection.removed == four.removed
+    four = analyze(mlp, criterion="damage-exhaustive", remove=4, suggest=None, repair="none").selection
+    assert analyze(mlp, remove=4, suggest=None, repair="none").selection.removed == four.removed
 
 
 def test_greedy_first_step_is_the_single_unit_with_least_damage(mlp):
-    analysis = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None)
+    analysis = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none")
     x = np.load(mlp.with_suffix(".calib.npz"))["input"]
     x = x[np.arange(len(x)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
     singles = [hand_kl(analysis.model, remove_units(analysis.model, [u]), x)[0] for u in analysis.units]
@@ -95,15 +95,15 @@ def test_greedy_first_step_is_the_single_unit_with_least_damage(mlp):
 
 
 def test_fast_variant_limits_the_candidates(mlp):
-    full = analyze(mlp, criterion="damage-greedy", remove=4, suggest=None).selection.passes
-    fast = analyze(mlp, criterion="damage-fast", remove=4, suggest=None).selection.passes
+    full = analyze(mlp, criterion="damage-greedy", remove=4, suggest=None, repair="none").selection.passes
+    fast = analyze(mlp, criterion="damage-fast", remove=4, suggest=None, repair="none").selection.passes
     assert full["forward_partial"] == 5 + 4 + 3 + 2
     assert fast["forward_partial"] <= full["forward_partial"]
 
 
 def test_the_zeroed_block_goes_first_and_costs_nothing(tmp_path):
     path = cm.write_model(cm.last_zeroed_mlp, tmp_path, "z")
-    analysis = analyze(path, criterion="damage-greedy", remove=1, suggest=None)
+    analysis = analyze(path, criterion="damage-greedy", remove=1, suggest=None, repair="none")
     assert [analysis.units[i].name for i in analysis.selection.removed] == [f"blocks.{cm.ZEROED}"]
     assert analysis.report["fidelity"]["score"] == pytest.approx(0.0, abs=1e-9)
 
@@ -112,15 +112,15 @@ def test_max_loss_removes_as_many_units_as_the_budget_allows(tmp_path):
     path = cm.write_model(cm.last_zeroed_mlp, tmp_path, "z")
     units = len(analyze(path, criterion="last", remove=1, suggest=None).units)
     # Only the zeroed block is free: a zero budget removes exactly it.
-    zero = analyze(path, criterion="damage-greedy", max_loss=1e-9, suggest=None)
+    zero = analyze(path, criterion="damage-greedy", max_loss=1e-9, suggest=None, repair="none")
     assert [zero.units[i].name for i in zero.selection.removed] == [f"blocks.{cm.ZEROED}"]
     assert zero.report["budget"]["max_loss"] == 1e-9
-    everything = analyze(path, criterion="damage-greedy", max_loss=1e9, suggest=None)
+    everything = analyze(path, criterion="damage-greedy", max_loss=1e9, suggest=None, repair="none")
     assert len(everything.selection.removed) == units - 1
-    capped = analyze(path, criterion="damage-greedy", max_loss=1e9, remove=2, suggest=None)
+    capped = analyze(path, criterion="damage-greedy", max_loss=1e9, remove=2, suggest=None, repair="none")
     assert len(capped.selection.removed) == 2
     # The budget holds on the held-out samples it is measured on.
-    middle = analyze(path, criterion="damage-greedy", max_loss=0.05, suggest=None)
+    middle = analyze(path, criterion="damage-greedy", max_loss=0.05, suggest=None, repair="none")
     assert middle.report["fidelity"]["score"] <= 0.05
 
 
@@ -217,7 +217,7 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
 
     import sglp_onnx.surgery.gating as gating
 
-    free = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    free = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     live: list[weakref.ref] = []
     peak = 0
     make = gating.make_session
@@ -233,7 +233,7 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
     monkeypatch.setattr(gating, "batched_suffix_model", lambda *args: None)  # one suffix session per candidate
     monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
     monkeypatch.setattr(gating, "make_session", counting)
-    grouped = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    grouped = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     assert grouped.removed == free.removed
     np.testing.assert_allclose(grouped.importance, free.importance, rtol=1e-6, atol=1e-12)
     assert grouped.passes["forward_partial"] == free.passes["forward_partial"]
@@ -247,7 +247,7 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
     per batch, kept across steps), with the scores of one session each."""
     import sglp_onnx.surgery.gating as gating
 
-    separate = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    separate = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     made: list[int] = []
     make = gating.make_session
 
@@ -257,7 +257,7 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
 
     monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
     monkeypatch.setattr(gating, "make_session", counting)
-    batched = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None).selection
+    batched = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     assert len([n for n in made if n]) == 1  # one side-by-side session, kept for the three steps
     assert batched.removed == separate.removed
     np.testing.assert_allclose(batched.importance, separate.importance, rtol=1e-6, atol=1e-12)
@@ -309,7 +309,7 @@ def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):
     monkeypatch.setattr(validation, "make_session", validating)
     gc.disable()
     try:
-        compress(mlp, mlp.with_name("out.onnx"), criterion="damage-greedy", remove=2)
+        compress(mlp, mlp.with_name("out.onnx"), criterion="damage-greedy", remove=2, repair="none")
     finally:
         gc.enable()
     assert gated and alive_at_validation and set(alive_at_validation) == {0}

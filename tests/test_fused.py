@@ -183,7 +183,8 @@ def test_prepare_then_finish_is_the_original(staged, arch, kind):
 def test_compress_refuses_and_prunes_like_the_plain_export(staged, capsys, tmp_path, arch, kind):
     model = staged[arch]
     out = tmp_path / f"{arch}.{kind}.pruned.onnx"
-    report = compress(capsys, model[kind], out, "--remove", "2")  # the default criterion, damage
+    # The default criterion, damage, bypassing only (the same removal repaired: test_repair.py).
+    report = compress(capsys, model[kind], out, "--remove", "2", "--repair", "none")
     assert all(u["sublayers"] == 2 and u["attention"] for u in report["units"])
     if arch == "bert":  # scopes from the sublayers' projections name the layers
         assert [u["name"] for u in report["units"]] == [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
@@ -424,3 +425,27 @@ def test_flops_of_ort_transformer_ops():
     del shapes["mha_k"], shapes["gqa_k"]  # without the present key: past + new
     flops = node_flops(model, shapes)
     assert flops["mha"] == 2 * b * t * (past + t) * (c + c) and flops["gqa"] == 4 * b * t * (past + t) * heads * head
+
+
+@pytest.mark.parametrize("kind", ["fused", "fused16"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_repair_on_the_optimizers_fused_graph(staged, capsys, tmp_path, arch, kind):
+    """The default repair on ONNX Runtime's fused transformers (float32 and float16): the maps sit on the
+    hidden state between the re-fused norms (float16 maps run in float32 between two Casts), the output
+    validates, and the repair is written only where it improves the held-out fidelity."""
+    model = staged[arch]
+    out = tmp_path / f"{arch}.{kind}.repaired.onnx"
+    report = compress(capsys, model[kind], out, "--remove", "2", "--repair", "full")
+    repair = report["repair"]
+    assert repair["cuts"] and all(c["nodes"] == "MatMul + Add" for c in repair["cuts"])
+    assert report["fidelity"]["score"] <= repair["fidelity_without_repair"]["score"]
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert ops(written)["SkipLayerNormalization"] > 0
+    maps = [n for n in written.graph.node if n.name.startswith("sglp_repair/")]
+    assert bool(maps) == repair["applied"]
+    if repair["applied"] and kind == "fused16":
+        assert {n.op_type for n in maps} == {"Cast", "MatMul", "Add"}
+    feed = token_batch(3, seed=7)
+    (got,) = run(out, feed)
+    assert np.isfinite(got).all()

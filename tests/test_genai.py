@@ -301,3 +301,22 @@ def test_other_models_a_config_names_are_pointed_out():
     config = {"model": {"decoder": {"filename": "small.onnx"}, "vision": {"filename": "vision.onnx"},
                         "embedding": {"filename": "embedding.onnx"}, "speech": [{"filename": "vision.onnx"}]}}
     assert other_model_files(config, "small.onnx") == ["vision.onnx", "embedding.onnx"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_repair_on_a_genai_folder_keeps_it_loadable_and_never_worse(llama, tmp_path, precision):
+    """The default repair on onnxruntime-genai's graphs (fused SkipSimplifiedLayerNormalization joins,
+    GroupQueryAttention, MatMulNBits for int4): a float MatMul + Add on the hidden state at each cut,
+    written only where it improves the held-out fidelity; the folder still generates."""
+    source = llama.fp32 if precision == "fp32" else build(llama.hf, llama.root / "int4", "int4")
+    out = tmp_path / "pruned"
+    out.mkdir()
+    assert compress(source, out, "--remove", "2", "--criterion", "last", "--repair", "full", calib=llama.calib) == 0
+    report = json.loads((out / "model.json").read_text())
+    validate_report(report)
+    repair = report["repair"]
+    assert repair["cuts"] and all(c["nodes"] == "MatMul + Add" and c["channels"] == 64 for c in repair["cuts"])
+    assert report["fidelity"]["score"] <= repair["fidelity_without_repair"]["score"]
+    written = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert any(n.name.startswith("sglp_repair/") for n in written.graph.node) == repair["applied"]
+    assert len(generate(out)) > 0

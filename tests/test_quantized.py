@@ -150,13 +150,18 @@ def models(tmp_path_factory) -> Models:
     return Models(root, pre, quantized, calib, json.loads((root / "float.json").read_text()))
 
 
+def plain_unless_repair_asked(args) -> list[str]:
+    """The bypass alone (what the float-then-quantized reference is) unless the test asks for --repair."""
+    return list(args) if "--repair" in args else [*args, "--repair", "none"]
+
+
 def compress(models: Models, name: str, *args: str) -> tuple[int, dict | None, Path]:
     """`sglp-onnx compress` on the quantized model `name`: exit code, report, output path."""
     tag = "".join(c if c.isalnum() else "_" for c in " ".join(args))
     out = models.root / f"{name}.{tag}.pruned.onnx"
     report = out.with_suffix(".json")
     code = main(["compress", str(models.quantized[name]), "--calib", str(models.calib), "-o", str(out),
-                 "--report", str(report), "--force", "-q", *args])
+                 "--report", str(report), "--force", "-q", *plain_unless_repair_asked(args)])
     return code, json.loads(report.read_text()) if code == 0 else None, out
 
 
@@ -395,3 +400,31 @@ def test_a_qdq_exit_whose_scale_something_else_reads_keeps_its_plain_bypass(mode
     _, units, _ = discovered(path)
     assert [u.name for u in units] == UNITS
     assert units[0].companions == () and units[1].companions != ()
+
+
+# -- repair ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_repair_maps_quantized_cuts_and_never_does_worse(models, name):
+    """The default repair on quantized graphs: integer activations (QOperator) are dequantized with the
+    entry's scale, mapped and requantized with the exit's; QDQ maps the dequantized float. Kept only where
+    the held-out fidelity improves, and the model written is the one measured."""
+    code, report, out = compress(models, name, "--criterion", "last", "--remove", "2", "--repair", "full")
+    assert code == 0
+    assert all(report["validation"][k] for k in ("checker", "opset_ir_kept", "signature", "runs", "finite"))
+    repair = report["repair"]
+    assert repair["cuts"] and repair["cuts"][0]["units"] == UNITS[-2:]
+    integer_entry = name.startswith("qoperator")
+    assert ("QuantizeLinear" in repair["cuts"][0]["nodes"]) == integer_entry
+    plain, _, plain_out = compress(models, name, "--criterion", "last", "--remove", "2")
+    assert plain == 0
+    assert report["fidelity"]["score"] <= repair["fidelity_without_repair"]["score"]
+    written = onnx.load(str(out))
+    has_maps = any(n.name.startswith("sglp_repair/") for n in written.graph.node)
+    assert has_maps == repair["applied"]
+    if repair["applied"]:
+        assert report["fidelity"]["score"] < repair["fidelity_without_repair"]["score"]
+    else:
+        assert "not applied" in repair["reason"]
+    x = samples(6, seed=11)
+    assert np.isfinite(run(out, x)).all()

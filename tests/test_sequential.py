@@ -150,7 +150,7 @@ def test_cli_sequential_compress_matches_one_shot(tmp_path):
     reports = []
     for flag in ([], ["--sequential"]):
         out = tmp_path / f"out{len(flag)}.onnx"
-        assert main(["-q", "compress", str(model), "-o", str(out), "--remove", "2", *flag]) == 0
+        assert main(["-q", "compress", str(model), "-o", str(out), "--remove", "2", "--repair", "none", *flag]) == 0
         reports.append(json.loads(out.with_suffix(".json").read_text()))
     assert [u["removed"] for u in reports[0]["units"]] == [u["removed"] for u in reports[1]["units"]]
     np.testing.assert_allclose(reports[1]["cka"], reports[0]["cka"], atol=1e-6)
@@ -167,7 +167,7 @@ def test_sequential_fidelity_and_validation_never_load_the_whole_original(tmp_pa
     from sglp_onnx.pipeline import compress
 
     model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=24)
-    one_shot = compress(model, tmp_path / "one.onnx", remove=2, criterion=criterion)
+    one_shot = compress(model, tmp_path / "one.onnx", remove=2, criterion=criterion, repair="none")
     sizes: list[int] = []
     make = runtime.make_session
 
@@ -201,7 +201,7 @@ def test_validation_compares_with_the_calibration_pass_outputs(tmp_path, monkeyp
     model, _ = write_model_and_calibration(tmp_path, n_blocks=5, n_samples=24)
     with monkeypatch.context() as patch:  # the reference from a session on the original, as before
         patch.setattr(pipeline, "_validation_reference", lambda *args, **kwargs: None)
-        plain = compress(model, tmp_path / "plain.onnx", remove=2, criterion="sglp")
+        plain = compress(model, tmp_path / "plain.onnx", remove=2, criterion="sglp", repair="none")
     opened: list[int] = []
     make = validation.make_session
 
@@ -210,7 +210,7 @@ def test_validation_compares_with_the_calibration_pass_outputs(tmp_path, monkeyp
         return make(source, provider, **kwargs)
 
     monkeypatch.setattr(validation, "make_session", recording)
-    result = compress(model, tmp_path / "out.onnx", remove=2, criterion="sglp", **flags)
+    result = compress(model, tmp_path / "out.onnx", remove=2, criterion="sglp", repair="none", **flags)
     assert opened == [2 * 3 + 1]  # the pruned model only
     assert result.report["validation"]["max_abs_output_diff"] == pytest.approx(
         plain.report["validation"]["max_abs_output_diff"], rel=1e-5, abs=1e-7)

@@ -209,7 +209,8 @@ def test_compress_equals_transformers_with_layers_deleted(staged, arch, exporter
     if options.get("torch_model") == "hf":
         options["torch_model"] = f"hf:{folder / 'hf'}"
     out = folder / f"{exporter}.pruned.onnx"
-    result = compress(path, out, calib=folder / "calib.npz", remove=2, batch_size=8, force=True, **options)
+    result = compress(path, out, calib=folder / "calib.npz", remove=2, batch_size=8, force=True, repair="none",
+                      **options)
     report = result.report
     assert_valid(report)
 
@@ -290,7 +291,7 @@ def test_pruned_cache_model_generates_like_transformers(staged, arch, exporter, 
     out = folder / f"{exporter}.kv.pruned.onnx"
     # The calibration file has no past_key_values.*: they are empty (whole sequences).
     report = compress(path, out, calib=folder / "calib.npz", remove=2, criterion="random", seed=seed,
-                      batch_size=8, force=True).report
+                      batch_size=8, force=True, repair="none").report
     assert_valid(report)
     units = report["units"]
     for i, unit in enumerate(units):
@@ -418,7 +419,7 @@ def test_sublayer_granularity_on_llama_with_cache(staged):
     path = staged("llama", "legacy", with_cache=True)
     out = folder / "sublayer.kv.onnx"
     report = compress(path, out, calib=folder / "calib.npz", remove=2, granularity="sublayer",
-                      criterion="random", seed=3, batch_size=8, force=True).report
+                      criterion="random", seed=3, batch_size=8, force=True, repair="none").report
     assert_valid(report)
     units = report["units"]
     assert len(units) == 2 * LAYERS and all(u["sublayers"] == 1 for u in units)
@@ -541,7 +542,8 @@ def test_eval_perplexity_of_pruned_causal_lm(staged, capsys):
     path = staged("gpt2", "legacy")
     kv = staged("gpt2", "legacy", with_cache=True)
     out = folder / "last.onnx"
-    code, _, err = _cli(capsys, "-q", "compress", path, "-o", out, "--remove", "1", "--criterion", "last", "--force")
+    code, _, err = _cli(capsys, "-q", "compress", path, "-o", out, "--remove", "1", "--criterion", "last", "--force",
+                        "--repair", "none")
     assert code == 0, err
     test = token_batch(8, SEQ, seed=21)
     np.savez(folder / "test.npz", **test)

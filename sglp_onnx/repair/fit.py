@@ -12,8 +12,11 @@ import numpy as np
 
 # full: y = x W + b (a C x C matrix and a bias); diagonal: y_c = a_c x_c + b_c.
 FORMS = ("full", "diagonal")
-# Ridge strength relative to the mean energy of one input channel.
+# Ridge strength relative to the mean energy of one input channel, plus SCARCITY
+# times channels / rows: few rows per parameter pull the map harder towards
+# the plain bypass (the identity), never towards zero.
 RIDGE = 1e-4
+SCARCITY = 0.5
 CHUNK_ROWS = 1 << 16
 
 
@@ -60,6 +63,10 @@ class LinearFit:
         if self.rows_per_update and len(x) > self.rows_per_update:
             stride = -(-len(x) // self.rows_per_update)
             x, y = x[::stride], y[::stride]
+        with np.errstate(all="ignore"):  # overflowing activations give a non-finite fit, refused by the caller
+            self._accumulate(x, y)
+
+    def _accumulate(self, x: np.ndarray, y: np.ndarray) -> None:
         for start in range(0, len(x), CHUNK_ROWS):
             xs = np.nan_to_num(x[start:start + CHUNK_ROWS].astype(self.product))
             ys = np.nan_to_num(y[start:start + CHUNK_ROWS].astype(self.product))
@@ -84,11 +91,12 @@ class LinearFit:
         if self.form == "full":
             cxx = self.xx - n * np.outer(mean_x, mean_x)
             cxy = self.xy - n * np.outer(mean_x, mean_y)
-            ridge = RIDGE * max(float(np.trace(cxx)) / c, 1e-12)
+            ridge = (RIDGE + SCARCITY * c / n) * max(float(np.trace(cxx)) / c, 1e-12)
+            # Shrunk towards the identity: argmin ||y - xW||^2 + ridge ||W - I||^2.
             try:
-                weight = np.linalg.solve(cxx + ridge * np.eye(c), cxy)
+                weight = np.linalg.solve(cxx + ridge * np.eye(c), cxy + ridge * np.eye(c))
             except np.linalg.LinAlgError:
-                weight = np.linalg.lstsq(cxx + ridge * np.eye(c), cxy, rcond=None)[0]
+                weight = np.linalg.lstsq(cxx + ridge * np.eye(c), cxy + ridge * np.eye(c), rcond=None)[0]
             bias = mean_y - mean_x @ weight
             # sum ||y - xW - b||^2 from the sums alone
             residual = (self.syy.sum() - n * mean_y @ mean_y) - 2 * np.sum(weight * cxy) \
@@ -97,8 +105,8 @@ class LinearFit:
         else:
             cxx = self.xx - n * mean_x ** 2
             cxy = self.xy - n * mean_x * mean_y
-            ridge = RIDGE * max(float(cxx.mean()), 1e-12)
-            weight = cxy / (cxx + ridge)
+            ridge = (RIDGE + SCARCITY / n) * max(float(cxx.mean()), 1e-12)
+            weight = (cxy + ridge) / (cxx + ridge)
             bias = mean_y - weight * mean_x
             residual = np.sum((self.syy - n * mean_y ** 2) - 2 * weight * cxy + weight ** 2 * cxx)
             bypass = np.sum(self.syy - 2 * self.xy + self.xx)
@@ -110,8 +118,9 @@ def apply_fitted(value: np.ndarray, weight: np.ndarray, bias: np.ndarray, axis: 
     """A `LinearFit.solve` map applied to `value` along `axis`, in float32,
     returned in `value`'s dtype (weight C x C: full; weight C: diagonal)."""
     moved = np.moveaxis(value.astype(np.float32, copy=False), axis, -1)
-    if weight.ndim == 2:
-        out = moved @ weight.astype(np.float32) + bias.astype(np.float32)
-    else:
-        out = moved * weight.astype(np.float32) + bias.astype(np.float32)
+    with np.errstate(all="ignore"):  # non-finite activations stay non-finite, unwarned
+        if weight.ndim == 2:
+            out = moved @ weight.astype(np.float32) + bias.astype(np.float32)
+        else:
+            out = moved * weight.astype(np.float32) + bias.astype(np.float32)
     return np.moveaxis(out, -1, axis).astype(value.dtype, copy=False)

@@ -170,3 +170,25 @@ def add_runtime_maps(gated: onnx.ModelProto, specs: dict) -> None:
         nodes.append(node)
     del gated.graph.node[:]
     gated.graph.node.extend(nodes)
+
+
+def strip_repairs(model: onnx.ModelProto, cuts: Sequence[dict]) -> onnx.ModelProto:
+    """A written repaired model (`compress` with the report's `repair.cuts`)
+    without its maps: every reader of a map's output reads the cut's entry
+    again and the map's nodes and constants go, which is the plain bypass.
+    What `finetune` pairs with: fine-tuning heals the bypass itself."""
+    outputs = {f"{PREFIX}/{k}/output": cut["entry"] for k, cut in enumerate(cuts)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for n in out.graph.node if not n.name.startswith(f"{PREFIX}/")]
+    for node in kept:
+        node.input[:] = [outputs.get(name, name) for name in node.input]
+    for o in out.graph.output:
+        if o.name in outputs:
+            raise ValueError(f"a graph output is a repair map's output: {o.name}")
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    inits = [i for i in out.graph.initializer if not i.name.startswith(f"{PREFIX}/")]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    return out

@@ -132,60 +132,67 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
     repairs: list[Repair] = []
     skipped: list[str] = []
 
-    def batches(label):
+    def batches(label):  # noqa: E306
         it = data.batches(batch_size)
         return progress(it, label) if progress else it
 
     for i, cut in enumerate(cuts):
         names = ", ".join(units[k].name for k in cut.units)
         try:
-            quant = None
-            if any(units[k].companions for k in cut.units):
-                quant = _quantization(index, units, cut)
-                entry_q = (_constant(model, quant[0]), _constant(model, quant[1]))
-                exit_q = (_constant(model, quant[2]), _constant(model, quant[3]))
+            repair = _fit_cut(model, index, units, cut, removed, repairs, reference, batches(f"repair {i + 1}/"
+                              f"{len(cuts)}"), form=form, own=fit_on == "pruned" and bool(repairs),
+                              mask_name=mask_name, provider=provider)
         except Unrepairable as exc:
             skipped.append(f"cut {names}: not repaired ({exc})")
             continue
-        own = fit_on == "pruned" and repairs
-        session = None
-        if own:  # the pruned model with the earlier cuts repaired, up to this cut's entry
-            repaired, new_units = with_repairs(model, units, repairs)
-            pruned = remove_units(repaired, [new_units[k] for k in sorted(removed)])
-            session = session_with_outputs(pruned, [cut.entry], provider)
-            inputs = {x.name for x in session.get_inputs()}
-        fit = axis = rank = elem = flops = None
-        for b, (feed, _) in enumerate(batches(f"repair {i + 1}/{len(cuts)}")):
-            ref = reference.get(b, feed)
-            x = session.run([cut.entry], {k: v for k, v in feed.items() if k in inputs})[0] if own else ref[cut.entry]
-            y = ref[cut.exit]
-            if fit is None:
-                rank = x.ndim
-                axis = channel_axis(index, cut.entry, rank)
-                if x.shape != y.shape:
-                    break
-                fit = LinearFit(x.shape[axis], form)
-                elem = onnx.helper.np_dtype_to_tensor_dtype(x.dtype)
-                per_sample = int(np.prod(x.shape[1:]))
-                flops = 2 * per_sample * (x.shape[axis] if form == "full" else 1)
-            if quant is not None:
-                x = (x.astype(np.float64) - entry_q[1]) * entry_q[0]
-                y = (y.astype(np.float64) - exit_q[1]) * exit_q[0]
-            elif not np.issubdtype(x.dtype, np.floating):
-                break
-            mask = feed.get(mask_name) if mask_name else None
-            fit.update(as_rows(x, axis, mask), as_rows(y, axis, mask))
-        session = None
-        if fit is None or (quant is None and not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem),
-                                                                np.floating)):
-            skipped.append(f"cut {names}: not repaired (its entry is not a float or quantized feature tensor "
-                           "of the exit's shape)")
-            continue
-        weight, bias, error = fit.solve()
-        repairs.append(Repair(cut=cut, form=form, axis=axis, rank=rank, elem_type=elem, weight=weight, bias=bias,
-                              fit_error=error, rows=fit.n, flops=flops, quant=quant))
+        repairs.append(repair)
     reference.close()
     return repairs, skipped
+
+
+def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Reference", batches, *, form: str,
+             own: bool, mask_name: str | None, provider: str) -> Repair:
+    """The map of one cut, fitted batch by batch (see `fit_repairs`); `own`:
+    on the pruned model's own entry (the earlier `repairs` applied), else on
+    the original's."""
+    quant = entry_q = exit_q = session = None
+    if own:  # the pruned model with the earlier cuts repaired, up to this cut's entry
+        repaired, new_units = with_repairs(model, units, repairs)
+        pruned = remove_units(repaired, [new_units[k] for k in sorted(removed)])
+        session = session_with_outputs(pruned, [cut.entry], provider)
+        inputs = {x.name for x in session.get_inputs()}
+    fit = axis = rank = elem = flops = None
+    for b, (feed, _) in enumerate(batches):
+        ref = reference.get(b, feed)
+        x = session.run([cut.entry], {k: v for k, v in feed.items() if k in inputs})[0] if own else ref[cut.entry]
+        y = ref[cut.exit]
+        if fit is None:
+            if x.shape != y.shape or x.ndim < 2 or x.dtype != y.dtype:
+                raise Unrepairable("its entry and exit differ in shape or dtype")
+            rank = x.ndim
+            axis = channel_axis(index, cut.entry, rank)
+            fit = LinearFit(x.shape[axis], form)
+            elem = onnx.helper.np_dtype_to_tensor_dtype(x.dtype)
+            flops = 2 * int(np.prod(x.shape[1:])) * (x.shape[axis] if form == "full" else 1)
+            if np.issubdtype(x.dtype, np.integer):  # quantized activations: map their real values
+                quant = _quantization(index, units, cut)
+                entry_q = (_constant(model, quant[0]), _constant(model, quant[1]).astype(np.float64))
+                exit_q = (_constant(model, quant[2]), _constant(model, quant[3]).astype(np.float64))
+            elif not np.issubdtype(x.dtype, np.floating):
+                raise Unrepairable(f"its entry is {x.dtype}, neither float nor quantized")
+        if quant is not None:
+            x = (x.astype(np.float64) - entry_q[1]) * entry_q[0]
+            y = (y.astype(np.float64) - exit_q[1]) * exit_q[0]
+        mask = feed.get(mask_name) if mask_name else None
+        fit.update(as_rows(x, axis, mask), as_rows(y, axis, mask))
+    if fit is None:
+        raise Unrepairable("no calibration batch")
+    with np.errstate(all="ignore"):
+        weight, bias, error = fit.solve()
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all() and np.isfinite(error)):
+        raise Unrepairable("its activations overflow: the fit is not finite")
+    return Repair(cut=cut, form=form, axis=axis, rank=rank, elem_type=elem, weight=weight, bias=bias,
+                  fit_error=error, rows=fit.n, flops=flops, quant=quant)
 
 
 def repair_records(repairs: Sequence[Repair], units: Sequence[PrunableUnit]) -> list[dict]:

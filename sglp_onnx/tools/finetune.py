@@ -471,6 +471,12 @@ def finetune(
     stages.start("load")
     pruned = load_model(pruned_path)
     plan = read_plan(pruned_path, report)
+    repair = plan.report.get("repair")
+    if repair and repair.get("applied"):
+        # Fine-tuning heals the plain bypass: the closed-form maps are the no-training alternative.
+        from ..repair.graph import strip_repairs
+
+        pruned = strip_repairs(pruned, repair["cuts"])
     data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
     order = [s.name for s in model_inputs(pruned)]
 

@@ -117,6 +117,11 @@ class RepairedSearch(DamageSearch):
         return values
 
     def step(self) -> None:
+        # Overflowing activations make non-finite maps and scores: scored as such (fidelity.py), never warned.
+        with np.errstate(all="ignore"):
+            self._step()
+
+    def _step(self) -> None:
         removed = set(self.order)
         candidates = self._candidates()
         units = self.ctx.units
