@@ -151,6 +151,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, log_level: str | None) -
       sglp-onnx compress model.onnx --torch-model pkg.mod:factory --torch-weights w.pt
       sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
       sglp-onnx export pkg.mod:factory --torch-weights w.pt -o model.onnx
+      sglp-onnx calib model.onnx images/ -o calib.npz
 
     Run 'sglp-onnx COMMAND --help' for the options and examples of each command.
     """
@@ -430,6 +431,47 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         _echo_summary(state, format_results(results))
+
+
+def _calib_options(f):
+    """The flags of `options.CalibOptions`, then -q/-v."""
+    from .options import CalibOptions
+
+    for spec in reversed(dataclasses.fields(CalibOptions)):
+        f = _click_option(spec)(f)
+    return _verbosity_options(f)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="INPUT...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibration .npz to write.")
+@_calib_options
+@click.option("--preview", type=click.Path(dir_okay=False),
+              help="Images: write a PNG grid of the crops the model will see.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output or preview.")
+@click.pass_obj
+def calib(state: _State, model: str, inputs: tuple[str, ...], output: str, preview: str | None, force: bool,
+          **kwargs) -> None:
+    """Make a calibration .npz for MODEL from a folder of images or from text files.
+
+    Images are resized, centre-cropped, laid out and normalised as the model's
+    input declares (grey or colour, NCHW or NHWC, size); text is tokenised with
+    the tokenizer.json beside the model (an onnxruntime-genai or Hugging Face
+    folder) and packed into sequences with their attention mask (and position
+    ids and an empty past where the model takes them).
+
+    \b
+    Examples:
+      sglp-onnx calib model.onnx photos/ -o calib.npz --samples 256 --preview seen.png
+      sglp-onnx calib genai_folder/model.onnx corpus.txt -o calib.npz --seq-len 256
+      sglp-onnx calib model.onnx docs/ --tokenizer hf_folder/ -o calib.npz
+    """
+    from .tools.calib import make_calibration
+
+    with _stdout_to_stderr():
+        result = make_calibration(model, list(inputs), output, force=force, preview=preview, **kwargs)
+    _echo_summary(state, result.summary())
 
 
 def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
