@@ -195,6 +195,8 @@ def _click_option(spec: dataclasses.Field):
         kwargs["type"] = click.Choice(list(meta["choices"]))
     elif kind == "file":
         kwargs["type"] = click.Path(dir_okay=False)
+    elif kind == "path":
+        kwargs["type"] = click.Path()
     elif kind == "criterion":
         kwargs.update(cls=_LazyHelpOption, help_factory=lambda: f"{', '.join(_criterion_names())}. {meta['help']}")
     elif kind in (int, float):

@@ -33,8 +33,9 @@ class SelectionOptions:
     """How units are measured and chosen (the keywords of `analyze` and `compress`)."""
 
     calib: str | os.PathLike | None = _option(
-        "--calib", "Calibration .npz (arrays named after the model inputs, optional 'labels'). "
-                   "Default: MODEL.calib.npz beside the model.", kind="file")
+        "--calib", "Calibration .npz (arrays named after the model inputs, optional 'labels'), or a folder of "
+                   "images or a text file made into one as `sglp-onnx calib` does with its defaults. "
+                   "Default: MODEL.calib.npz beside the model.", kind="path")
     remove: int | None = _option("--remove", "Number of units to remove.", kind=int)
     ratio: float | None = _option("--ratio", "Fraction of units to remove, in (0, 1). Default 0.25.", kind=float)
     target_flops: float | None = _option("--target-flops", "Remove units until this fraction of FLOPs is gone.",

@@ -129,6 +129,15 @@ def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
                       max_samples: int | None, seed: int) -> CalibrationSet:
     if calib is not None:
+        from .tools.calib import SOURCE_SUFFIXES, calibration_data
+
+        if Path(calib).is_dir() or (Path(calib).is_file() and Path(calib).suffix.lower() in SOURCE_SUFFIXES):
+            # A folder of images or a text file: made into a set as `sglp-onnx calib` makes one.
+            from .files.calibration import check_calibration
+
+            made = calibration_data(model_path, [calib], model=model, seed=seed)
+            return check_calibration(made.arrays, model, source=f"the calibration set made from {calib}",
+                                     max_samples=max_samples)
         return load_calibration(calib, model, max_samples=max_samples)
     sidecar = sidecar_path(model_path)
     if sidecar.is_file():

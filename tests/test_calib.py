@@ -334,3 +334,34 @@ def test_existing_output_needs_force(tmp_path, capsys):
     refused(capsys, ["calib", str(CNN), str(images), "-o", str(tmp_path / "c.npz")], tmp_path, says="--force")
     assert main(["calib", str(CNN), str(images), "-o", str(tmp_path / "c.npz"), "--force", "-q"]) == 0
     assert (tmp_path / "c.npz").read_bytes() != b"keep"
+
+
+# -- compress/analyze --calib FOLDER_OR_TEXT ------------------------------------------------------------------
+
+
+def test_compress_takes_a_folder_of_images_as_calib(tmp_path):
+    images = digit_images(tmp_path / "digits")
+    made = tmp_path / "calib.npz"
+    assert main(["calib", str(CNN), str(images), "-o", str(made), "-q"]) == 0
+    for calib, name in ((images, "folder"), (made, "npz")):
+        assert main(["compress", str(CNN), "--calib", str(calib), "-o", str(tmp_path / f"{name}.onnx"),
+                     "--remove", "2", "--criterion", "block-influence", "-q"]) == 0
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("folder", "npz")]
+    # The same samples either way: the same units chosen, the same fidelity.
+    assert [u["removed"] for u in reports[0]["units"]] == [u["removed"] for u in reports[1]["units"]]
+    assert reports[0]["fidelity"] == reports[1]["fidelity"]
+
+
+def test_analyze_takes_a_text_file_as_calib(llama_folder, tmp_path, capsys):
+    pydoc_text(tmp_path / "corpus.txt", topics=3)
+    capsys.readouterr()
+    assert main(["analyze", str(llama_folder / "model.onnx"), "--calib", str(tmp_path / "corpus.txt"),
+                 "--suggest", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["units"]) == 8 and "corpus.txt" in json.dumps(report)
+
+
+def test_compress_calib_folder_without_images_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    refused(capsys, ["compress", str(CNN), "--calib", str(tmp_path / "empty"), "-o", str(tmp_path / "p.onnx")],
+            tmp_path, says="no images found")

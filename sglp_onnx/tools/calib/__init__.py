@@ -22,6 +22,8 @@ from . import images, text
 FEW_SAMPLES = 50
 _IMAGE_FLAGS = ("size", "preset", "mean", "std", "layout")
 _TEXT_FLAGS = ("seq_len", "tokenizer")
+# Files that `compress --calib` makes a set from (any other file is read as an .npz).
+SOURCE_SUFFIXES = images.IMAGE_SUFFIXES + text.TEXT_SUFFIXES
 
 
 @dataclass
