@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -577,7 +579,8 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
 @click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
               help="ONNX Runtime provider for the checks and --eval-data.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the JSON report to stdout too (only there when stdout is redirected to the report's path).")
 @_threads_option
 @_verbosity_options
 @click.pass_obj
@@ -594,14 +597,31 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     """
     from .tools.finetune import finetune as run
 
+    write_report = not (as_json and _stdout_is_report(model, kwargs.get("output")))
     with _stdout_to_stderr():
-        result = run(model, progress=_progress_factory(state), **kwargs)
+        result = run(model, progress=_progress_factory(state), write_report=write_report, **kwargs)
     if as_json:
         from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
     else:
         _echo_summary(state, result.summary())
+
+
+def _stdout_is_report(model: str, output: str | None) -> bool:
+    """Whether stdout is redirected to the file finetune's report would be
+    written to (`finetune -o ft.onnx --json > ft.json`): the shell made that
+    file, so it would be refused as existing; the report then goes to stdout only."""
+    from .tools.finetune import _json_beside, default_output
+
+    report = _json_beside(Path(output) if output is not None else default_output(Path(model)))
+    try:
+        if not report.is_file():
+            return False
+        ours, theirs = os.fstat(sys.stdout.fileno()), report.stat()
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # stdout is no file (pytest, closed)
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,6 +167,25 @@ def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str
     return units, sum(per_node.values())
 
 
+def pair_units_of(model_path: str | os.PathLike, module, arrays: dict, *, granularity: str,
+                  provider: str = "cpu") -> dict:
+    """The pairing record (a report's `pairing`) of the units of the model at
+    `model_path` with the torch `module`, matched on the calibration `arrays`:
+    what `compress --torch-model` records, for a report written without it."""
+    from .files.calibration import check_calibration
+    from .paired.pairing import cache_inputs, check_empty_cache, pair
+
+    with external_data_folder(Path(model_path).parent):
+        source_model, _ = load_model_files(model_path, defer=True)
+        model, _ = prepare_patterns(source_model)
+        data = check_calibration(arrays, model, source=f"the data checked against {model_path}")
+        units, _ = _discover(model, data, granularity=granularity, provider=provider, timings={})
+        if not units:
+            raise UserError(f"no prunable unit in {model_path}, the model the report was made from")
+        check_empty_cache(data, cache_inputs(model, units))
+        return pair(model, module, units, data, provider)[1]
+
+
 def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:
     """Find units, measure them and choose which to remove, without writing a model.
 
