@@ -94,10 +94,11 @@ def _verbosity_options(f):
                         help=VERBOSE_HELP)(f)
 
 
-def _echo_summary(state: _State, text: str) -> None:
-    """The run's summary on stdout; with --log-level warning only its warnings, on stderr."""
+def _echo_summary(state: _State, text: str, *, err: bool = False) -> None:
+    """The run's summary on stdout (on stderr with `err`: stdout carries a
+    report); with --log-level warning only its warnings, on stderr."""
     if not state.quiet:
-        click.echo(text)
+        click.echo(text, err=err)
     elif state.warnings:
         for line in text.splitlines():
             if line.startswith("warning:"):
@@ -299,8 +300,13 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
             raise UserError(f"{model}: {exc}{written}") from None
         done.append(model)
         reports.append(result.report)
-        if not (as_json or to_stdout):
-            _echo_summary(state, result.summary())
+        if not as_json:
+            # With several models (or -O) each block says which model it is about; with
+            # '--report -' stdout carries the report, so the summary goes to stderr.
+            text = result.summary()
+            if several or output_dir is not None:
+                text = f"{'' if len(done) == 1 else chr(10)}== {model} ==\n{text}"
+            _echo_summary(state, text, err=to_stdout)
     if as_json or to_stdout:
         from .report.summary import to_json
 
