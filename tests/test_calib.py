@@ -365,3 +365,27 @@ def test_compress_calib_folder_without_images_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     refused(capsys, ["compress", str(CNN), "--calib", str(tmp_path / "empty"), "-o", str(tmp_path / "p.onnx")],
             tmp_path, says="no images found")
+
+
+def test_colour_images_for_a_hugging_face_vision_export(tmp_path):
+    """A Hugging Face ResNet (tests/hf_factories.py) exported through the CLI takes [batch, 3, 32, 32]:
+    colour photos-like images become ImageNet-normalised NCHW arrays that compress accepts."""
+    pytest.importorskip("transformers")
+    model = tmp_path / "hf_resnet.onnx"
+    assert main(["export", "hf_factories:resnet", "--input-shape", "1,3,32,32", "-o", str(model), "-q"]) == 0
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        pixels = rng.integers(0, 256, (40 + k, 50, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"p{k}.{'png' if k % 2 else 'jpg'}")
+    out = tmp_path / "calib.npz"
+    assert main(["calib", str(model), str(folder), "-o", str(out), "-q"]) == 0
+    with np.load(out) as data:
+        batch = data[onnx.load(str(model)).graph.input[0].name]
+    assert batch.shape == (12, 3, 32, 32) and batch.dtype == np.float32
+    # ImageNet normalisation of 0..255 noise: each channel spans (0 - mean) / std .. (1 - mean) / std.
+    for c, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        assert batch[:, c].min() >= (0 - mean) / std - 1e-5 and batch[:, c].max() <= (1 - mean) / std + 1e-5
+    assert main(["compress", str(model), "--calib", str(out), "-o", str(tmp_path / "pruned.onnx"), "--remove", "1",
+                 "-q"]) == 0
