@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...files.calibration import check_calibration, model_inputs
+from ...files.calibration import check_calibration, format_shape, model_inputs
 from ...files.model_files import atomic_paths, check_output_path, load_model
 from ...options import CalibOptions
 from . import images, text
@@ -90,7 +90,7 @@ def calibration_data(model_path: str | Path, inputs: list[str | Path], model: on
     else:
         pictures = [s for s in specs if images.is_image_input(s)]
         if len(pictures) != 1 or len(specs) != 1:
-            described = ", ".join(f"{s.name!r} ({np.dtype(s.dtype).name} {text._shape(s.shape)})" for s in specs)
+            described = ", ".join(f"{s.name!r} ({np.dtype(s.dtype).name} {format_shape(s.shape)})" for s in specs)
             raise UserError(f"cannot build the inputs of {model_path} ({described}) from images or text: calib "
                             "makes one image input (rank 4) or token ids; write the .npz yourself (see README)")
         _refuse_flags(opts, _TEXT_FLAGS, "text")

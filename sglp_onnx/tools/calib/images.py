@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
-from ...files.calibration import InputSpec
+from ...files.calibration import InputSpec, format_shape
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Mean and std on the 0..1 scale (Deng et al. 2009 statistics, as torchvision's
@@ -49,21 +49,21 @@ def image_input(spec: InputSpec, *, layout: str | None, size: tuple[int, int] | 
     if layout is None:
         first, last = dims[1] in (1, 3), dims[3] in (1, 3)
         if first == last:
-            raise UserError(f"cannot tell the layout of the model input {spec.name!r} {_shape(spec.shape)} "
+            raise UserError(f"cannot tell the layout of the model input {spec.name!r} {format_shape(spec.shape)} "
                             "(no single axis of 1 or 3 channels); pass --layout nchw or --layout nhwc")
         layout = "nchw" if first else "nhwc"
     channels, hw = (dims[1], dims[2:4]) if layout == "nchw" else (dims[3], dims[1:3])
     if channels not in (1, 3):
-        raise UserError(f"the model input {spec.name!r} {_shape(spec.shape)} read as {layout.upper()} has "
+        raise UserError(f"the model input {spec.name!r} {format_shape(spec.shape)} read as {layout.upper()} has "
                         f"{channels or 'a variable number of'} channels; images give 1 (grey) or 3 (colour)")
     if size is not None:
         fixed = [(g, w) for g, w in zip(hw, size) if g is not None and g != w]
         if fixed:
             raise UserError(f"--size {size[0]},{size[1]}, but the model input {spec.name!r} is fixed to "
-                            f"{_shape(spec.shape)}")
+                            f"{format_shape(spec.shape)}")
         hw = list(size)
     if None in hw:
-        raise UserError(f"the model input {spec.name!r} {_shape(spec.shape)} leaves its height or width open; "
+        raise UserError(f"the model input {spec.name!r} {format_shape(spec.shape)} leaves its height or width open; "
                         "pass --size HEIGHT,WIDTH (the size the model was trained at)")
     return ImageInput(spec=spec, channels=channels, height=hw[0], width=hw[1], layout=layout)
 
@@ -164,6 +164,3 @@ def write_preview(pixels: np.ndarray, path: Path, *, columns: int = 8, scale: in
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     image.save(path, format="PNG")
 
-
-def _shape(shape) -> str:
-    return "[" + ", ".join("?" if d in (None, "") else str(d) for d in shape or ()) + "]"

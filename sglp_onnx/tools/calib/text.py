@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...files.calibration import InputSpec, attention_cache_dims, is_cache_input
+from ...files.calibration import InputSpec, format_shape, attention_cache_dims, is_cache_input
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DEFAULT_SEQ_LEN = 128
@@ -78,8 +78,8 @@ def text_roles(model: onnx.ModelProto, specs: list[InputSpec]) -> TextRoles:
                     mask = spec
                     continue
         raise UserError(f"cannot build the model input {spec.name!r} ({np.dtype(spec.dtype).name} "
-                        f"{_shape(spec.shape)}) from text: calib fills token ids, an attention mask, position ids, "
-                        "token type ids and an empty KV-cache past; write the .npz yourself")
+                        f"{format_shape(spec.shape)}) from text: calib fills token ids, an attention mask, "
+                        "position ids, token type ids and an empty KV-cache past; write the .npz yourself")
     return TextRoles(tokens=tokens, vocab=vocab, mask=mask, positions=positions, zeros=tuple(zeros))
 
 
@@ -213,6 +213,3 @@ def _lookup_rows(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, in
 def _is_integer_2d(spec: InputSpec) -> bool:
     return spec.shape is not None and len(spec.shape) == 2 and np.dtype(spec.dtype).kind in "iu"
 
-
-def _shape(shape) -> str:
-    return "[" + ", ".join("?" if d in (None, "") else str(d) for d in shape or ()) + "]"
