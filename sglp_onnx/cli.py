@@ -305,7 +305,8 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
             # '--report -' stdout carries the report, so the summary goes to stderr.
             text = result.summary()
             if several or output_dir is not None:
-                text = f"{'' if len(done) == 1 else chr(10)}== {model} ==\n{text}"
+                gap = "\n" if len(done) > 1 else ""
+                text = f"{gap}== {model} ==\n{text}"
             _echo_summary(state, text, err=to_stdout)
     if as_json or to_stdout:
         from .report.summary import to_json
