@@ -389,3 +389,25 @@ def test_colour_images_for_a_hugging_face_vision_export(tmp_path):
         assert batch[:, c].min() >= (0 - mean) / std - 1e-5 and batch[:, c].max() <= (1 - mean) / std + 1e-5
     assert main(["compress", str(model), "--calib", str(out), "-o", str(tmp_path / "pruned.onnx"), "--remove", "1",
                  "-q"]) == 0
+
+
+def test_token_ids_are_found_by_their_embedding_lookup_whatever_their_name():
+    """A GPT-2-like graph: `tokens` and `pos` both index tables, the position table larger than the
+    vocabulary; `pos` is recognised by its name, `m` (no lookup) is the mask."""
+    from sglp_onnx.files.calibration import model_inputs
+    from sglp_onnx.tools.calib.text import text_roles
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["wte", "tokens"], ["t"]), helper.make_node("Gather", ["wpe", "pos"], ["p"]),
+             helper.make_node("Add", ["t", "p"], ["h"]), helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"]), helper.make_node("Mul", ["h", "mu"], ["out"])]
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((50, 4)).astype(np.float32), "wte"),
+             onnx.numpy_helper.from_array(rng.standard_normal((100, 4)).astype(np.float32), "wpe"),
+             onnx.numpy_helper.from_array(np.array([2], np.int64), "axes")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"]) for n in ("m", "pos", "tokens")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    roles = text_roles(model, model_inputs(model))
+    assert (roles.tokens.name, roles.vocab) == ("tokens", 50)
+    assert roles.positions.name == "pos" and roles.mask.name == "m" and roles.zeros == ()

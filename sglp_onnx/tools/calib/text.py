@@ -19,6 +19,8 @@ DEFAULT_SEQ_LEN = 128
 # Ops that pass token ids on unchanged on their way to the embedding lookup.
 _PASS_THROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
 _LOOKUPS = ("Gather", "GatherBlockQuantized")
+# Name parts of inputs that index a table but are not the token ids (positions, token types).
+_NOT_TOKEN_WORDS = ("pos", "type", "segment")
 
 
 @dataclass(frozen=True)
@@ -35,17 +37,20 @@ class TextRoles:
 
 
 def token_input(model: onnx.ModelProto, specs: list[InputSpec]) -> tuple[InputSpec, int | None] | None:
-    """The token-id input (an integer rank-2 input that indexes the largest
-    lookup table: the word embedding) and that table's rows; None when the
-    model takes no token ids. Without a lookup in the graph (an embedding
-    behind an op this does not follow) `input_ids` is the guess."""
+    """The token-id input (an integer rank-2 input that indexes a lookup
+    table: `input_ids` when it does, else the one with the largest table, the
+    word embedding) and that table's rows; None when the model takes no token
+    ids. Without a lookup in the graph (an embedding behind an op this does
+    not follow) `input_ids` is the guess."""
     tables = _lookup_rows(model, specs)
     integer = [s for s in specs if _is_integer_2d(s)]
-    if tables:
-        name = max(tables, key=tables.get)
-        return next(s for s in specs if s.name == name), tables[name]
+    # A position or token-type table may outnumber a small vocabulary: their standard names are never the ids.
+    ids = {n: rows for n, rows in tables.items() if not any(w in n.lower() for w in _NOT_TOKEN_WORDS)}
+    if ids:
+        name = "input_ids" if "input_ids" in ids else max(ids, key=ids.get)
+        return next(s for s in specs if s.name == name), ids[name]
     guess = next((s for s in integer if s.name == "input_ids"), None)
-    return (guess, None) if guess else None
+    return (guess, tables.get("input_ids")) if guess else None
 
 
 def text_roles(model: onnx.ModelProto, specs: list[InputSpec]) -> TextRoles:
@@ -67,7 +72,7 @@ def text_roles(model: onnx.ModelProto, specs: list[InputSpec]) -> TextRoles:
             # Standard names first; else a lookup into a table of more than a
             # couple of rows is a position table, a smaller one token types,
             # and an input feeding no lookup is the mask.
-            if "position" in name or (tables.get(spec.name, 0) > 2 and "type" not in name):
+            if "pos" in name or (tables.get(spec.name, 0) > 2 and "type" not in name):
                 positions = spec
                 continue
             if "type" in name or "segment" in name or spec.name in tables:
