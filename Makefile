@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 # dependencies and binds to ours. Its model builder also needs onnx-ir
 # (undeclared; onnxscript already brings it, with its own dependencies).
 $(TEST_STAMP): $(STAMP) Makefile
-	@echo "== setup: installing the test tools (pytest, hypothesis, scikit-learn, transformers, onnxruntime-genai) =="
+	@echo "== setup: installing the test tools (pytest, hypothesis, scikit-learn, transformers, onnxruntime-genai) and calib's extras (Pillow, tokenizers) =="
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt onnxruntime-genai==0.18.0 onnx-ir==1.1.0
 	@echo "== setup: optimum-onnx in its own folder $(VENV)/optimum-onnx (it needs transformers < 4.58; tests run its export in a subprocess) =="

@@ -1,7 +1,7 @@
 """sglp-onnx: remove whole residual layers from ONNX models.
 
 Public API, mirroring the command line: `compress`, `analyze`, `evaluate`,
-`bench`, `export_torch`, `finetune`; their results (`CompressionResult`,
+`bench`, `export_torch`, `finetune`, `make_calibration`; their results (`CompressionResult`,
 `Analysis`, `FinetuneResult`, `PrunableUnit`); `validate_report` and
 `plot_report` for saved reports; and the `UserError` raised for every
 problem the caller can fix. Everything but `UserError` is imported on first
@@ -29,6 +29,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "export_torch": ("tools.export.torch_export", "export_torch"),
     "finetune": ("tools.finetune", "finetune"),
     "FinetuneResult": ("tools.finetune", "FinetuneResult"),
+    "make_calibration": ("tools.calib", "make_calibration"),
     "PrunableUnit": ("units.discovery", "PrunableUnit"),
     "validate_report": ("report.summary", "validate_report"),
     "plot_report": ("report.plots", "plot_report"),
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .tools.bench import bench
     from .evidence.metrics import evaluate
     from .tools.export.torch_export import export_torch
+    from .tools.calib import make_calibration
     from .tools.finetune import FinetuneResult, finetune
     from .pipeline import Analysis, CompressionResult, analyze, compress
     from .report.plots import plot_report

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -92,10 +94,11 @@ def _verbosity_options(f):
                         help=VERBOSE_HELP)(f)
 
 
-def _echo_summary(state: _State, text: str) -> None:
-    """The run's summary on stdout; with --log-level warning only its warnings, on stderr."""
+def _echo_summary(state: _State, text: str, *, err: bool = False) -> None:
+    """The run's summary on stdout (on stderr with `err`: stdout carries a
+    report); with --log-level warning only its warnings, on stderr."""
     if not state.quiet:
-        click.echo(text)
+        click.echo(text, err=err)
     elif state.warnings:
         for line in text.splitlines():
             if line.startswith("warning:"):
@@ -151,6 +154,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, log_level: str | None) -
       sglp-onnx compress model.onnx --torch-model pkg.mod:factory --torch-weights w.pt
       sglp-onnx eval model.onnx model.pruned.onnx --data test.npz
       sglp-onnx export pkg.mod:factory --torch-weights w.pt -o model.onnx
+      sglp-onnx calib model.onnx images/ -o calib.npz
 
     Run 'sglp-onnx COMMAND --help' for the options and examples of each command.
     """
@@ -194,6 +198,8 @@ def _click_option(spec: dataclasses.Field):
         kwargs["type"] = click.Choice(list(meta["choices"]))
     elif kind == "file":
         kwargs["type"] = click.Path(dir_okay=False)
+    elif kind == "path":
+        kwargs["type"] = click.Path()
     elif kind == "criterion":
         kwargs.update(cls=_LazyHelpOption, help_factory=lambda: f"{', '.join(_criterion_names())}. {meta['help']}")
     elif kind in (int, float):
@@ -294,8 +300,14 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
             raise UserError(f"{model}: {exc}{written}") from None
         done.append(model)
         reports.append(result.report)
-        if not (as_json or to_stdout):
-            _echo_summary(state, result.summary())
+        if not as_json:
+            # With several models (or -O) each block says which model it is about; with
+            # '--report -' stdout carries the report, so the summary goes to stderr.
+            text = result.summary()
+            if several or output_dir is not None:
+                gap = "\n" if len(done) > 1 else ""
+                text = f"{gap}== {model} ==\n{text}"
+            _echo_summary(state, text, err=to_stdout)
     if as_json or to_stdout:
         from .report.summary import to_json
 
@@ -432,6 +444,47 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
         _echo_summary(state, format_results(results))
 
 
+def _calib_options(f):
+    """The flags of `options.CalibOptions`, then -q/-v."""
+    from .options import CalibOptions
+
+    for spec in reversed(dataclasses.fields(CalibOptions)):
+        f = _click_option(spec)(f)
+    return _verbosity_options(f)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="INPUT...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibration .npz to write.")
+@_calib_options
+@click.option("--preview", type=click.Path(dir_okay=False),
+              help="Images: write a PNG grid of the crops the model will see.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output or preview.")
+@click.pass_obj
+def calib(state: _State, model: str, inputs: tuple[str, ...], output: str, preview: str | None, force: bool,
+          **kwargs) -> None:
+    """Make a calibration .npz for MODEL from a folder of images or from text files.
+
+    Images are resized, centre-cropped, laid out and normalised as the model's
+    input declares (grey or colour, NCHW or NHWC, size); text is tokenised with
+    the tokenizer.json beside the model (an onnxruntime-genai or Hugging Face
+    folder) and packed into sequences with their attention mask (and position
+    ids and an empty past where the model takes them).
+
+    \b
+    Examples:
+      sglp-onnx calib model.onnx photos/ -o calib.npz --samples 256 --preview seen.png
+      sglp-onnx calib genai_folder/model.onnx corpus.txt -o calib.npz --seq-len 256
+      sglp-onnx calib model.onnx docs/ --tokenizer hf_folder/ -o calib.npz
+    """
+    from .tools.calib import make_calibration
+
+    with _stdout_to_stderr():
+        result = make_calibration(model, list(inputs), output, force=force, preview=preview, **kwargs)
+    _echo_summary(state, result.summary())
+
+
 def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -533,7 +586,8 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
 @click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
               help="ONNX Runtime provider for the checks and --eval-data.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the JSON report to stdout too (only there when stdout is redirected to the report's path).")
 @_threads_option
 @_verbosity_options
 @click.pass_obj
@@ -550,14 +604,31 @@ def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
     """
     from .tools.finetune import finetune as run
 
+    write_report = not (as_json and _stdout_is_report(model, kwargs.get("output")))
     with _stdout_to_stderr():
-        result = run(model, progress=_progress_factory(state), **kwargs)
+        result = run(model, progress=_progress_factory(state), write_report=write_report, **kwargs)
     if as_json:
         from .report.summary import to_json
 
         click.echo(to_json(result.report), nl=False)
     else:
         _echo_summary(state, result.summary())
+
+
+def _stdout_is_report(model: str, output: str | None) -> bool:
+    """Whether stdout is redirected to the file finetune's report would be
+    written to (`finetune -o ft.onnx --json > ft.json`): the shell made that
+    file, so it would be refused as existing; the report then goes to stdout only."""
+    from .tools.finetune import _json_beside, default_output
+
+    report = _json_beside(Path(output) if output is not None else default_output(Path(model)))
+    try:
+        if not report.is_file():
+            return False
+        ours, theirs = os.fstat(sys.stdout.fileno()), report.stat()
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # stdout is no file (pytest, closed)
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:

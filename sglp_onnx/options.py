@@ -37,8 +37,9 @@ class SelectionOptions:
     """How units are measured and chosen (the keywords of `analyze` and `compress`)."""
 
     calib: str | os.PathLike | None = _option(
-        "--calib", "Calibration .npz (arrays named after the model inputs, optional 'labels'). "
-                   "Default: MODEL.calib.npz beside the model.", kind="file")
+        "--calib", "Calibration .npz (arrays named after the model inputs, optional 'labels'), or a folder of "
+                   "images or a text file made into one as `sglp-onnx calib` does with its defaults. "
+                   "Default: MODEL.calib.npz beside the model.", kind="path")
     remove: int | None = _option("--remove", "Number of units to remove.", kind=int)
     ratio: float | None = _option("--ratio", "Fraction of units to remove, in (0, 1). Default 0.25.", kind=float)
     target_flops: float | None = _option("--target-flops", "Remove units until this fraction of FLOPs is gone.",
@@ -133,3 +134,95 @@ def _is_whole(value: Any) -> bool:
         return isinstance(value, (int, np.integer))
     except ImportError:  # pragma: no cover - numpy is a dependency
         return isinstance(value, int)
+
+
+PRESETS = ("imagenet", "inception", "unit", "raw")
+LAYOUTS = ("nchw", "nhwc")
+CHANNEL_ORDERS = ("rgb", "bgr")
+DEFAULT_CALIB_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """How `sglp-onnx calib` turns images or text into a calibration set (the
+    keywords of `sglp_onnx.make_calibration`)."""
+
+    samples: int = _option("--samples", "Samples to write (at most; drawn at random with --seed when there are "
+                                        "more). 128-512 is plenty for selection; a fifth is held out for fidelity.",
+                           kind=int, default=DEFAULT_CALIB_SAMPLES)
+    seed: int = _option("--seed", "Seed for drawing the samples.", kind=int, default=0)
+    seq_len: int | None = _option("--seq-len", "Text: tokens per sequence. Default: the model's fixed length, "
+                                                "else 128.", kind=int)
+    tokenizer: str | os.PathLike | None = _option(
+        "--tokenizer", "Text: tokenizer.json, or a folder holding one. Default: tokenizer.json beside the model.",
+        metavar="PATH")
+    size: str | None = _option("--size", "Images: HEIGHT,WIDTH (or one number) of the model input when the graph "
+                                         "leaves it open.", metavar="H,W")
+    preset: str | None = _option(
+        "--preset", "Images: normalisation. imagenet: (x/255 - mean) / std with ImageNet's mean and std; "
+                    "inception: x/127.5 - 1; unit: x/255; raw: 0..255. Default: raw for integer inputs, imagenet "
+                    "for 3-channel float inputs, unit for the others.", choices=PRESETS)
+    mean: str | None = _option("--mean", "Images: per-channel mean on the 0..1 scale (one value or one per "
+                                         "channel), replacing the preset's.", metavar="M[,M,M]")
+    std: str | None = _option("--std", "Images: per-channel std on the 0..1 scale, replacing the preset's.",
+                              metavar="S[,S,S]")
+    channel_order: str = _option("--channel-order", "Images: colour order of the model's channels.",
+                                 choices=CHANNEL_ORDERS, default="rgb")
+    layout: str | None = _option("--layout", "Images: the input's layout when the graph does not tell it "
+                                             "(the axis of 1 or 3 channels).", choices=LAYOUTS)
+    crop_fraction: float = _option(
+        "--crop-fraction", "Images: the short side is resized to SIZE / F, then the centre SIZE is cropped "
+                           "(0.875: 256 -> 224).", kind=float, default=0.875)
+
+    def checked(self) -> "CalibOptions":
+        """A value no run could use is refused, naming its flag, before anything is read."""
+        for flag, value, low in (("--samples", self.samples, 1), ("--seed", self.seed, 0),
+                                 ("--seq-len", self.seq_len, 1)):
+            if value is not None and (isinstance(value, bool) or not _is_whole(value) or value < low):
+                raise UserError(f"{flag} must be a whole number >= {low}, got {value!r}")
+        if not (_is_number(self.crop_fraction) and 0.0 < float(self.crop_fraction) <= 1.0):
+            raise UserError(f"--crop-fraction must be in (0, 1], got {self.crop_fraction!r}")
+        self.image_size()
+        for flag, value in (("--mean", self.mean), ("--std", self.std)):
+            _floats(flag, value)
+        if any(v <= 0 for v in _floats("--std", self.std) or ()):
+            raise UserError(f"--std values must be > 0, got {self.std}")
+        for flag, value, allowed in (("--preset", self.preset, PRESETS), ("--layout", self.layout, LAYOUTS),
+                                     ("--channel-order", self.channel_order, CHANNEL_ORDERS)):
+            if value is not None and value not in allowed:
+                raise UserError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        return self
+
+    def image_size(self) -> tuple[int, int] | None:
+        """--size as (height, width)."""
+        if self.size is None:
+            return None
+        try:
+            dims = tuple(int(d) for d in str(self.size).split(","))
+        except ValueError:
+            dims = ()
+        if len(dims) == 1:
+            dims = dims * 2
+        if len(dims) != 2 or min(dims) < 1:
+            raise UserError(f"--size must be HEIGHT,WIDTH or one number (whole numbers >= 1), got {self.size!r}")
+        return dims
+
+    def channel_stats(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """(--mean, --std) as numbers, None where not given."""
+        return _floats("--mean", self.mean), _floats("--std", self.std)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _floats(flag: str, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) not in (1, 3) or not all(math.isfinite(v) for v in numbers):
+        raise UserError(f"{flag} must be one number or three, comma-separated (0..1 scale), got {value!r}")
+    return numbers

@@ -131,6 +131,15 @@ def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
                       max_samples: int | None, seed: int) -> CalibrationSet:
     if calib is not None:
+        from .tools.calib import SOURCE_SUFFIXES, calibration_data
+
+        if Path(calib).is_dir() or (Path(calib).is_file() and Path(calib).suffix.lower() in SOURCE_SUFFIXES):
+            # A folder of images or a text file: made into a set as `sglp-onnx calib` makes one.
+            from .files.calibration import check_calibration
+
+            made = calibration_data(model_path, [calib], model=model, seed=seed)
+            return check_calibration(made.arrays, model, source=f"the calibration set made from {calib}",
+                                     max_samples=max_samples)
         return load_calibration(calib, model, max_samples=max_samples)
     sidecar = sidecar_path(model_path)
     if sidecar.is_file():
@@ -158,6 +167,25 @@ def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str
         per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}
         units = with_flops(units, per_node)
     return units, sum(per_node.values())
+
+
+def pair_units_of(model_path: str | os.PathLike, module, arrays: dict, *, granularity: str,
+                  provider: str = "cpu") -> dict:
+    """The pairing record (a report's `pairing`) of the units of the model at
+    `model_path` with the torch `module`, matched on the calibration `arrays`:
+    what `compress --torch-model` records, for a report written without it."""
+    from .files.calibration import check_calibration
+    from .paired.pairing import cache_inputs, check_empty_cache, pair
+
+    with external_data_folder(Path(model_path).parent):
+        source_model, _ = load_model_files(model_path, defer=True)
+        model, _ = prepare_patterns(source_model)
+        data = check_calibration(arrays, model, source=f"the data checked against {model_path}")
+        units, _ = _discover(model, data, granularity=granularity, provider=provider, timings={})
+        if not units:
+            raise UserError(f"no prunable unit in {model_path}, the model the report was made from")
+        check_empty_cache(data, cache_inputs(model, units))
+        return pair(model, module, units, data, provider)[1]
 
 
 def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:

@@ -64,7 +64,12 @@ def test_several_models_go_into_the_output_dir(tmp_path, capsys):
     assert main(["compress", str(a), str(b_named), "-O", str(out_dir), "--remove", "1", "--criterion", "last"]) == 0
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "model.pruned.json", "model.pruned.onnx", "other.pruned.json", "other.pruned.onnx"]
-    assert capsys.readouterr().out.count("removed 1 of 4 units") == 2
+    out = capsys.readouterr().out
+    assert out.count("removed 1 of 4 units") == 2
+    # Each summary block names its model, before its own lines.
+    blocks = out.split("== ")[1:]
+    assert [b.split(" ==")[0] for b in blocks] == [str(a), str(b_named)]
+    assert all("removed 1 of 4 units" in b for b in blocks)
 
 
 def test_two_models_that_would_write_one_file_are_refused_before_work(tmp_path, capsys):

@@ -124,6 +124,18 @@ def test_max_loss_removes_as_many_units_as_the_budget_allows(tmp_path):
     assert middle.report["fidelity"]["score"] <= 0.05
 
 
+def test_max_loss_with_nothing_removable_warns_of_an_unchanged_copy(tmp_path, capsys):
+    path = cm.write_model(cm.last_zeroed_mlp, tmp_path, "z")
+    out = tmp_path / "copy.onnx"
+    # --criterion last takes the last block first, which is not the free (zeroed) one: nothing fits 0.
+    assert main(["compress", str(path), "-o", str(out), "--criterion", "last", "--max-loss", "0"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["removed"] == []
+    assert f"warning: --max-loss 0: no unit can be removed within it; {out} is an unchanged copy" in printed
+    assert any("unchanged copy of the input" in n for n in report["notes"])
+
+
 def test_suggestions_carry_their_held_out_fidelity():
     report = analyze(RADIO, criterion="last", suggest=[0.1, 0.5]).report
     low, high = (s["fidelity"] for s in report["suggestions"])

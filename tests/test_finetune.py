@@ -88,15 +88,52 @@ def test_training_is_seeded(pruned):
                        torch.cat([p.flatten() for p in cm.dead_branch_mlp().parameters()]))
 
 
-def test_report_without_pairing_is_refused(pruned, tmp_path):
+def test_report_without_pairing_is_paired_by_finetune(pruned, tmp_path):
+    """compress without --torch-model (its default criterion needs none), then finetune with it: finetune
+    pairs the original's units itself, and refuses when the original model is gone."""
     folder = pruned.parent
     out = tmp_path / "plain.onnx"
     assert main(["-q", "compress", str(folder / "dead_branch.onnx"), "--remove", "1", "-o", str(out)]) == 0
-    with pytest.raises(UserError, match="no torch pairing"):
-        finetune(out, torch_model=FACTORY, train_data=folder / "train.npz", epochs=1)
+    assert not json.loads(out.with_suffix(".json").read_text())["pairing"]
+    result = finetune(out, torch_model=FACTORY, train_data=folder / "train.npz", epochs=1)
+    assert result.report["pairing"].startswith("made by finetune")
+    removed = result.report["removed_units"]
+    assert len(removed) == 1 and result.report["skipped_modules"] == [f"blocks.{removed[0].split('.')[1]}"]
+    assert result.report["skip_reproduces_pruned_relative_error"] < 1e-5
     with pytest.raises(UserError, match="no pruning report"):
         finetune(out, torch_model=FACTORY, train_data=folder / "train.npz", epochs=1,
-                 report=tmp_path / "missing.json")
+                 report=tmp_path / "missing.json", output=tmp_path / "other.onnx")
+    report = json.loads(out.with_suffix(".json").read_text())
+    report["input"] = str(tmp_path / "gone.onnx")
+    (tmp_path / "moved.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match="no torch pairing and the model it was made from"):
+        finetune(out, torch_model=FACTORY, train_data=folder / "train.npz", epochs=1, report=tmp_path / "moved.json",
+                 output=tmp_path / "other.onnx")
+    assert not (tmp_path / "other.onnx").exists()
+
+
+def test_demo_model_default_compress_then_finetune_with_json_redirected(tmp_path):
+    """The demo's ResNet-56 compressed with default options, then `finetune -o ft.onnx --json > ft.json`:
+    the shell's ft.json is the report's default path, which must not be refused as existing."""
+    import subprocess
+
+    from test_bad_input import CLI
+
+    root = Path(__file__).resolve().parent.parent
+    pruned = tmp_path / "r56.onnx"
+    assert main(["-q", "compress", str(root / "models/resnet56_digits.onnx"), "-o", str(pruned),
+                 "--criterion", "block-influence"]) == 0
+    with open(tmp_path / "ft.json", "w") as stdout:
+        done = subprocess.run([CLI, "finetune", str(pruned), "--torch-model", "models.resnet_cifar:resnet56_digits",
+                               "--torch-weights", str(root / "models/resnet56_digits.pt"), "--train-data",
+                               str(root / "models/resnet56_digits.calib.npz"), "--epochs", "1", "-o",
+                               str(tmp_path / "ft.onnx"), "--json"], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "ft.json").read_text())
+    assert report["output"] == str(tmp_path / "ft.onnx") and report["pairing"].startswith("made by finetune")
+    assert report["skip_reproduces_pruned_relative_error"] < 1e-4
+    assert (tmp_path / "ft.onnx").is_file()
 
 
 def test_wrong_torch_model_is_refused(pruned, tmp_path):

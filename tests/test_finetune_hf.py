@@ -114,3 +114,18 @@ def test_rename_cache_tensors_maps_all_references():
                                                    for kv in ("key", "value")]
     assert [list(n.input) + list(n.output) for n in model.graph.node][2] == ["past_key_values.3.key",
                                                                               "present.3.key"]
+
+
+def test_finetune_pairs_a_report_made_without_the_torch_model(pruned, tmp_path):
+    """compress without --torch-model, then finetune --torch-model hf:DIR: the pairing is made by finetune."""
+    path, kept = pruned
+    folder = path.parent
+    plain = tmp_path / "plain.onnx"
+    report = compress(folder / "llama.kv.onnx", plain, calib=folder / "train.npz", remove=2, criterion="random",
+                      seed=SEED, batch_size=16).report
+    assert not report["pairing"]
+    result = finetune(plain, torch_model=f"hf:{folder / 'hf'}", train_data=folder / "train.npz", epochs=1,
+                      lr=0.01, batch_size=16, exporter="legacy")
+    assert result.report["pairing"].startswith("made by finetune")
+    assert result.report["cache_layers"] == kept and result.model.config.num_hidden_layers == LAYERS - 2
+    assert result.report["skip_reproduces_pruned_relative_error"] < 1e-4

@@ -374,8 +374,11 @@ def test_every_command_lists_quiet_and_verbose(capsys, command):
 def test_report_dash_prints_the_report_and_writes_no_report_file(ws, capsys):
     capsys.readouterr()
     assert main(compress_args(ws, "--remove", "1", "--report", "-")) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     report = json.loads(out)
+    # The human summary still shows, on stderr.
+    assert "removed 1 of 4 units" in captured.err and f"wrote {ws.output}" in captured.err
     assert report["report_path"] == "-" and report["output"] == str(ws.output)
     assert sorted(p.name for p in ws.out.iterdir()) == ["pruned.onnx"]
 

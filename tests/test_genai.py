@@ -275,6 +275,26 @@ def test_bad_calibration_exits_2_with_one_line(llama, tmp_path, capsys, bad, mes
     assert not any(out.iterdir())
 
 
+def test_calib_reads_the_folders_tokenizer_and_compress_accepts_its_set(llama, tmp_path, capsys):
+    """A plain text file and the builder's folder (tokenizer.json, a GroupQueryAttention past whose head
+    size is not declared) make a calibration set without writing an .npz by hand."""
+    words = np.random.default_rng(1).integers(3, VOCAB, 600)
+    (tmp_path / "corpus.txt").write_text(" ".join(f"t{i}" for i in words))
+    calib = tmp_path / "calib.npz"
+    assert main(["calib", str(llama.fp32 / "model.onnx"), str(tmp_path / "corpus.txt"), "-o", str(calib),
+                 "--seq-len", "12"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    with np.load(calib) as data:
+        arrays = {k: data[k] for k in data.files}
+    assert arrays["input_ids"].shape[1] == 12 and len(arrays["input_ids"]) >= 600 // 12 - 1
+    inputs = [v.name for v in onnx.load(str(llama.fp32 / "model.onnx"), load_external_data=False).graph.input]
+    assert sorted(arrays) == sorted(inputs)
+    assert arrays["past_key_values.0.key"].shape[1:] == (2, 0, 16)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    assert compress(llama.fp32, out, "--remove", "1", "--criterion", "block-influence", calib=calib) == 0
+
+
 def test_support_files_are_the_tokenizer_and_processor_files_only(tmp_path):
     from sglp_onnx.surgery.kv_cache import genai_support_files
 

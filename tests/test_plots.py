@@ -142,3 +142,53 @@ def test_compress_plot_option_writes_png_at_the_given_path(tmp_path):
              criterion="last", remove=3, plot=plot)
     assert png_size(plot)[0] >= 1200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap", "m.json", "m.onnx"]
+
+
+def _texts(ax) -> str:
+    return " ".join(t.get_text() for t in ax.texts)
+
+
+def test_compress_figure_shows_the_held_out_fidelity_not_the_in_sample_agreement():
+    report = compress_report()
+    fidelity = report["fidelity"]
+    assert fidelity["held_out"]
+    text = _texts(panels(plot_report(report))["c"])
+    assert f"top-1 agreement {fidelity['top1_agreement']:.1%}" in text
+    assert f"{fidelity['samples']} held-out samples" in text and "calibration batch" not in text
+
+
+def test_suggestions_panel_shows_each_suggestions_fidelity():
+    report = analyze_report()
+    text = _texts(panels(plot_report(report))["c"])
+    shown = [s for s in report["suggestions"] if s.get("achievable")]
+    assert shown
+    for s in shown:
+        assert f"top-1 {s['fidelity']['top1_agreement']:.1%}" in text
+
+
+def test_small_importances_get_a_log_axis_and_every_removed_bar_a_marker():
+    report = compress_report()
+    removed = removed_indices(report)
+    values = [u["importance"] for u in report["units"]]
+    positive = [v for v in values if v and v > 0]
+    bars = panels(plot_report(report))["b"]
+    assert bars.get_yscale() == ("log" if max(positive) / min(positive) > 50 else "linear")
+    assert marker_count(bars, "removed-unit-marks") == len(removed)
+    # A report whose removed units score 1000x less than the rest: log scale, bars above the floor.
+    for u in report["units"]:
+        u["importance"] = 1e-3 if u["removed"] else 1.0
+    bars = panels(plot_report(report))["b"]
+    assert bars.get_yscale() == "log" and bars.get_ylim()[0] < 1e-3
+
+
+def test_saved_figure_holds_every_label(tmp_path):
+    """The PNG is cut to the drawn content (tight box): no tick label or axis label is clipped."""
+    report = analyze_report()
+    for u in report["units"]:
+        u["name"] = f"a.long.module.path.{u['name']}"  # long names: indices on the axes, long tick text
+    path = tmp_path / "long.png"
+    fig = plot_report(report, path)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    width, height = png_size(path)
+    assert width == pytest.approx((box.width + 0.3) * 110, abs=3)
+    assert height == pytest.approx((box.height + 0.3) * 110, abs=3)

@@ -238,3 +238,22 @@ def test_unscoped_pre_norm_stack_leaves_the_final_norm_out_of_the_last_block():
     ]
     units = discover(_graph_model(post, inits), {"x": np.ones((2, 4), np.float32)})
     assert [(u.entry, u.exit) for u in units] == [("x", "n1"), ("n1", "y")]
+
+
+@pytest.mark.parametrize("add_names, expected", [
+    # tf2onnx from Keras: the block name sits before the op's own, under wrapper prefixes.
+    ([f"StatefulPartitionedCall/model/stage0_block{i}/add" for i in range(4)], [f"stage0_block{i}" for i in range(4)]),
+    # Names that carry no block (an op word only, or the same for two units): unit{i}.
+    ([f"model/add_{i}/Add" for i in range(4)], [f"unit{i}" for i in range(4)]),
+    (["m/blk/add", "m/blk/add_1", "m/other/add", "m/x/add"], ["unit0", "unit1", "other", "x"]),
+])
+def test_scope_less_units_take_a_converters_block_name(add_names, expected):
+    from tiny_graphs import residual_mlp
+
+    model = residual_mlp(4)
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    for node, name in zip(adds, add_names):
+        node.name = name
+    units = find_units(model)
+    assert [u.name for u in units] == expected
+    assert all(u.scope == "" for u in units)  # a name only: layers are never grouped by it

@@ -374,12 +374,12 @@ def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
         if array.ndim != len(spec.shape):
             raise UserError(
                 f"{where} has rank {array.ndim} (shape {array.shape}); the model expects rank "
-                f"{len(spec.shape)} ({_fmt_shape(spec.shape)}) with samples on axis 0"
+                f"{len(spec.shape)} ({format_shape(spec.shape)}) with samples on axis 0"
             )
         for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
             if axis > 0 and isinstance(want, int) and want > 0 and want != got:
                 raise UserError(
-                    f"{where} has shape {array.shape}; the model expects {_fmt_shape(spec.shape)}"
+                    f"{where} has shape {array.shape}; the model expects {format_shape(spec.shape)}"
                 )
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise UserError(f"{where} contains NaN or Inf values; clean the calibration data")
@@ -392,8 +392,9 @@ def _kind(dtype: np.dtype) -> str:
     return "i" if dtype.kind in "iu" else dtype.kind
 
 
-def _fmt_shape(shape: tuple) -> str:
-    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+def format_shape(shape: tuple | None) -> str:
+    """Declared dims as `[batch, 3, 224, 224]`, `?` where a dim is unnamed."""
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape or ()) + "]"
 
 
 def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: int = 4,

@@ -32,6 +32,9 @@ REMOVED_HATCH = "///"
 GID_REMOVED_ROWS = "removed-units-rows"
 GID_REMOVED_COLS = "removed-units-cols"
 GID_REMOVED_BAR = "removed-unit-bar"
+GID_REMOVED_MARKS = "removed-unit-marks"
+# Importances spanning more than this ratio (largest / smallest non-zero) get a log axis.
+LOG_SCALE_RANGE = 50.0
 
 
 
@@ -164,8 +167,25 @@ def _bars(ax, report: dict, removed: Sequence[int], verb: str) -> None:
                          label=f"{verb} ({len(removed_set)})"))
     ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="upper left", framealpha=0.9)
     top = max(values, default=0.0)
-    if top > 0:
-        ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
+    positive = [v for v in values if v > 0]
+    if positive and top / min(positive) > LOG_SCALE_RANGE:
+        # Removed units are the least important: on a linear scale their bars
+        # are too small to see next to the largest. A log scale shows every
+        # non-zero bar; a zero one stays at the floor.
+        floor = min(positive) / 3
+        ax.set_yscale("log")
+        ax.set_ylim(floor, top * (top / floor) ** 0.45)  # room for the legend, in log space
+        ax.set_ylabel(f"{ylabel} (log scale)")
+        base = floor
+    else:
+        if top > 0:
+            ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
+        base = 0.0
+    # A marker above each removed (selected) bar, however small the bar.
+    marks = sorted(removed_set)
+    ax.plot(marks, [max(values[i], base) for i in marks], linestyle="none", marker="v", markersize=6,
+            color=REMOVED_COLOR, markeredgecolor="black", gid=GID_REMOVED_MARKS, clip_on=False,
+            transform=ax.transData)
 
 
 def _cost(ax, report: dict) -> None:
@@ -186,15 +206,17 @@ def _cost(ax, report: dict) -> None:
         ax.set_xticks(x)
         ax.set_xticklabels([labels[k] for k in keys])
         ax.set_ylabel("% of the input model")
-        ax.set_ylim(0, 135)
+        ax.set_ylim(0, 150)
+        ax.set_yticks(range(0, 101, 20))  # the room above 100% is for the labels
         n_removed = sum(1 for u in report["units"] if u.get("removed"))
         ax.set_title(f"(c) cost before and after removing {n_removed} of {len(report['units'])} units",
                      loc="left", fontweight="bold", fontsize=10)
-        ax.legend(fontsize=8, loc="upper right", ncol=2)
-        agreement = (report.get("validation") or {}).get("top1_agreement")
-        if agreement is not None:
-            ax.text(0.01, 0.97, f"top-1 agreement with the input model (calibration batch): {agreement:.1%}",
-                    transform=ax.transAxes, va="top", fontsize=8)
+        # Below the fidelity line, which takes the top of the panel.
+        ax.legend(fontsize=8, loc="upper right", ncol=2, bbox_to_anchor=(1.0, 0.91))
+        line = _fidelity_line(report)
+        if line:
+            ax.text(0.01, 0.97, line, transform=ax.transAxes, va="top", fontsize=8,
+                    color=REMOVED_COLOR if (report.get("fidelity") or {}).get("poor") else "black")
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         return
@@ -215,16 +237,53 @@ def _cost(ax, report: dict) -> None:
         ax.plot([i - 0.45, i + 0.45], [target, target], color="black", linestyle="--", linewidth=1,
                 label="FLOPs target" if i == 0 else None)
         text = f"{s['units_removed']} units" if s.get("achievable") else "not\nreachable"
-        ax.text(i, max(flops[i], params[i], target) + 2, text, ha="center", va="bottom", fontsize=8)
+        fidelity = s.get("fidelity") or {}
+        if s.get("achievable") and fidelity:
+            text += "\n" + _fidelity_short(fidelity)
+        ax.text(i, max(flops[i], params[i], target) + 2, text, ha="center", va="bottom", fontsize=8,
+                color=REMOVED_COLOR if fidelity.get("poor") else "black")
     ax.set_xticks(x)
     ax.set_xticklabels([f"target {100 * s['target_flops']:.0f}%" for s in suggestions])
     ax.set_ylabel("% of the input model removed")
-    ax.set_ylim(0, max([*flops, *params, *(100 * s["target_flops"] for s in suggestions)]) * 1.3 + 5)
-    ax.set_title(f"{title}: what {report.get('criterion')!r} would remove per FLOPs target", loc="left",
-                 fontweight="bold", fontsize=10)
+    ax.set_ylim(0, max([*flops, *params, *(100 * s["target_flops"] for s in suggestions)]) * 1.45 + 8)
+    ax.set_title(f"{title} of {report.get('criterion')!r} per FLOPs target, with their held-out fidelity",
+                 loc="left", fontweight="bold", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+
+
+def _kind(fidelity: dict) -> str:
+    kind = fidelity.get("kind") or "score"
+    return {"kl": "KL"}.get(kind, kind.replace("_", " "))
+
+
+def _fidelity_short(fidelity: dict) -> str:
+    """A suggestion's fidelity in a few words: top-1 agreement and the score."""
+    parts = []
+    if fidelity.get("top1_agreement") is not None:
+        parts.append(f"top-1 {fidelity['top1_agreement']:.1%}")
+    if fidelity.get("score") is not None:
+        parts.append(f"{_kind(fidelity)} {fidelity['score']:.3g}")
+    return "\n".join(parts)
+
+
+def _fidelity_line(report: dict) -> str:
+    """How close the pruned model stays to the input: the held-out fidelity
+    (the number that matters), else the validation batch's agreement, named as such."""
+    fidelity = report.get("fidelity") or {}
+    if fidelity.get("score") is not None:
+        where = (f"{fidelity.get('samples', '?')} held-out samples" if fidelity.get("held_out")
+                 else "in-sample: too few to hold any out")
+        agreement = (f"top-1 agreement {fidelity['top1_agreement']:.1%}, "
+                     if fidelity.get("top1_agreement") is not None else "")
+        unit = f" {fidelity['unit']}" if fidelity.get("unit") else ""
+        poor = " (poor)" if fidelity.get("poor") else ""
+        return f"fidelity to the input: {agreement}{_kind(fidelity)} {fidelity['score']:.3g}{unit}{poor} ({where})"
+    agreement = (report.get("validation") or {}).get("top1_agreement")
+    if agreement is not None:
+        return f"top-1 agreement with the input model (validation batch, in-sample): {agreement:.1%}"
+    return ""
 
 
 # The formats --plot writes, by the suffix of its path.
@@ -276,5 +335,6 @@ def plot_report(report: dict, path: str | os.PathLike | None = None) -> Figure:
                  f"{len(units)} units", fontsize=13, fontweight="bold")
     if path is not None:
         # An explicit format: `compress` passes a temporary name (.NAME.XXXXXXXX.tmp).
-        fig.savefig(path, format=fmt, dpi=110)
+        # A tight box: long unit names and rotated ticks are never cut off at the edges.
+        fig.savefig(path, format=fmt, dpi=110, bbox_inches="tight", pad_inches=0.15)
     return fig

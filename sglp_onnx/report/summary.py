@@ -111,6 +111,10 @@ def summary(report: dict) -> str:
         lines.append(f"importance: {report['importance_kind']}")
     removed = [u["name"] for u in units if u["removed"]]
     lines.append(f"removed {len(removed)} of {len(units)} units: {', '.join(removed) or 'none'}")
+    max_loss = (report.get("budget") or {}).get("max_loss")
+    if max_loss is not None and not removed and report.get("output"):
+        lines.append(f"warning: --max-loss {max_loss:g}: no unit can be removed within it; {report['output']} is an "
+                     "unchanged copy of the input")
     cache = report.get("kv_cache")
     if cache and cache["removed_outputs"]:
         mapping = ", ".join(f"{k}->{'-' if v is None else v}" for k, v in cache["layer_map"].items())

@@ -74,6 +74,9 @@ def max_loss_count(criterion: Criterion, ctx: Context, units: Sequence[PrunableU
         best = (n, selection)
     notes = [f"--max-loss {max_loss:g}: held-out score by units removed: {', '.join(tried) or 'none tried'}; "
              f"{best[0]} removed"]
+    if best[0] == 0:
+        notes.append(f"--max-loss {max_loss:g}: no unit can be removed within it, so the output is an unchanged copy "
+                     "of the input; raise --max-loss or give a budget (--remove, --ratio, --target-flops)")
     return best[0], best[1], notes
 
 

@@ -59,7 +59,10 @@ class BenchResult:
     # all work runs on that thread, so this is the latency the run would have
     # had on an idle machine: a contention-free figure for shared CI hosts.
     cpu_p50_ms: float
-    throughput: float  # samples per second: batch_size / mean latency
+    # Samples per second: batch_size / p50 latency. The median, like the latency
+    # columns: a few slow outliers (a shared host, a page fault) dominate a mean
+    # and made a faster model show fewer samples/s than a slower one.
+    throughput: float
     latency_ratio: float  # p50 over the first model's p50 at this batch size
     flops_ratio: float  # FLOPs over the first model's FLOPs
 
@@ -125,7 +128,7 @@ def bench(
                 warmup=warmup, inputs=source, params=params, flops=flops, file_size=size,
                 p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(ms.mean()), min_ms=float(ms.min()),
                 cpu_p50_ms=float(np.median(cpu)) * 1e3,
-                throughput=batch_size / (float(ms.mean()) / 1e3),
+                throughput=batch_size / (p50 / 1e3),
                 latency_ratio=p50 / first_p50_ms, flops_ratio=flops / static[0][1] if static[0][1] else 1.0,
             ))
     return results
@@ -244,7 +247,8 @@ def format_results(results: Sequence[BenchResult]) -> str:
                 f"{names[r.model]:<{width}}  {r.batch_size:>5}  {r.p50_ms:>8.3f}  {r.p90_ms:>8.3f}  "
                 f"{r.p99_ms:>8.3f}  {r.throughput:>10.1f}  {human_count(r.params):>7}  {human_count(r.flops):>7}  "
                 f"{human_bytes(r.file_size):>8}  {r.latency_ratio:>6.3f}x  {r.flops_ratio:>5.3f}x")
-    lines += ["", "latency and FLOPs columns on the right: ratio to the first model (p50 latency; FLOPs per sample)"]
+    lines += ["", "samples/s: batch size over the p50 latency; latency and FLOPs columns on the right: ratio to the "
+                  "first model (p50 latency; FLOPs per sample)"]
     return "\n".join(lines)
 
 

@@ -70,7 +70,7 @@ class RemovalPlan:
     """What the pruning report removed and which torch modules computed it."""
 
     units: list[str]
-    modules: list[str]
+    modules: list[str] | None  # None until paired (see `pair_plan`)
     report_path: Path
     report: dict = field(repr=False, default_factory=dict)
 
@@ -83,8 +83,10 @@ def _json_beside(path: Path) -> Path:
     return beside(path, ".json")
 
 
-def read_plan(pruned: Path, report: str | os.PathLike | None = None) -> RemovalPlan:
-    """The removed units of `pruned` and their torch modules, from its report (PRUNED.json by default)."""
+def read_plan(pruned: Path, report: str | os.PathLike | None = None, *, pairing: dict | None = None) -> RemovalPlan:
+    """The removed units of `pruned` and their torch modules, from its report
+    (PRUNED.json by default) or from `pairing`; `modules` is None when the
+    report has no pairing (see `pair_plan`)."""
     path = Path(report) if report is not None else _json_beside(pruned)
     if not path.is_file():
         raise UserError(f"no pruning report for {pruned}: {path} not found; pass --report REPORT.json "
@@ -95,17 +97,40 @@ def read_plan(pruned: Path, report: str | os.PathLike | None = None) -> RemovalP
         removed = [u["name"] for u in units if u["removed"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not an sglp-onnx pruning report ({type(exc).__name__}: {exc})") from None
-    pairing = data.get("pairing")
+    pairing = data.get("pairing") if pairing is None else pairing
     if removed and not pairing:
-        raise UserError(f"the report {path} has no torch pairing, so the removed units cannot be mapped to torch "
-                        "modules; run `sglp-onnx compress` again with --torch-model (and --torch-weights)")
+        # compress ran without --torch-model (its default criterion needs none): finetune pairs itself.
+        return RemovalPlan(units=removed, modules=None, report_path=path, report=data)
+    return _with_modules(RemovalPlan(units=removed, modules=None, report_path=path, report=data), pairing)
+
+
+def _with_modules(plan: RemovalPlan, pairing: dict) -> RemovalPlan:
+    """`plan` with the torch modules of its removed units, from a pairing record."""
+    path, removed = plan.report_path, plan.units
     modules_of = {p["unit"]: p["modules"] for p in (pairing or {}).get("units", [])}
     unpaired = [name for name in removed if not modules_of.get(name)]
     if unpaired:
         raise UserError(f"the report {path} has no torch module for removed unit(s) {', '.join(unpaired[:4])}; "
                         "run `sglp-onnx compress` again with --torch-model")
     modules = list(dict.fromkeys(m for name in removed for m in modules_of[name]))
-    return RemovalPlan(units=removed, modules=modules, report_path=path, report=data)
+    return RemovalPlan(units=removed, modules=modules, report_path=path, report=plan.report)
+
+
+def pair_plan(plan: RemovalPlan, teacher: torch.nn.Module, arrays: dict, provider: str) -> RemovalPlan:
+    """Pair the units of the model the report was made from with `teacher`
+    (on the training data) when the report has no pairing of its own."""
+    from ..pipeline import pair_units_of
+
+    given = Path(str(plan.report.get("input", "")))
+    candidates = [given] if given.is_absolute() else [given, plan.report_path.parent / given.name]
+    original = next((c for c in candidates if c.is_file()), None)
+    if original is None:
+        raise UserError(f"the report {plan.report_path} has no torch pairing and the model it was made from "
+                        f"({given}) is not found to pair it with --torch-model; run finetune where compress ran, or "
+                        "run `sglp-onnx compress` again with --torch-model")
+    info = pair_units_of(original, teacher, arrays, granularity=plan.report.get("granularity") or "layer",
+                         provider=provider)
+    return _with_modules(plan, info)
 
 
 def output_structure(model: torch.nn.Module, paths: Sequence[str], feed, input_order) -> dict[str, int | None]:
@@ -398,7 +423,7 @@ class FinetuneResult:
     """The written model and report of `finetune`, and the fine-tuned torch model."""
 
     output: Path
-    report_path: Path
+    report_path: Path | None  # None when the report was not written (printed with --json)
     report: dict
     model: torch.nn.Module = field(repr=False)
 
@@ -418,7 +443,8 @@ class FinetuneResult:
                     fmt = "{:.2%}" if key == "accuracy" else "{:.3f}"
                     lines.append(f"{key} on {rep['eval']['data']}: {fmt.format(before[key])} -> "
                                  f"{fmt.format(after[key])}")
-        lines.append(f"report: {self.report_path}")
+        if self.report_path is not None:
+            lines.append(f"report: {self.report_path}")
         return "\n".join(lines)
 
 
@@ -440,6 +466,7 @@ def finetune(
     exporter: str = "dynamo",
     provider: str = "cpu",
     force: bool = False,
+    write_report: bool = True,
     progress: Progress | None = None,
 ) -> FinetuneResult:
     """Heal a pruned model by fine-tuning its torch counterpart; write the result as ONNX.
@@ -453,7 +480,8 @@ def finetune(
     `labels` for classifiers), exports it with the pruned model's input and
     output names and opset, checks it (onnx.checker, ONNX Runtime, same
     signature, finite outputs) and writes it (default PRUNED.finetuned.onnx)
-    with a JSON report beside it, atomically. `eval_data` adds metrics of the
+    with a JSON report beside it (unless not `write_report`: `--json` prints it
+    instead), atomically. `eval_data` adds metrics of the
     pruned model before and after fine-tuning.
     """
     check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
@@ -465,7 +493,8 @@ def finetune(
     report_out = _json_beside(out)
     inputs = [pruned_path, Path(train_data)] + ([Path(eval_data)] if eval_data else [])
     check_output_path(out, force=force, what="output", inputs=inputs)
-    check_output_path(report_out, force=force, what="report", inputs=inputs)
+    if write_report:
+        check_output_path(report_out, force=force, what="report", inputs=inputs)
     if exporter not in ("dynamo", "legacy"):
         raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
     stages.start("load")
@@ -495,6 +524,11 @@ def finetune(
         teacher = load_hf_model(torch_model[len(HF_PREFIX):])
     else:
         teacher = load_torch_model(torch_model, None if torch_weights is None else str(torch_weights))
+    paired_here = plan.modules is None
+    if paired_here:
+        stages.start("pairing")
+        plan = pair_plan(plan, teacher, load_npz(train_data), provider)
+        stages.start("load")
     # The torch model runs whole sequences: the ONNX feed without its (empty) past KV cache.
     torch_order = [name for name in order if name not in cache_names]
     torch_data = data if not cache_names else CalibrationSet(
@@ -572,6 +606,7 @@ def finetune(
             "pruning_report": str(plan.report_path),
             "torch_model": torch_model,
             "torch_weights": None if torch_weights is None else str(torch_weights),
+            "pairing": "made by finetune (the pruning report had none)" if paired_here else "the pruning report's",
             "removed_units": plan.units,
             "skipped_modules": plan.modules,
             "layer_removal": "deleted" if hf else "skipped",
@@ -593,8 +628,10 @@ def finetune(
         }
         stages.start("write")
         model_paths = model_files_for(new, out, force=force)
-        with atomic_paths(*model_paths, report_out, overwrite=force) as temps:
+        reports = [report_out] if write_report else []
+        with atomic_paths(*model_paths, *reports, overwrite=force) as temps:
             write_model_files(new, model_paths, temps)
             stages.stop()
-            temps[len(model_paths)].write_text(to_json(rep))
-    return FinetuneResult(output=out, report_path=report_out, report=rep, model=student)
+            if write_report:
+                temps[len(model_paths)].write_text(to_json(rep))
+    return FinetuneResult(output=out, report_path=report_out if write_report else None, report=rep, model=student)

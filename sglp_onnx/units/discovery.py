@@ -417,11 +417,42 @@ def _set_layer_indices(units: list[PrunableUnit]) -> None:
 
 
 def _name_units(units: list[PrunableUnit]) -> None:
+    """Each unit's name: its module scope when no other unit shares it; else,
+    for a unit without a scope, the block name a converter wrote into its
+    join's node name (see `converter_block_name`) when that is unique; else `unit{i}`."""
     counts: dict[str, int] = {}
     for u in units:
         counts[u.scope] = counts.get(u.scope, 0) + 1
+    converted = {i: converter_block_name(u.add_nodes) for i, u in enumerate(units) if not u.scope}
+    taken = [n for n in converted.values() if n] + [u.scope for u in units if u.scope]
     for i, u in enumerate(units):
-        u.name = u.scope if u.scope and counts[u.scope] == 1 else f"unit{i}" + (f"@{u.scope}" if u.scope else "")
+        if u.scope and counts[u.scope] == 1:
+            u.name = u.scope
+        elif converted.get(i) and taken.count(converted[i]) == 1:
+            u.name = converted[i]
+        else:
+            u.name = f"unit{i}" + (f"@{u.scope}" if u.scope else "")
+
+
+# Path components that name a wrapper or the op, not a block (tf2onnx keeps TF's
+# `StatefulPartitionedCall/model/...` prefixes).
+_WRAPPER_WORDS = {"", "add", "sum", "plus", "residual", "statefulpartitionedcall", "partitionedcall", "model",
+                  "functional", "sequential", "tfoplambda"}
+
+
+def converter_block_name(add_nodes: Sequence[str]) -> str:
+    """The block name in the path-like node name of a one-join unit's Add, as
+    converters without module scopes write them (tf2onnx from Keras:
+    `model/stage0_block1/add` -> `stage0_block1`): the innermost component
+    before the op's own that is more than a wrapper or op word; '' when there
+    is none. Only a name: it never groups units into layers (scopes do)."""
+    if len(add_nodes) != 1:
+        return ""
+    parts = [p for p in add_nodes[0].split("/") if p]
+    for part in reversed(parts[:-1]):
+        if re.sub(r"[\d_:.\-]", "", part).lower() not in _WRAPPER_WORDS:
+            return part
+    return ""
 
 
 def layer_index_of(name: str) -> int | None:
