@@ -62,6 +62,7 @@ test-slow: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
+	$(BIN)/python benchmarks/repair_cost.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/latency_formats.py
@@ -83,6 +84,7 @@ bench-quality: $(TEST_STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/quality_llm.py
 	$(BIN)/python benchmarks/peer_onnxsim.py
+	$(BIN)/python benchmarks/repair_forms.py
 
 # Minutes: cka-removal runs one partial pass per candidate unit per greedy step.
 bench-speed: $(TEST_STAMP)
