@@ -175,6 +175,10 @@ def fidelity_lines(report: dict) -> list[str]:
              f"on the {record['samples']} selection samples (too few calibration samples to hold any out)")
     lines = [f"fidelity to the original: {fidelity_text(record)} ({record['rows']} rows {where}; "
              f"{record['definition']})"]
+    repair = report.get("repair")
+    if repair and repair["applied"]:
+        lines.append(f"  with {len(repair['cuts'])} repair map(s) ({repair['form']}, {repair['params']:,} parameters); "
+                     f"without repair: {fidelity_text(repair['fidelity_without_repair'])}")
     if record["poor"] and report.get("removed"):
         lines.append("warning: the pruned model has drifted far from the original; remove fewer units "
                      "(--remove, --target-flops, or --max-loss to bound the drift), or heal it with "
@@ -254,9 +258,10 @@ def analysis_summary(report: dict) -> str:
             if not s["achievable"]:
                 lines.append(f"  {target:>6}  not reachable: {s['reason']}")
                 continue
+            fidelity = fidelity_text(s.get('fidelity')) + (" (repaired)" if s.get("repaired") else "")
             lines.append(f"  {target:>6} {s['units_removed']:>5} {100 * s['flops_removed_fraction']:>12.1f}% "
                          f"{100 * s['params_removed'] / total_params:>13.1f}%  "
-                         f"{fidelity_text(s.get('fidelity')):<40}  {', '.join(s['names'])}")
+                         f"{fidelity:<40}  {', '.join(s['names'])}")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     timings = report.get("timings", {})
