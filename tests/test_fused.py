@@ -424,3 +424,24 @@ def test_flops_of_ort_transformer_ops():
     del shapes["mha_k"], shapes["gqa_k"]  # without the present key: past + new
     flops = node_flops(model, shapes)
     assert flops["mha"] == 2 * b * t * (past + t) * (c + c) and flops["gqa"] == 4 * b * t * (past + t) * heads * head
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_default_options_with_the_candidates_side_by_side(staged, capsys, tmp_path, monkeypatch, arch):
+    """The optimizer leaves nodes without names (Casts of the mask): the
+    candidates' copies in one session must still get unique names. The copies
+    are used for a large model; a budget of 0 makes this small one "large"."""
+    from sglp_onnx.surgery import gating
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    source = staged[arch]["fused"]
+    assert any(not n.name for n in onnx.load(str(source)).graph.node) or arch == "gpt2"
+    out = tmp_path / f"{arch}.pruned.onnx"
+    report = compress(capsys, source, out)  # every option at its default
+    removed = removed_of(report)
+    assert removed
+    feed = token_batch(3, seed=7)
+    (got,) = run(out, feed)
+    (want,) = run(prune(staged[arch]["plain"], removed, feed), feed)
+    real = feed["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
