@@ -483,8 +483,13 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
     from .tools.export.torch_export import export_torch, load_torch_model
     from .files.model_files import check_output_path
 
-    check_output_path(out, force=force, what="output", inputs=[Path(torch_weights)] if torch_weights else [])
     from .paired.hf_model import HF_PREFIX, is_hf_spec
+
+    # The files the export reads: the weights, or the hf:DIR folder's files.
+    inputs = [Path(torch_weights)] if torch_weights else []
+    if is_hf_spec(factory) and Path(factory[len(HF_PREFIX):]).is_dir():
+        inputs += [p for p in Path(factory[len(HF_PREFIX):]).iterdir() if p.is_file()]
+    check_output_path(out, force=force, what="output", inputs=inputs)
 
     if is_hf_spec(factory):
         from .tools.export.hf import export_hf

@@ -22,7 +22,8 @@ from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
 from .files.model_files import (atomic_paths, beside, check_output_path, external_bytes, external_data_folder,
-                                files_size, load_model_files, model_files_for, proto_size, write_model_files)
+                                files_size, load_model_files, model_files_for, proto_size, refuse_inputs,
+                                write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
@@ -122,8 +123,32 @@ def default_report(output: Path) -> Path:
     return beside(output, ".json")
 
 
-def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> None:
-    check_output_path(path, force=force, what=what, inputs=[input_path])
+def run_inputs(model_path: Path, opts: SelectionOptions, *, extra: Sequence[Path] = ()) -> list[Path]:
+    """Every file a run on `model_path` reads that is known before the model
+    is loaded: the model, the calibration file (`--calib`, else the sidecar
+    `MODEL.calib.npz`), the torch weights, the files of an `hf:DIR` paired
+    model, and `extra` (the genai config and tokenizer files it copies). The
+    model's external data files are added once it is loaded (`_analyze`). No
+    output of any kind may be one of them (`check_output_path`)."""
+    paths = [model_path]
+    if opts.calib is not None:
+        paths.append(Path(opts.calib))
+    elif sidecar_path(model_path).is_file():
+        paths.append(sidecar_path(model_path))
+    if opts.torch_weights is not None:
+        paths.append(Path(opts.torch_weights))
+    if opts.torch_model is not None:
+        from .paired.hf_model import HF_PREFIX, is_hf_spec
+
+        if is_hf_spec(opts.torch_model):
+            folder = Path(opts.torch_model[len(HF_PREFIX):])
+            if folder.is_dir():
+                paths.extend(p for p in folder.iterdir() if p.is_file())
+    return paths + list(extra)
+
+
+def _check_writable(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
+    check_output_path(path, force=force, what=what, inputs=inputs)
 
 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
@@ -189,8 +214,11 @@ def _analyze(
     force: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    outputs: Sequence[tuple[str, Path]] = (),
     **options,
 ) -> Analysis:
+    # `outputs`: (what, path) of the files `compress` will write, checked
+    # against the model's external data files as soon as they are known.
     if threads is not None:
         from .graph.runtime import set_threads
 
@@ -198,8 +226,10 @@ def _analyze(
     opts = _selection_options(options, "analyze")
     timings: dict[str, float] = {}
     plot_path = Path(plot) if plot is not None else None
+    inputs = run_inputs(Path(model_path), opts)
     if plot_path is not None:
-        _check_writable(plot_path, force=force, what="plot", input_path=Path(model_path))
+        _check_writable(plot_path, force=force, what="plot", inputs=inputs)
+        outputs = [*outputs, ("plot", plot_path)]
     chosen = get_criterion(opts.criterion)
     if opts.segments is not None and not chosen.uses_segments:
         raise UserError(f"--segments K sets the Fisher segments of --criterion sglp; --criterion {opts.criterion} "
@@ -210,6 +240,8 @@ def _analyze(
     model_path = Path(model_path)
     with _timed(timings, "load", progress):
         source_model, input_files = load_model_files(model_path, defer=True)
+        for what, path in outputs:
+            refuse_inputs(path, what=what, inputs=input_files)
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                  needed=chosen.needs_calibration or opts.torch_model is not None
@@ -391,18 +423,15 @@ def _compress(
         from .report.plots import plot_format
 
         plot_format(plot_path)
+    inputs = run_inputs(model_path, opts, extra=[p for p in (genai_source,) if p is not None]
+                        + [source for source, _ in copies])
     if not dry_run:
-        _check_writable(out, force=force, what="output", input_path=model_path)
-        _check_writable(report_path, force=force, what="report", input_path=model_path)
-        if plot_path is not None:
-            _check_writable(plot_path, force=force, what="plot", input_path=model_path)
-        if genai_path is not None:
-            _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
-        for source, target in copies:
-            _check_writable(target, force=force, what=f"copy of {source.name}", input_path=model_path)
+        for what, path in named:
+            _check_writable(path, force=force, what=what, inputs=inputs)
 
     # Suggestions are for deciding what to remove; compress has decided.
-    analysis = analyze(model_path, **{"suggest": None, **options})
+    # (Already inside the input's external_data_folder: `_analyze` directly.)
+    analysis = _analyze(model_path, **{"suggest": None, **options}, outputs=[] if dry_run else named)
     timings = analysis.timings
     removed = analysis.removed_units
     with _timed(timings, "surgery", options.get("progress")):

@@ -113,7 +113,7 @@ def model_files_for(model: onnx.ModelProto, path: Path, *, force: bool, external
     if not external and not needs_external_data(model):
         return [path]
     data_path = path.with_name(path.name + ".data")
-    if any(data_path.resolve() == Path(p).resolve() for p in inputs):
+    if any(same_file(data_path, p) for p in inputs):
         raise UserError(f"the output's weights would go to {data_path}, a file of the input model; choose another "
                         "output path (inputs are never overwritten)")
     if data_path.exists() and not force:
@@ -300,13 +300,34 @@ def beside(model_path: str | os.PathLike, suffix: str) -> Path:
     return path.with_name(stem + suffix)
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when `a` and `b` name one file: the same path once links are
+    resolved, or (both existing) the same inode, as a hard link is."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a name the system refuses
+        return False
+
+
+def refuse_inputs(path: Path, *, what: str, inputs: Sequence[Path]) -> None:
+    """The one rule for every output of every command: never one of the files
+    the run reads (`inputs`: the model, its external data, the calibration
+    file, torch weights, the files it copies), with or without --force."""
+    for source in inputs:
+        if same_file(path, source):
+            raise UserError(f"the {what} {path} is the input model or another file this run reads ({Path(source)}); "
+                            "choose another path (inputs are never overwritten, even with --force)")
+
+
 def check_output_path(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
-    """Refuse an output path before any work: an input file, a missing or
-    unwritable folder, a folder, a symbolic link or anything else that is not
-    a regular file, or an existing file without `force`."""
-    if any(path.resolve() == p.resolve() for p in inputs):
-        raise UserError(f"the {what} {path} is the input model or another input file; choose another path "
-                        "(inputs are never overwritten)")
+    """Refuse an output path before any work: an input file (see
+    `refuse_inputs`), a missing or unwritable folder, a folder, a symbolic
+    link or anything else that is not a regular file, or an existing file
+    without `force`."""
+    refuse_inputs(path, what=what, inputs=inputs)
     if not path.parent.is_dir():
         raise UserError(f"the folder of the {what} does not exist: {path.parent}")
     # The final rename would replace a link by a regular file (not write where
