@@ -441,6 +441,16 @@ def _load_small_external(model: onnx.ModelProto, folder: Path) -> None:
             del tensor.external_data[:]
 
 
+def graph_input_names(path: str | os.PathLike) -> list[str]:
+    """The graph input names of the model at `path`, read without its weights
+    (empty when it cannot be read: loading it says why)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # protobuf raises several unrelated types
+        return []
+    return [i.name for i in graph.input]
+
+
 def files_size(paths: Sequence[Path]) -> int:
     """Bytes on disk of `paths` (a model and its external data files)."""
     return sum(Path(p).stat().st_size for p in paths)

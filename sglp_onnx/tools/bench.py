@@ -21,7 +21,7 @@ from ..files.calibration import (CalibrationSet, check_calibration, fixed_batch,
                           synthetic_calibration)
 from ..errors import UserError
 from ..graph.flops import model_params, node_flops, tensors_needed
-from ..files.model_files import external_locations, load_model
+from ..files.model_files import external_locations, graph_input_names, load_model
 from ..report.summary import human_bytes, human_count
 from ..evidence.activations import probe_shapes
 from ..graph.runtime import make_session, provider_chain
@@ -104,9 +104,10 @@ def bench(
 
     source, arrays = _input_arrays(paths, data, seed, max(sizes))
     datasets, static = [], []
+    known = [name for path in paths for name in graph_input_names(path)]  # one file serves every model
     for path in paths:  # one protobuf in memory at a time; sessions read the files
         model = load_model(path)
-        datasets.append(_check_inputs(arrays, model, source, sizes, path))
+        datasets.append(_check_inputs(arrays, model, source, sizes, path, known))
         static.append(_static_facts(model, path, datasets[-1]))
         del model
 
@@ -157,11 +158,11 @@ def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict
 
 
 def _check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str, batch_sizes: list[int],
-                  path: Path) -> CalibrationSet:
+                  path: Path, known: Sequence[str] = ()) -> CalibrationSet:
     fixed = fixed_batch(model_inputs(model))
     if fixed and any(b != fixed for b in batch_sizes):
         raise UserError(f"{path} has a fixed batch size of {fixed}; bench it with --batch-size {fixed}")
-    return check_calibration(arrays, model, source=source)
+    return check_calibration(arrays, model, source=source, also_known=known)
 
 
 def _batch(dataset: CalibrationSet, batch_size: int) -> dict[str, np.ndarray]:
