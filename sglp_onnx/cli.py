@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import signal
 import sys
@@ -600,6 +601,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             click.echo(f"interrupted ({name}); nothing was written", err=True)
         return 128 + int(signum)
+    except MemoryError:
+        # A size the user chose (a batch, a sequence length) that this machine cannot hold.
+        click.echo("error: out of memory: this machine cannot hold what the options ask for; choose a smaller "
+                   "--batch-size or fewer calibration samples; nothing was written", err=True)
+        return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            return _internal_error(exc, state_verbose)
+        # The environment or a name the user gave, not a bug.
+        where = f": {exc.filename}" if exc.filename else ""
+        advice = _USER_OS_ERRORS[exc.errno]
+        click.echo(f"error: {exc.strerror or exc}{where}; {advice}; nothing was written", err=True)
+        return EXIT_USAGE
     except SystemExit as exc:
         # Only the user's code exits (click does not, outside standalone mode):
         # a torch model's forward() that calls sys.exit, say.
@@ -607,11 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                    "or its module must not call sys.exit or exit()); nothing was written", err=True)
         return EXIT_USAGE
     except Exception as exc:  # a bug: say so, keep the traceback for -v
-        if state_verbose:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v",
-                   err=True)
-        return EXIT_INTERNAL
+        return _internal_error(exc, state_verbose)
     except BaseException as exc:  # raised by the user's code: neither an Exception nor an interrupt
         click.echo(f"error: the run was stopped by {type(exc).__name__}: {exc} from the user's code; "
                    "nothing was written", err=True)
@@ -620,6 +630,24 @@ def main(argv: list[str] | None = None) -> int:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
+
+
+# OS errors caused by what the user chose (a name, a folder, a disk), with what to change.
+_USER_OS_ERRORS = {
+    errno.ENAMETOOLONG: "choose a shorter file name",
+    errno.ENOSPC: "free some space or choose another folder",
+    errno.EDQUOT: "free some space (disk quota) or choose another folder",
+    errno.EFBIG: "the file system cannot hold a file this large; choose another folder",
+    errno.EROFS: "the folder is on a read-only file system; choose another folder",
+    errno.EACCES: "check the file's permissions or choose another path",
+}
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc)
+    click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v", err=True)
+    return EXIT_INTERNAL
 
 
 class Terminated(KeyboardInterrupt):

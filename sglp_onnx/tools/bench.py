@@ -111,6 +111,7 @@ def bench(
         static.append(_static_facts(model, path, datasets[-1]))
         del model
 
+    _check_batch_memory(datasets, max(sizes))
     sessions = [make_session(path, provider, threads=threads) for path in paths]
     results: list[BenchResult] = []
     for batch_size in sizes:
@@ -163,6 +164,21 @@ def _check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source:
     if fixed and any(b != fixed for b in batch_sizes):
         raise UserError(f"{path} has a fixed batch size of {fixed}; bench it with --batch-size {fixed}")
     return check_calibration(arrays, model, source=source, also_known=known)
+
+
+def _check_batch_memory(datasets: list[CalibrationSet], batch_size: int) -> None:
+    """Refuse a --batch-size whose inputs alone exceed this machine's memory
+    (before allocating them: numpy would raise MemoryError, or the system
+    would start swapping)."""
+    per_sample = max(sum(v[:1].nbytes for v in d.inputs.values()) for d in datasets)
+    needed = batch_size * max(per_sample, 1) * len(datasets)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > total:
+        raise UserError(f"--batch-size {batch_size} needs {human_bytes(needed)} for the inputs alone; this machine "
+                        f"has {human_bytes(total)} of memory: choose a smaller --batch-size")
 
 
 def _batch(dataset: CalibrationSet, batch_size: int) -> dict[str, np.ndarray]:
