@@ -249,6 +249,10 @@ def _analyze(
                                  max_samples=opts.max_calib_samples, seed=opts.seed)
         all_samples = data.n_samples
         data, held_out = data.split_holdout()
+        if opts.fidelity_output is not None:
+            from .evidence.fidelity import output_kind
+
+            output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
     units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
                                    timings=timings, sequential=opts.sequential, progress=progress)
     if not units:
@@ -271,7 +275,8 @@ def _analyze(
 
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn, progress=progress,
-                  timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None)
+                  timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None,
+                  fidelity_output=opts.fidelity_output)
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets) -> list[dict]:
@@ -449,6 +454,7 @@ def _compress(
                 removed_outputs={o for u in removed for o in u.owned_outputs},
                 removed_inputs={i for u in removed for i in u.owned_inputs},
                 nothing_removed=not removed, provider=opts.provider,
+                scored_output=analysis.report["fidelity"]["output"] if analysis.report.get("fidelity") else None,
             )
         except ValidationError as exc:
             raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc

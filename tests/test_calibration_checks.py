@@ -109,6 +109,16 @@ def test_an_array_no_input_reads_is_refused(ws, capsys, command):
     assert "'labels'" in err
 
 
+def test_side_information_is_ignored_and_said(ws, capsys):
+    """An array unlike any input name (a radio file's `snr`) is not a typo: ignored, with a note."""
+    data = calibration()
+    side = ws.root / "in" / "side.npz"
+    np.savez(side, **data, snr=np.arange(16))
+    capsys.readouterr()
+    assert main(["compress", str(ws.model), "-o", str(ws.output), "--calib", str(side), "--remove", "1"]) == 0
+    assert "snr ignored" in capsys.readouterr().out
+
+
 def test_bfloat16_input_is_named(ws, capsys):
     model = ws.root / "in" / "bf16.onnx"
     onnx.save_model(with_input_type(TensorProto.BFLOAT16), str(model))

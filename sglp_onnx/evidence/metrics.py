@@ -48,6 +48,11 @@ def measure(
     logits) of one model on `dataset`, and its top-1 predictions per batch."""
     session = make_session(model, provider)
     out_name = session.get_outputs()[0].name
+    if isinstance(model, onnx.ModelProto):
+        from .fidelity import output_kind
+
+        # The output fidelity scores: class ids first (ArgMax) are not logits.
+        out_name = output_kind(model).output
     correct = total = seen = 0
     nll = tokens = 0.0
     predictions: list[np.ndarray] = []

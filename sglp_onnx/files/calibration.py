@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -64,6 +64,8 @@ class CalibrationSet:
     # Set when the model's batch dimension is a fixed number (exports often
     # pin it to 1): every batch then has exactly that many samples.
     fixed_batch: int | None = None
+    # Arrays of the file that no model input reads (side information), ignored.
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
@@ -88,7 +90,7 @@ class CalibrationSet:
     def subset(self, index: np.ndarray) -> "CalibrationSet":
         return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
                               labels=None if self.labels is None else self.labels[index],
-                              source=self.source, fixed_batch=self.fixed_batch)
+                              source=self.source, fixed_batch=self.fixed_batch, ignored=self.ignored)
 
     def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["CalibrationSet", "CalibrationSet | None"]:
         """(selection samples, held-out samples): every `every`-th sample is held
@@ -199,7 +201,7 @@ def check_calibration(
             f"{source} lacks the model input(s) {', '.join(missing)}; "
             f"it has {', '.join(sorted(arrays)) or 'no arrays'} (arrays must be named after the model's inputs)"
         )
-    _check_names(given, specs, source, also_known)
+    ignored = _check_names(given, specs, source, also_known)
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         array = arrays[spec.name]
@@ -227,35 +229,34 @@ def check_calibration(
     if max_samples is not None and n > max_samples:
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = labels[:max_samples] if labels is not None else None
-    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed)
+    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed, ignored=ignored)
 
 
 LABELS = "labels"
 
 
 def _check_names(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str,
-                 also_known: Sequence[str]) -> None:
-    """An array that is no input is a mistake (`label` for `labels`, a renamed
-    input): silently ignored, it would change what is measured. KV-cache
-    entries are known (a pruned model takes fewer than the file holds)."""
+                 also_known: Sequence[str]) -> list[str]:
+    """The arrays no input reads, sorted. One whose name is close to an
+    input's or to `labels` is a mistake (`label` for `labels`, `input_id`
+    for `input_ids`): silently ignored it would change what is measured, so
+    it is refused. Others (side information such as a radio file's `snr`)
+    are returned, for the caller to say they were ignored. KV-cache entries
+    are known (a pruned model takes fewer than the file holds)."""
     from ..surgery.kv_cache import CACHE_NAME
 
     inputs = [s.name for s in specs]
     known = set(inputs) | {LABELS} | set(also_known)
     unknown = sorted(k for k in arrays if k not in known and not CACHE_NAME.match(k))
-    if not unknown:
-        return
     import difflib
 
-    hints = []
     for name in unknown:
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
         if close:
-            hints.append(f"{name!r} for {close[0]!r}?")
-    hint = f" (did you mean {', '.join(hints)})" if hints else ""
-    raise UserError(f"{source} has array(s) {', '.join(map(repr, unknown))} that the model does not read{hint}; "
-                    f"the arrays must be named after the model's inputs ({', '.join(inputs)}) plus optional "
-                    f"'{LABELS}'")
+            raise UserError(f"{source} has an array {name!r} that the model does not read (did you mean "
+                            f"{close[0]!r}?); arrays are named after the model's inputs ({', '.join(inputs)}) "
+                            f"plus optional '{LABELS}': rename it")
+    return unknown
 
 
 def _check_label_shape(labels: np.ndarray, inputs: dict[str, np.ndarray], source: str) -> None:

@@ -171,6 +171,9 @@ def fidelity_lines(report: dict) -> list[str]:
              f"on the {record['samples']} selection samples (too few calibration samples to hold any out)")
     lines = [f"fidelity to the original: {fidelity_text(record)} ({record['rows']} rows {where}; "
              f"{record['definition']})"]
+    rule = record.get("rule") or ""
+    if "not scored" in rule or "--fidelity-output" in rule:  # not simply the first output: say which
+        lines.append(f"  scored output {record['output']!r}: {rule}")
     if record["poor"] and report.get("removed"):
         lines.append("warning: the pruned model has drifted far from the original; remove fewer units "
                      "(--remove, --target-flops, or --max-loss to bound the drift), or heal it with "
