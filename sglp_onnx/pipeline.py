@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -215,6 +215,7 @@ def _analyze(
     threads: int | None = None,
     progress: Progress | None = None,
     outputs: Sequence[tuple[str, Path]] = (),
+    measure_single_unit: bool = True,
     **options,
 ) -> Analysis:
     # `outputs`: (what, path) of the files `compress` will write, checked
@@ -289,8 +290,17 @@ def _analyze(
                             batch_size=opts.batch_size)
 
     budget_notes: list[str] = []
+    # `analyze` of a model with one unit and no budget asked for: nothing can
+    # go (one unit always stays), but the unit and its measurements are shown.
+    only_measure = (len(units) == 1 and measure_single_unit and opts.max_loss is None
+                    and all(options.get(k) is None for k in ("remove", "ratio", "target_flops")))
     with _timed(timings, "selection", progress):
-        if opts.max_loss is None:
+        if only_measure:
+            n_remove, selection = budget_to_count(chosen, ctx, units, total_flops, remove=0, ratio=None,
+                                                  target_flops=None)
+            budget_notes.append("the model has one prunable unit and one always stays: nothing can be removed; "
+                                "its measurements are shown")
+        elif opts.max_loss is None:
             n_remove, selection = budget_to_count(chosen, ctx, units, total_flops, remove=opts.remove,
                                                   ratio=opts.ratio, target_flops=opts.target_flops)
         else:
@@ -313,6 +323,13 @@ def _analyze(
             x["fidelity"] = fidelity_record(next(records), ctx.output_kind(), data, held_out) \
                 if x["achievable"] else None
 
+        if only_measure:  # what removing the unit would cost: the damage a criterion weighs
+            from .report.summary import fidelity_text
+
+            alone = held_out_fidelity([0])[0]
+            budget_notes.append(f"bypassing {units[0].name} alone would give {fidelity_text(alone)} on the "
+                                "held-out samples")
+
     evidence = ctx.evidence_if_computed
     notes = list(selection.notes) + budget_notes
     runner_used = ctx.runner_used
@@ -324,7 +341,7 @@ def _analyze(
     if loss_note is not None and ctx.gradnorm_computed:
         notes.append(loss_note)
     report = analysis_report(
-        model_path=model_path, options=opts, n_remove=n_remove, selection=selection, units=units,
+        model_path=model_path, options=replace(opts, ratio=None) if only_measure else opts, n_remove=n_remove, selection=selection, units=units,
         data=data, held_out=held_out, all_samples=all_samples, evidence=evidence, pairing=pairing_info,
         before={"params": model_params(source_model), "flops": total_flops,
                 "file_size": files_size(input_files)},
@@ -436,7 +453,8 @@ def _compress(
 
     # Suggestions are for deciding what to remove; compress has decided.
     # (Already inside the input's external_data_folder: `_analyze` directly.)
-    analysis = _analyze(model_path, **{"suggest": None, **options}, outputs=[] if dry_run else named)
+    analysis = _analyze(model_path, **{"suggest": None, **options}, outputs=[] if dry_run else named,
+                        measure_single_unit=False)
     timings = analysis.timings
     removed = analysis.removed_units
     with _timed(timings, "surgery", options.get("progress")):
