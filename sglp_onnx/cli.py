@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -574,7 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = _handle_sigterm_as_interrupt()
     try:
         try:
-            cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
+            # Not cli.main(): on an interrupt it prints an empty line to stderr
+            # before turning it into Abort; the one line below is all there is.
+            with cli.make_context("sglp-onnx", list(sys.argv[1:] if argv is None else argv)) as ctx, \
+                    warnings.catch_warnings():
+                if not state_verbose:
+                    # numpy's overflow/invalid-value warnings (a float16 model's
+                    # activations, say) name a source line, not what to do: what
+                    # matters reaches the report or the one error line.
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                cli.invoke(ctx)
         finally:
             from .progress import clear_status
 

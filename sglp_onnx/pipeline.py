@@ -254,8 +254,9 @@ def _analyze(
             from .evidence.fidelity import output_kind
 
             output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
-    units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                   timings=timings, sequential=opts.sequential, progress=progress)
+    with data.explained("--calib"):  # the first run on the data: guessed sizes fail here
+        units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
+                                       timings=timings, sequential=opts.sequential, progress=progress)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "

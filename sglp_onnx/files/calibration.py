@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -66,6 +67,21 @@ class CalibrationSet:
     fixed_batch: int | None = None
     # Arrays of the file that no model input reads (side information), ignored.
     ignored: list[str] = field(default_factory=list)
+    # Synthetic inputs only: the dynamic dimensions whose sizes were guessed.
+    guessed: str = ""
+
+    @contextmanager
+    def explained(self, flag: str) -> Iterator[None]:
+        """Within the block, a UserError (the model fails on these inputs) from
+        synthetic inputs with guessed sizes says so, and how to give real ones."""
+        try:
+            yield
+        except UserError as exc:
+            if not self.guessed:
+                raise
+            raise UserError(f"{exc}. No data was given, so the inputs were made up with guessed sizes for their "
+                            f"dynamic dimensions ({self.guessed}); give real inputs with {flag} DATA.npz "
+                            "(arrays named after the model's inputs)") from None
 
     @property
     def n_samples(self) -> int:
@@ -90,7 +106,8 @@ class CalibrationSet:
     def subset(self, index: np.ndarray) -> "CalibrationSet":
         return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
                               labels=None if self.labels is None else self.labels[index],
-                              source=self.source, fixed_batch=self.fixed_batch, ignored=self.ignored)
+                              source=self.source, fixed_batch=self.fixed_batch, ignored=self.ignored,
+                              guessed=self.guessed)
 
     def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["CalibrationSet", "CalibrationSet | None"]:
         """(selection samples, held-out samples): every `every`-th sample is held
@@ -492,6 +509,7 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     serve only to bind shapes for FLOPs and to validate the output."""
     rng = np.random.default_rng(seed)
     inputs = {}
+    guessed = []
     specs = model_inputs(model)
     fixed = fixed_batch(specs)
     n_samples = fixed * max(1, n_samples // fixed) if fixed else n_samples
@@ -500,6 +518,8 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
             continue  # implied by the others, below
         dims = spec.shape or (None,)
         shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
+        if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
+            guessed.append(f"{spec.name} {_fmt_shape(tuple(dims))} as {list(shape)}")
         if spec.dtype is object:
             raise unfeedable(spec)
         dtype = np.dtype(spec.dtype)
@@ -510,4 +530,5 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
         else:
             inputs[spec.name] = np.zeros(shape, dtype=dtype)
     inputs.update(_implied_inputs(inputs, specs, model))
-    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed)
+    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed,
+                          guessed="; ".join(guessed))

@@ -24,7 +24,7 @@ from ..graph.flops import model_params, node_flops, tensors_needed
 from ..files.model_files import external_locations, graph_input_names, load_model
 from ..report.summary import human_bytes, human_count
 from ..evidence.activations import probe_shapes
-from ..graph.runtime import make_session, provider_chain
+from ..graph.runtime import input_model_errors, make_session, provider_chain
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -102,7 +102,14 @@ def bench(
     _check_options(paths, sizes, runs, warmup, threads)
     provider_chain(provider)
 
-    source, arrays = _input_arrays(paths, data, seed, max(sizes))
+    source, arrays, guessed = _input_arrays(paths, data, seed, max(sizes))
+    explained = CalibrationSet(inputs=arrays, guessed=guessed).explained("--data")
+    with explained:
+        return _bench(paths, sizes, source, arrays, runs=runs, warmup=warmup, provider=provider, threads=threads)
+
+
+def _bench(paths: list[Path], sizes: list[int], source: str, arrays: dict[str, np.ndarray], *, runs: int,
+           warmup: int, provider: str, threads: int) -> list[BenchResult]:
     datasets, static = [], []
     known = [name for path in paths for name in graph_input_names(path)]  # one file serves every model
     for path in paths:  # one protobuf in memory at a time; sessions read the files
@@ -117,7 +124,8 @@ def bench(
     for batch_size in sizes:
         feeds = [_batch(dataset, batch_size) for dataset in datasets]
         runners = [_runner(session, feed, provider) for session, feed in zip(sessions, feeds)]
-        times, cpu_times = _interleaved(runners, runs=runs, warmup=warmup)
+        with input_model_errors("a model"):
+            times, cpu_times = _interleaved(runners, runs=runs, warmup=warmup)
         first_p50_ms = float(np.percentile(times[0], 50)) * 1e3
         for path, (params, flops, size), seconds, cpu in zip(paths, static, times, cpu_times):
             ms = np.asarray(seconds) * 1e3
@@ -146,16 +154,16 @@ def _check_options(paths: list[Path], sizes: list[int], runs: int, warmup: int, 
         raise UserError(f"--threads must be 0 (ONNX Runtime's choice) or more, got {threads}")
 
 
-def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict[str, np.ndarray]]:
+def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict[str, np.ndarray], str]:
     """One set of arrays for all models, so that every model sees the same inputs."""
     if data is not None:
-        return str(data), load_npz(data)
+        return str(data), load_npz(data), ""
     for path in paths:
         sidecar = sidecar_path(path)
         if sidecar.is_file():
-            return str(sidecar), load_npz(sidecar)
+            return str(sidecar), load_npz(sidecar), ""
     synthetic = synthetic_calibration(load_model(paths[0], load_external_data=False), seed=seed, n_samples=n)
-    return synthetic.source, synthetic.inputs
+    return synthetic.source, synthetic.inputs, synthetic.guessed
 
 
 def _check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str, batch_sizes: list[int],
