@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ from .files.model_files import (atomic_paths, beside, check_output_path, externa
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
-from .progress import Progress, stage
+from .progress import PAUSE_ENV, Progress, pause_point, stage  # noqa: F401 (PAUSE_ENV: the tests' hook)
 from .report.build import analysis_report
 from .report.summary import analysis_summary, summary, to_json
 from .selection.budget import budget_to_count, max_loss_count, suggest_removals
@@ -87,26 +86,9 @@ class CompressionResult(Analysis):
         return summary(self.report)
 
 
-# Test hook: SGLP_ONNX_PAUSE_AT=STAGE[:SECONDS] stops at the start of STAGE
-# (load, discovery, pairing, selection, surgery, validation, write) or at
-# "rename" (every output complete in its temporary file), says so on stderr
-# and sleeps, so that tests can interrupt a run at a known point.
-PAUSE_ENV = "SGLP_ONNX_PAUSE_AT"
-
-
-def _pause_point(point: str) -> None:
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    name, _, seconds = spec.partition(":")
-    if name == point:
-        print(f"sglp-onnx: paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds or 60))
-
-
 @contextmanager
 def _timed(timings: dict[str, float], name: str, progress: Progress | None = None):
-    _pause_point(name)
+    pause_point(name)
     start = time.perf_counter()
     try:
         with stage(progress, name):
@@ -550,7 +532,7 @@ def _compress(
                     shutil.copyfile(source, temp)
                 rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
                 temps[n].write_text(to_json(rep))
-                _pause_point("rename")
+                pause_point("rename")
         except OSError as exc:
             # Disk full, quota, a folder that vanished: the environment, not a bug.
             where = exc.filename or out.parent

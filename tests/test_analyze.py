@@ -27,7 +27,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
     Decoded by hand: text mode would turn a progress bar's '\\r' into '\\n'.
     """
-    result = subprocess.run([CLI, *args], cwd=cwd, capture_output=True, timeout=300)
+    result = subprocess.run([CLI, *args], cwd=cwd, capture_output=True, timeout=600)
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 

@@ -129,7 +129,7 @@ def _compress(tmp_path: Path, model: onnx.ModelProto, *args: str) -> subprocess.
     x = np.concatenate([np.abs(rng.standard_normal((16, D))), rng.standard_normal((16, D))]).astype(np.float32)
     np.savez(tmp_path / "m.calib.npz", x=x)
     return subprocess.run([sys.executable, "-m", "sglp_onnx.cli", "compress", str(path), "-o",
-                           str(tmp_path / "p.onnx"), *args], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "p.onnx"), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("make", [if_model, loop_model], ids=["if", "loop"])

@@ -91,7 +91,7 @@ def cli(model: Path, calib: Path, criterion: tuple[str, ...] = LAST) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "sglp_onnx.cli", "-q", "compress", str(model), "-o", str(pruned_path(model, criterion)),
          "--calib", str(calib), "--remove", "2", *criterion, "--force"],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True, text=True, env=env, timeout=600)
 
 
 def compress_cli(model: Path, calib: Path, criterion: tuple[str, ...] = LAST) -> tuple[Path, dict]:
@@ -348,7 +348,7 @@ def optimum_exports(root):
            "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH")) if p)}
     target = root / "optimum"
     result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(source), str(target)],
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, env=env, timeout=600)
     if result.returncode == 3:
         pytest.skip(f"optimum.exporters.onnx is not importable ({result.stderr.strip().splitlines()[-1]}); "
                     f"install optimum-onnx into {Path(sys.prefix) / 'optimum-onnx'} or set {OPTIMUM_ENV}")
