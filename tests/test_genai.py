@@ -184,9 +184,10 @@ def test_pruned_folder_is_complete_and_generates_like_the_builder(llama, tmp_pat
 
 
 @pytest.mark.parametrize("extra, criterion", [
+    ([], "damage"),  # every option at its default: a quarter of the layers
     (["--remove", "2"], "damage"),  # the default criterion
     (["--remove", "1", "--criterion", "random", "--seed", "1"], "random"),  # layer 1: the cache renumbered
-], ids=["damage-remove-2", "middle-layer"])
+], ids=["default-options", "damage-remove-2", "middle-layer"])
 def test_chosen_layers_generate_like_the_builder(llama, tmp_path, extra, criterion):
     out = tmp_path / "pruned"
     out.mkdir()
@@ -194,7 +195,7 @@ def test_chosen_layers_generate_like_the_builder(llama, tmp_path, extra, criteri
     report = json.loads((out / "model.json").read_text())
     assert report["criterion"] == criterion
     gone = removed_layers(report)
-    assert len(gone) == int(extra[1])
+    assert len(gone) == (int(extra[1]) if extra else max(1, round(LAYERS / 4)))
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == LAYERS - len(gone)
     if criterion == "random":

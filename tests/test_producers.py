@@ -606,3 +606,62 @@ def test_plain_export_at_opset_equals_torch_with_blocks_as_identity(root, opset,
     (got,) = run(out, {"x": x})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- every format, default options
+
+DEFAULT_FORMATS = ["resnet", "bert", "llama", "bert.fp16", "resnet.onnxslim", "bert.int8"]
+
+
+def format_model(staged: Staged, name: str) -> tuple[nn.Module, Path]:
+    """The export `name` (ARCH or ARCH.PRODUCER) and its torch model, built on first use."""
+    arch, _, producer = name.partition(".")
+    torch_model, plain = getattr(staged, arch)()
+    if not producer:
+        return torch_model, plain
+    path = staged.root / f"{name}.default.onnx"
+    if not path.exists():
+        if producer == "int8":
+            quantization = pytest.importorskip("onnxruntime.quantization")
+            quantization.quantize_dynamic(plain, path, weight_type=quantization.QuantType.QInt8)
+        else:
+            onnx.save({"fp16": fp16_ort, "onnxslim": slim}[producer](onnx.load(str(plain))), str(path))
+    return torch_model, path
+
+
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["suffix-per-candidate", "candidates-side-by-side"])
+@pytest.mark.parametrize("name", DEFAULT_FORMATS)
+def test_every_format_prunes_with_the_default_options(staged, capsys, monkeypatch, name, side_by_side):
+    """No budget, no criterion: what a new user types. The default criterion
+    measures damage with one suffix session per candidate on small models and
+    the candidates side by side in one session on large ones; a weight budget
+    of 0 makes these tiny models take the large models' path too."""
+    from sglp_onnx.cli import main
+    from sglp_onnx.surgery import gating
+
+    if side_by_side:
+        monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    torch_model, path = format_model(staged, name)
+    arch = name.partition(".")[0]
+    calib, feed = model_feed(arch)
+    out = staged.root / f"{name}.{'side' if side_by_side else 'each'}.pruned.onnx"
+    capsys.readouterr()
+    code = main(["-q", "compress", str(path), "-o", str(out), "--calib", str(calib_for(path, calib)), "--force"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    validate_report(report)
+    assert all(report["validation"][k] for k in VALIDATION), report["validation"]
+    removed = removed_of(report)
+    assert len(removed) == max(1, round(0.25 * len(report["units"])))  # the default ratio
+    (got,) = run(out, feed)[:1]
+    if arch == "resnet":
+        bypassed = copy.deepcopy(torch_model)
+        for i in removed:
+            bypassed.blocks[IDENTITY_BLOCKS[i]] = nn.Identity()
+        with torch.no_grad():
+            want = bypassed(torch.from_numpy(feed["x"])).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    elif not name.endswith(".int8"):  # = transformers with those layers deleted (int8: validation above)
+        tolerance = FP16_TOLERANCE if name.endswith(".fp16") else 1e-4
+        assert_close_on_tokens(got, hf_logits(delete_layers(torch_model, removed), feed), feed["attention_mask"],
+                               tolerance)

@@ -275,6 +275,20 @@ def test_compress_equals_the_float_model_pruned_then_quantized(models, name, arg
     assert_matches_reference(models, name, out, report["removed"])
 
 
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_default_options_with_the_candidates_side_by_side(models, monkeypatch, name):
+    """Every option at its default, the candidates' suffixes in one session
+    (what large models get; a weight budget of 0 makes this one "large")."""
+    from sglp_onnx.surgery import gating
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    code, report, out = compress(models, name, "--batch-size", "64")  # (the default, for a distinct output name)
+    assert code == 0
+    assert len(report["removed"]) == 1 and report["criterion"] == "damage"
+    assert all(report["validation"][k] for k in ("checker", "opset_ir_kept", "signature", "runs", "finite"))
+    assert_matches_reference(models, name, out, report["removed"])
+
+
 @pytest.mark.parametrize("name", ["qdq", "qoperator"])
 def test_target_flops(models, name):
     code, report, out = compress(models, name, "--target-flops", "0.3")

@@ -150,7 +150,9 @@ def suffix_model(gated: onnx.ModelProto, start: str, start_dtype: np.dtype, outp
     entry.shape = None
     graph.inputs.append(entry)
     graph.outputs = [tensors[name] for name in outputs]
-    graph.cleanup(remove_unused_graph_inputs=True).toposort()
+    # Not into subgraphs: there it would drop a Loop body's unused inputs
+    # (the iteration count), which the Loop's signature needs.
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_subgraphs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = gated.ir_version
     del model.opset_import[:]
