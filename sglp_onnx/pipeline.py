@@ -33,7 +33,7 @@ from .selection.budget import budget_to_count, max_loss_count, suggest_removals
 from .selection.criteria import Context, Selection, get_criterion
 from .surgery.kv_cache import (genai_config_source, genai_config_target, genai_support_files, other_model_files,
                                renumber_kept_cache, updated_genai_config)
-from .surgery.remove import remove_units
+from .surgery.remove import dropped_weight_inputs, remove_units
 from .surgery.validation import validate
 from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
 from .units.patterns import finish as finish_patterns
@@ -453,7 +453,7 @@ def _compress(
             result = validate(
                 original, pruned, feed, reference=reference,
                 removed_outputs={o for u in removed for o in u.owned_outputs},
-                removed_inputs={i for u in removed for i in u.owned_inputs},
+                removed_inputs={i for u in removed for i in u.owned_inputs} | dropped_weight_inputs(original, pruned),
                 nothing_removed=not removed, provider=opts.provider,
                 scored_output=analysis.report["fidelity"]["output"] if analysis.report.get("fidelity") else None,
             )
