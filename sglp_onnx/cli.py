@@ -275,8 +275,12 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
     outputs: list[str | None] = [output]
     if output_dir is not None:
         outputs = [str(Path(output_dir) / default_output(Path(m)).name) for m in models]
+        from .files.model_files import refuse_inputs
+
         seen: dict[str, str] = {}
         for model, out in zip(models, outputs):
+            # Each run reads every later model: none may be another's output.
+            refuse_inputs(Path(out), what=f"output of {model}", inputs=[Path(m) for m in models])
             if out in seen:
                 raise UserError(f"{seen[out]} and {model} would both write {out}; compress them in two calls")
             seen[out] = model

@@ -515,7 +515,7 @@ def _compress(
         # near the protobuf limit, renamed into place with the other files
         # (the model records the final name).
         model_paths = model_files_for(pruned, out, force=force, external=len(analysis.input_files) > 1,
-                                      inputs=analysis.input_files)
+                                      inputs=analysis.input_files + inputs)
         n = len(model_paths)
         targets = model_paths + [report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
         targets += [target for _, target in copies]

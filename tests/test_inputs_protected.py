@@ -108,3 +108,11 @@ def test_a_new_output_beside_the_calibration_still_works(ws, capsys):
     capsys.readouterr()
     assert main(["-q", "compress", str(ws.model), "--remove", "1"]) == 0, capsys.readouterr().err
     assert snapshot(ws.root)["in/model.calib.npz"]
+
+
+def test_several_models_never_write_one_of_them(ws, capsys):
+    """`compress a.onnx a.pruned.onnx -O DIR`: a's output would replace the next model before it is read."""
+    second = ws.model.with_name("model.pruned.onnx")
+    second.write_bytes(ws.model.read_bytes())
+    run_main(ws, capsys, ["compress", str(ws.model), str(second), "-O", str(ws.model.parent), "--remove", "1",
+                          "--force"], says="file this run reads")

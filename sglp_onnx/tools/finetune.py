@@ -594,7 +594,7 @@ def finetune(
             "timings": timings,
         }
         stages.start("write")
-        model_paths = model_files_for(new, out, force=force)
+        model_paths = model_files_for(new, out, force=force, inputs=inputs + pruned_files)
         with atomic_paths(*model_paths, report_out, overwrite=force) as temps:
             write_model_files(new, model_paths, temps)
             stages.stop()
