@@ -133,3 +133,22 @@ def test_eval_reads_the_distribution_not_the_class_ids(ws, capsys):
     assert main(["eval", str(source), "--data", str(ws.calib), "--json"]) == 0
     (metrics,) = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] is not None
+
+
+def test_a_zipmap_output_is_refused_in_one_line(ws, capsys):
+    """scikit-learn-to-ONNX's default layout: `label`, then the probabilities as a
+    sequence of maps (ZipMap), which no score can compare: exit 2, how to export it."""
+    model = classifier("label")
+    graph = model.graph
+    graph.node.append(helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                                       classlabels_int64s=[0, 1, 2], name="zipmap"))
+    del graph.output[1:]
+    graph.output.append(helper.make_value_info("output_probability", helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))))
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))
+    onnx.checker.check_model(model, full_check=True)
+    source = ws.root / "in" / "zipmap.onnx"
+    onnx.save_model(model, str(source))
+    (ws.root / "in" / "zipmap.calib.npz").write_bytes(ws.calib.read_bytes())
+    run_main(ws, capsys, ["compress", str(source), "-o", str(ws.output)], says="zipmap")
+    run_main(ws, capsys, ["eval", str(source), "--data", str(ws.calib)], says="not a tensor")

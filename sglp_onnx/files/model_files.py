@@ -416,6 +416,7 @@ def load_model_files(path: str | os.PathLike, *, load_external_data: bool = True
         raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
                         "again") from None
     densify_sparse_initializers(model, path)
+    _refuse_non_tensor_io(model, path)
     locations = list(dict.fromkeys(external_locations(model)))
     if load_external_data and locations:
         try:
@@ -462,6 +463,18 @@ def densify_sparse_initializers(model: onnx.ModelProto, path: Path) -> list[str]
         names.append(sparse.values.name)
     del graph.sparse_initializer[:]
     return names
+
+
+def _refuse_non_tensor_io(model: onnx.ModelProto, path: Path) -> None:
+    """Graph inputs and outputs must be tensors: a sequence or map (scikit-learn-to-ONNX's ZipMap
+    probabilities) is not something calibration data feeds or a score compares."""
+    for what, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            kind = value.type.WhichOneof("value")
+            if kind not in (None, "tensor_type"):
+                raise UserError(f"{path}: graph {what} {value.name!r} is a {kind.replace('_type', '')}, not a "
+                                "tensor, which sglp-onnx does not read; export it as a tensor (skl2onnx: "
+                                "options={'zipmap': False}) and try again")
 
 
 def _all_nodes(graph: onnx.GraphProto):
