@@ -104,3 +104,11 @@ def test_a_legal_name_at_the_limit_works(ws, capsys):
 def test_bench_batch_size_no_machine_holds(ws, capsys):
     run_main(ws, capsys, ["bench", str(ws.model), "--batch-size", "10000000000", "--runs", "1"],
              says="smaller --batch-size")
+
+
+@pytest.mark.parametrize("command", ["compress", "bench"])
+def test_a_thread_count_far_beyond_the_cores_is_refused(ws, capsys, command):
+    """--threads 100000 started that many threads per session (minutes, then gigabytes) before failing."""
+    argv = [command, str(ws.model), "--threads", "100000"]
+    argv += ["-o", str(ws.output)] if command == "compress" else ["--runs", "1"]
+    run_main(ws, capsys, argv, says="per core")

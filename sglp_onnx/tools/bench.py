@@ -24,7 +24,7 @@ from ..graph.flops import model_params, node_flops, tensors_needed
 from ..files.model_files import external_locations, graph_input_names, load_model
 from ..report.summary import human_bytes, human_count
 from ..evidence.activations import probe_shapes
-from ..graph.runtime import input_model_errors, make_session, provider_chain
+from ..graph.runtime import check_thread_count, input_model_errors, make_session, provider_chain
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -152,6 +152,7 @@ def _check_options(paths: list[Path], sizes: list[int], runs: int, warmup: int, 
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
     if threads < 0:
         raise UserError(f"--threads must be 0 (ONNX Runtime's choice) or more, got {threads}")
+    check_thread_count(threads or None)
 
 
 def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict[str, np.ndarray], str]:
