@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -621,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--batch-size or fewer calibration samples; nothing was written", err=True)
         return EXIT_USAGE
     except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            # The reader of stdout went away (`... | head`): stop quietly, as a
+            # process killed by SIGPIPE would (what click's own main did).
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")
+            return 128 + signal.SIGPIPE
         if exc.errno not in _USER_OS_ERRORS:
             return _internal_error(exc, state_verbose)
         # The environment or a name the user gave, not a bug.

@@ -65,3 +65,13 @@ def test_quiet_interrupt_prints_its_one_line_only(ws, signum):
     assert out == ""
     assert err == f"interrupted ({signal.Signals(signum).name}); nothing was written\n"
     assert not list(ws.out.iterdir())
+
+
+def test_a_closed_stdout_stops_quietly(ws):
+    """`sglp-onnx analyze M --json | head -c 1`: the reader goes away; no traceback, no misleading error."""
+    process = subprocess.Popen([CLI, "analyze", str(ws.model), "--json", "--remove", "1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    err = process.stderr.read()
+    process.wait(timeout=HANG_GUARD)
+    assert process.returncode == 128 + signal.SIGPIPE and err == "", err
