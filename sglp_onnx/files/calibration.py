@@ -268,7 +268,7 @@ def _check_names(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: 
     import difflib
 
     for name in unknown:
-        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
         if close:
             raise UserError(f"{source} has an array {name!r} that the model does not read (did you mean "
                             f"{close[0]!r}?); arrays are named after the model's inputs ({', '.join(inputs)}) "
