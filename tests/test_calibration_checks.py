@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sglp_onnx.cli import main
 from test_bad_input import Workspace, run_main
-from tiny_graphs import IR_VERSION, calibration, make_model, residual_mlp, write_model_and_calibration
+from tiny_graphs import calibration, make_model, residual_mlp, write_model_and_calibration
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 
