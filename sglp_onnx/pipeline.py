@@ -20,9 +20,9 @@ import onnx
 from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
-from .files.model_files import (atomic_paths, beside, check_output_path, external_bytes, external_data_folder,
-                                files_size, load_model_files, model_files_for, proto_size, refuse_inputs,
-                                write_model_files)
+from .files.model_files import (atomic_paths, beside, check_name_length, check_output_path, external_bytes,
+                                external_data_folder, files_size, load_model_files, model_files_for, proto_size,
+                                refuse_inputs, write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
@@ -95,6 +95,10 @@ def _timed(timings: dict[str, float], name: str, progress: Progress | None = Non
             yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# What the pruned model is called in messages (and in `_analyze`'s `outputs`).
+OUTPUT_MODEL = "output model"
 
 
 def default_output(model_path: Path) -> Path:
@@ -225,6 +229,10 @@ def _analyze(
         source_model, input_files = load_model_files(model_path, defer=True)
         for what, path in outputs:
             refuse_inputs(path, what=what, inputs=input_files)
+            if what == OUTPUT_MODEL and len(input_files) > 1:  # its weights will go to OUTPUT.data too
+                data_path = path.with_name(path.name + ".data")
+                refuse_inputs(data_path, what="output's weights file", inputs=input_files)
+                check_name_length(data_path, what="output's weights file")
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                  needed=chosen.needs_calibration or opts.torch_model is not None
@@ -416,7 +424,7 @@ def _compress(
     genai_path = genai_config_target(model_path, out) if genai_source is not None else None
     # Written to another folder, the pruned model gets the tokenizer files onnxruntime-genai reads beside it.
     copies, copy_notes = genai_support_files(model_path, out) if genai_source is not None else ([], [])
-    destinations = {"output model": out, "report": report_path, "plot": plot_path, "genai config": genai_path,
+    destinations = {OUTPUT_MODEL: out, "report": report_path, "plot": plot_path, "genai config": genai_path,
                     **{f"copy of {source.name}": target for source, target in copies}}
     named = [(what, path) for what, path in destinations.items() if path is not None]
     # Two targets on one file: the last rename would silently win.

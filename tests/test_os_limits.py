@@ -112,3 +112,15 @@ def test_a_thread_count_far_beyond_the_cores_is_refused(ws, capsys, command):
     argv = [command, str(ws.model), "--threads", "100000"]
     argv += ["-o", str(ws.output)] if command == "compress" else ["--runs", "1"]
     run_main(ws, capsys, argv, says="per core")
+
+
+def test_an_output_whose_weights_file_name_is_too_long_is_refused_before_any_work(ws, capsys):
+    """An input with external data gives an output with OUTPUT.data: its name must fit too."""
+    folder = ws.root / "ext"
+    folder.mkdir()
+    onnx.save_model(residual_mlp(4, 8), str(folder / "m.onnx"), save_as_external_data=True, location="m.bin",
+                    size_threshold=0)
+    np.savez(folder / "m.calib.npz", **calibration())
+    name = "z" * (name_max(ws.out) - len(".onnx")) + ".onnx"  # legal; name.data is not
+    run_main(ws, capsys, ["compress", str(folder / "m.onnx"), "-o", str(ws.out / name), "--report",
+                          str(ws.out / "r.json"), "--remove", "1"], says="weights file")
