@@ -152,3 +152,12 @@ def test_a_zipmap_output_is_refused_in_one_line(ws, capsys):
     (ws.root / "in" / "zipmap.calib.npz").write_bytes(ws.calib.read_bytes())
     run_main(ws, capsys, ["compress", str(source), "-o", str(ws.output)], says="zipmap")
     run_main(ws, capsys, ["eval", str(source), "--data", str(ws.calib)], says="not a tensor")
+
+
+def test_labels_are_checked_against_the_scored_outputs_classes(ws, capsys):
+    source = ws.root / "in" / "cls.onnx"
+    onnx.save_model(classifier("label"), str(source))
+    data = calibration()
+    bad = ws.root / "in" / "bad.npz"
+    np.savez(bad, input=data["input"], labels=np.full(16, 7))  # 3 classes
+    run_main(ws, capsys, ["eval", str(source), "--data", str(bad)], says="3 classes")

@@ -292,11 +292,16 @@ def _check_label_shape(labels: np.ndarray, inputs: dict[str, np.ndarray], source
 
 def output_classes(model: onnx.ModelProto, label_rank: int = 1) -> int | None:
     """The number of classes `labels` of rank `label_rank` index: the fixed last
-    dimension of the first output when that output is (batch, classes) or
-    (batch, tokens, classes) logits for them; None when it cannot be told."""
+    dimension of the scored output (the first, or the first float
+    distribution after integer class ids: `fidelity.output_kind`) when that
+    output is (batch, classes) or (batch, tokens, classes) logits for them;
+    None when it cannot be told."""
     if not model.graph.output:
         return None
-    dims = declared_dims(model.graph.output[0])
+    from ..evidence.fidelity import output_kind
+
+    scored = output_kind(model).output
+    dims = declared_dims(next(o for o in model.graph.output if o.name == scored))
     if dims is None or len(dims) not in (2, 3) or len(dims) != label_rank + 1:
         return None
     last = dims[-1]
