@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -279,8 +281,12 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
     outputs: list[str | None] = [output]
     if output_dir is not None:
         outputs = [str(Path(output_dir) / default_output(Path(m)).name) for m in models]
+        from .files.model_files import refuse_inputs
+
         seen: dict[str, str] = {}
         for model, out in zip(models, outputs):
+            # Each run reads every later model: none may be another's output.
+            refuse_inputs(Path(out), what=f"output of {model}", inputs=[Path(m) for m in models])
             if out in seen:
                 raise UserError(f"{seen[out]} and {model} would both write {out}; compress them in two calls")
             seen[out] = model
@@ -536,8 +542,13 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
     from .tools.export.torch_export import export_torch, load_torch_model
     from .files.model_files import check_output_path
 
-    check_output_path(out, force=force, what="output", inputs=[Path(torch_weights)] if torch_weights else [])
     from .paired.hf_model import HF_PREFIX, is_hf_spec
+
+    # The files the export reads: the weights, or the hf:DIR folder's files.
+    inputs = [Path(torch_weights)] if torch_weights else []
+    if is_hf_spec(factory) and Path(factory[len(HF_PREFIX):]).is_dir():
+        inputs += [p for p in Path(factory[len(HF_PREFIX):]).iterdir() if p.is_file()]
+    check_output_path(out, force=force, what="output", inputs=inputs)
 
     if is_hf_spec(factory):
         from .tools.export.hf import export_hf
@@ -639,7 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = _handle_sigterm_as_interrupt()
     try:
         try:
-            cli.main(args=argv, prog_name="sglp-onnx", standalone_mode=False)
+            # Not cli.main(): on an interrupt it prints an empty line to stderr
+            # before turning it into Abort; the one line below is all there is.
+            with cli.make_context("sglp-onnx", list(sys.argv[1:] if argv is None else argv)) as ctx, \
+                    warnings.catch_warnings():
+                if not state_verbose:
+                    # numpy's overflow/invalid-value warnings (a float16 model's
+                    # activations, say) name a source line, not what to do: what
+                    # matters reaches the report or the one error line.
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                cli.invoke(ctx)
         finally:
             from .progress import clear_status
 
@@ -666,6 +686,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             click.echo(f"interrupted ({name}); nothing was written", err=True)
         return 128 + int(signum)
+    except MemoryError:
+        # A size the user chose (a batch, a sequence length) that this machine cannot hold.
+        click.echo("error: out of memory: this machine cannot hold what the options ask for; choose a smaller "
+                   "--batch-size or fewer calibration samples; nothing was written", err=True)
+        return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            # The reader of stdout went away (`... | head`): stop quietly, as a
+            # process killed by SIGPIPE would (what click's own main did).
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")
+            return 128 + signal.SIGPIPE
+        if exc.errno not in _USER_OS_ERRORS:
+            return _internal_error(exc, state_verbose)
+        # The environment or a name the user gave, not a bug.
+        where = f": {exc.filename}" if exc.filename else ""
+        advice = _USER_OS_ERRORS[exc.errno]
+        click.echo(f"error: {exc.strerror or exc}{where}; {advice}; nothing was written", err=True)
+        return EXIT_USAGE
     except SystemExit as exc:
         # Only the user's code exits (click does not, outside standalone mode):
         # a torch model's forward() that calls sys.exit, say.
@@ -673,11 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                    "or its module must not call sys.exit or exit()); nothing was written", err=True)
         return EXIT_USAGE
     except Exception as exc:  # a bug: say so, keep the traceback for -v
-        if state_verbose:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v",
-                   err=True)
-        return EXIT_INTERNAL
+        return _internal_error(exc, state_verbose)
     except BaseException as exc:  # raised by the user's code: neither an Exception nor an interrupt
         click.echo(f"error: the run was stopped by {type(exc).__name__}: {exc} from the user's code; "
                    "nothing was written", err=True)
@@ -686,6 +721,24 @@ def main(argv: list[str] | None = None) -> int:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
+
+
+# OS errors caused by what the user chose (a name, a folder, a disk), with what to change.
+_USER_OS_ERRORS = {
+    errno.ENAMETOOLONG: "choose a shorter file name",
+    errno.ENOSPC: "free some space or choose another folder",
+    errno.EDQUOT: "free some space (disk quota) or choose another folder",
+    errno.EFBIG: "the file system cannot hold a file this large; choose another folder",
+    errno.EROFS: "the folder is on a read-only file system; choose another folder",
+    errno.EACCES: "check the file's permissions or choose another path",
+}
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc)
+    click.echo(f"internal error: {type(exc).__name__}: {exc} -- please report this with the output of -v", err=True)
+    return EXIT_INTERNAL
 
 
 class Terminated(KeyboardInterrupt):

@@ -49,6 +49,10 @@ class SelectionOptions:
                       "(logits: mean KL divergence from the original's outputs in nats per sample or token, "
                       "e.g. 0.05; hidden states: mean cosine distance; else relative L2 error). "
                       "--remove/--ratio/--target-flops then cap it.", kind=float)
+    fidelity_output: str | None = _option(
+        "--fidelity-output", "The graph output the fidelity and the measured damage compare. Default: the first "
+                             "output, or the first float distribution (logits, probabilities) when the first is "
+                             "integer (class ids).", metavar="NAME")
     criterion: str = _option("--criterion", "Layer-selection criterion (see README: Criteria).", kind="criterion",
                              default=DEFAULT_CRITERION)
     segments: int | None = _option("--segments", "Number of Fisher segments K (default: automatic).", kind=int)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,19 +20,20 @@ import onnx
 from .errors import InternalError, UserError, ValidationError
 from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
-from .files.model_files import (atomic_paths, beside, check_output_path, external_bytes, external_data_folder,
-                                files_size, load_model_files, model_files_for, proto_size, write_model_files)
+from .files.model_files import (atomic_paths, beside, check_name_length, check_output_path, external_bytes,
+                                external_data_folder, files_size, load_model_files, model_files_for, proto_size,
+                                refuse_inputs, write_model_files)
 from .graph.flops import model_params, node_flops, tensors_needed
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
-from .progress import Progress, stage
+from .progress import PAUSE_ENV, Progress, pause_point, stage  # noqa: F401 (PAUSE_ENV: the tests' hook)
 from .report.build import analysis_report
 from .report.summary import analysis_summary, summary, to_json
 from .selection.budget import budget_to_count, max_loss_count, suggest_removals
 from .selection.criteria import Context, Selection, get_criterion
 from .surgery.kv_cache import (genai_config_source, genai_config_target, genai_support_files, other_model_files,
                                renumber_kept_cache, updated_genai_config)
-from .surgery.remove import remove_units
+from .surgery.remove import dropped_weight_inputs, remove_units
 from .surgery.validation import validate
 from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
 from .units.patterns import finish as finish_patterns
@@ -88,32 +88,19 @@ class CompressionResult(Analysis):
         return summary(self.report)
 
 
-# Test hook: SGLP_ONNX_PAUSE_AT=STAGE[:SECONDS] stops at the start of STAGE
-# (load, discovery, pairing, selection, surgery, validation, write) or at
-# "rename" (every output complete in its temporary file), says so on stderr
-# and sleeps, so that tests can interrupt a run at a known point.
-PAUSE_ENV = "SGLP_ONNX_PAUSE_AT"
-
-
-def _pause_point(point: str) -> None:
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    name, _, seconds = spec.partition(":")
-    if name == point:
-        print(f"sglp-onnx: paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds or 60))
-
-
 @contextmanager
 def _timed(timings: dict[str, float], name: str, progress: Progress | None = None):
-    _pause_point(name)
+    pause_point(name)
     start = time.perf_counter()
     try:
         with stage(progress, name):
             yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# What the pruned model is called in messages (and in `_analyze`'s `outputs`).
+OUTPUT_MODEL = "output model"
 
 
 def default_output(model_path: Path) -> Path:
@@ -124,8 +111,32 @@ def default_report(output: Path) -> Path:
     return beside(output, ".json")
 
 
-def _check_writable(path: Path, *, force: bool, what: str, input_path: Path) -> None:
-    check_output_path(path, force=force, what=what, inputs=[input_path])
+def run_inputs(model_path: Path, opts: SelectionOptions, *, extra: Sequence[Path] = ()) -> list[Path]:
+    """Every file a run on `model_path` reads that is known before the model
+    is loaded: the model, the calibration file (`--calib`, else the sidecar
+    `MODEL.calib.npz`), the torch weights, the files of an `hf:DIR` paired
+    model, and `extra` (the genai config and tokenizer files it copies). The
+    model's external data files are added once it is loaded (`_analyze`). No
+    output of any kind may be one of them (`check_output_path`)."""
+    paths = [model_path]
+    if opts.calib is not None:
+        paths.append(Path(opts.calib))
+    elif sidecar_path(model_path).is_file():
+        paths.append(sidecar_path(model_path))
+    if opts.torch_weights is not None:
+        paths.append(Path(opts.torch_weights))
+    if opts.torch_model is not None:
+        from .paired.hf_model import HF_PREFIX, is_hf_spec
+
+        if is_hf_spec(opts.torch_model):
+            folder = Path(opts.torch_model[len(HF_PREFIX):])
+            if folder.is_dir():
+                paths.extend(p for p in folder.iterdir() if p.is_file())
+    return paths + list(extra)
+
+
+def _check_writable(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
+    check_output_path(path, force=force, what=what, inputs=inputs)
 
 
 def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
@@ -221,8 +232,12 @@ def _analyze(
     force: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    outputs: Sequence[tuple[str, Path]] = (),
+    measure_single_unit: bool = True,
     **options,
 ) -> Analysis:
+    # `outputs`: (what, path) of the files `compress` will write, checked
+    # against the model's external data files as soon as they are known.
     if threads is not None:
         from .graph.runtime import set_threads
 
@@ -230,8 +245,10 @@ def _analyze(
     opts = _selection_options(options, "analyze")
     timings: dict[str, float] = {}
     plot_path = Path(plot) if plot is not None else None
+    inputs = run_inputs(Path(model_path), opts)
     if plot_path is not None:
-        _check_writable(plot_path, force=force, what="plot", input_path=Path(model_path))
+        _check_writable(plot_path, force=force, what="plot", inputs=inputs)
+        outputs = [*outputs, ("plot", plot_path)]
     chosen = get_criterion(opts.criterion)
     if opts.segments is not None and not chosen.uses_segments:
         raise UserError(f"--segments K sets the Fisher segments of --criterion sglp; --criterion {opts.criterion} "
@@ -242,6 +259,12 @@ def _analyze(
     model_path = Path(model_path)
     with _timed(timings, "load", progress):
         source_model, input_files = load_model_files(model_path, defer=True)
+        for what, path in outputs:
+            refuse_inputs(path, what=what, inputs=input_files)
+            if what == OUTPUT_MODEL and len(input_files) > 1:  # its weights will go to OUTPUT.data too
+                data_path = path.with_name(path.name + ".data")
+                refuse_inputs(data_path, what="output's weights file", inputs=input_files)
+                check_name_length(data_path, what="output's weights file")
         model, rewrites = prepare_patterns(source_model)
         data = _load_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                  needed=chosen.needs_calibration or opts.torch_model is not None
@@ -249,8 +272,13 @@ def _analyze(
                                  max_samples=opts.max_calib_samples, seed=opts.seed)
         all_samples = data.n_samples
         data, held_out = data.split_holdout()
-    units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                   timings=timings, sequential=opts.sequential, progress=progress)
+        if opts.fidelity_output is not None:
+            from .evidence.fidelity import output_kind
+
+            output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
+    with data.explained("--calib"):  # the first run on the data: guessed sizes fail here
+        units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
+                                       timings=timings, sequential=opts.sequential, progress=progress)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "
@@ -272,7 +300,7 @@ def _analyze(
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn, progress=progress,
                   timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None,
-                  repair="none" if opts.sequential else opts.repair)
+                  repair="none" if opts.sequential else opts.repair, fidelity_output=opts.fidelity_output)
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets, network=None) -> list[dict]:
@@ -306,8 +334,17 @@ def _analyze(
         return outcome.fidelity if outcome.applied else plain
 
     budget_notes: list[str] = []
+    # `analyze` of a model with one unit and no budget asked for: nothing can
+    # go (one unit always stays), but the unit and its measurements are shown.
+    only_measure = (len(units) == 1 and measure_single_unit and opts.max_loss is None
+                    and all(options.get(k) is None for k in ("remove", "ratio", "target_flops")))
     with _timed(timings, "selection", progress):
-        if opts.max_loss is None:
+        if only_measure:
+            n_remove, selection = budget_to_count(chosen, ctx, units, total_flops, remove=0, ratio=None,
+                                                  target_flops=None)
+            budget_notes.append("the model has one prunable unit and one always stays: nothing can be removed; "
+                                "its measurements are shown")
+        elif opts.max_loss is None:
             n_remove, selection = budget_to_count(chosen, ctx, units, total_flops, remove=opts.remove,
                                                   ratio=opts.ratio, target_flops=opts.target_flops)
         else:
@@ -325,6 +362,14 @@ def _analyze(
 
         sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
         plain_records = held_out_fidelity(*sets)
+
+        if only_measure:  # what removing the unit would cost: the damage a criterion weighs
+            from .report.summary import fidelity_text
+
+            alone = held_out_fidelity([0])[0]
+            budget_notes.append(f"bypassing {units[0].name} alone would give {fidelity_text(alone)} on the "
+                                "held-out samples")
+
     evidence = ctx.evidence_if_computed
     notes = list(selection.notes) + budget_notes
     runner_used = ctx.runner_used
@@ -367,7 +412,7 @@ def _analyze(
     if loss_note is not None and ctx.gradnorm_computed:
         notes.append(loss_note)
     report = analysis_report(
-        model_path=model_path, options=opts, n_remove=n_remove, selection=selection, units=units,
+        model_path=model_path, options=replace(opts, ratio=None) if only_measure else opts, n_remove=n_remove, selection=selection, units=units,
         data=data, held_out=held_out, all_samples=all_samples, evidence=evidence, pairing=pairing_info,
         before={"params": model_params(source_model), "flops": total_flops,
                 "file_size": files_size(input_files)},
@@ -478,7 +523,7 @@ def _compress(
     genai_path = genai_config_target(model_path, out) if genai_source is not None else None
     # Written to another folder, the pruned model gets the tokenizer files onnxruntime-genai reads beside it.
     copies, copy_notes = genai_support_files(model_path, out) if genai_source is not None else ([], [])
-    destinations = {"output model": out, "report": report_path, "plot": plot_path, "genai config": genai_path,
+    destinations = {OUTPUT_MODEL: out, "report": report_path, "plot": plot_path, "genai config": genai_path,
                     **{f"copy of {source.name}": target for source, target in copies}}
     named = [(what, path) for what, path in destinations.items() if path is not None]
     # Two targets on one file: the last rename would silently win.
@@ -490,18 +535,16 @@ def _compress(
         from .report.plots import plot_format
 
         plot_format(plot_path)
+    inputs = run_inputs(model_path, opts, extra=[p for p in (genai_source,) if p is not None]
+                        + [source for source, _ in copies])
     if not dry_run:
-        _check_writable(out, force=force, what="output", input_path=model_path)
-        _check_writable(report_path, force=force, what="report", input_path=model_path)
-        if plot_path is not None:
-            _check_writable(plot_path, force=force, what="plot", input_path=model_path)
-        if genai_path is not None:
-            _check_writable(genai_path, force=force, what="genai config", input_path=model_path)
-        for source, target in copies:
-            _check_writable(target, force=force, what=f"copy of {source.name}", input_path=model_path)
+        for what, path in named:
+            _check_writable(path, force=force, what=what, inputs=inputs)
 
     # Suggestions are for deciding what to remove; compress has decided.
-    analysis = analyze(model_path, **{"suggest": None, **options})
+    # (Already inside the input's external_data_folder: `_analyze` directly.)
+    analysis = _analyze(model_path, **{"suggest": None, **options}, outputs=[] if dry_run else named,
+                        measure_single_unit=False)
     timings = analysis.timings
     removed = analysis.removed_units
     repair = analysis.repair if analysis.repair is not None and analysis.repair.applied else None
@@ -521,8 +564,9 @@ def _compress(
             result = validate(
                 original, pruned, feed, reference=reference,
                 removed_outputs={o for u in removed for o in u.owned_outputs},
-                removed_inputs={i for u in removed for i in u.owned_inputs},
+                removed_inputs={i for u in removed for i in u.owned_inputs} | dropped_weight_inputs(original, pruned),
                 nothing_removed=not removed, provider=opts.provider,
+                scored_output=analysis.report["fidelity"]["output"] if analysis.report.get("fidelity") else None,
             )
         except ValidationError as exc:
             raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc
@@ -582,7 +626,7 @@ def _compress(
         # near the protobuf limit, renamed into place with the other files
         # (the model records the final name).
         model_paths = model_files_for(pruned, out, force=force, external=len(analysis.input_files) > 1,
-                                      inputs=analysis.input_files)
+                                      inputs=analysis.input_files + inputs)
         n = len(model_paths)
         targets = model_paths + [report_path] + ([plot_path] if plot_path else []) + ([genai_path] if genai_path else [])
         targets += [target for _, target in copies]
@@ -599,7 +643,7 @@ def _compress(
                     shutil.copyfile(source, temp)
                 rep["timings"] = {k: round(v, 4) for k, v in timings.items()}
                 temps[n].write_text(to_json(rep))
-                _pause_point("rename")
+                pause_point("rename")
         except OSError as exc:
             # Disk full, quota, a folder that vanished: the environment, not a bug.
             where = exc.filename or out.parent

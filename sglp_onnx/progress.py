@@ -5,6 +5,8 @@ doing while it runs."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
@@ -82,3 +84,31 @@ class Stages:
             self._current = None
             shown.__exit__(None, None, None)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
+
+
+# Test hook: SGLP_ONNX_PAUSE_AT=POINT[:SECONDS] stops at the start of a stage
+# (load, discovery, pairing, selection, surgery, validation, write), after
+# the calibration pass's first batch ("calibration") or at "rename" (every
+# output complete in its temporary file), says so on stderr and waits there,
+# so that tests can act at a known point whatever the machine's speed. It
+# waits until the file SGLP_ONNX_RESUME names exists (when set), else for
+# SECONDS (default 60): a bound for a test that never acts, not a deadline.
+PAUSE_ENV = "SGLP_ONNX_PAUSE_AT"
+RESUME_ENV = "SGLP_ONNX_RESUME"
+
+
+def pause_point(point: str) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, seconds = spec.partition(":")
+    if name != point:
+        return
+    print(f"sglp-onnx: paused at {point}", file=sys.stderr, flush=True)
+    limit = time.monotonic() + float(seconds or 60)
+    resume = os.environ.get(RESUME_ENV)
+    if not resume:
+        time.sleep(float(seconds or 60))
+        return
+    while not os.path.exists(resume) and time.monotonic() < limit:
+        time.sleep(0.05)

@@ -502,3 +502,15 @@ def repaired_reference(model: onnx.ModelProto, report: dict, pruned: onnx.ModelP
         values = run(opened, {**feed, **maps})
         maps[f"opened/{k}"] = apply_map(values[len(outputs) + k], cut, constants)
     return run(opened, {**feed, **maps})[:len(outputs)]
+
+
+def plain_bypass(written: onnx.ModelProto | str | Path, report: dict) -> onnx.ModelProto:
+    """A written model without its repair maps when the report says they were
+    applied (`repair.strip_repairs`): the plain bypass, which is what a reference
+    that deletes the removed blocks computes; the maps themselves are checked
+    against an independent computation in test_repair.py."""
+    from sglp_onnx.repair.graph import strip_repairs
+
+    model = written if isinstance(written, onnx.ModelProto) else onnx.load(str(written))
+    repair = report.get("repair")
+    return strip_repairs(model, repair["cuts"]) if repair and repair["applied"] else model

@@ -27,7 +27,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
     Decoded by hand: text mode would turn a progress bar's '\\r' into '\\n'.
     """
-    result = subprocess.run([CLI, *args], cwd=cwd, capture_output=True, timeout=300)
+    result = subprocess.run([CLI, *args], cwd=cwd, capture_output=True, timeout=600)
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 
@@ -177,3 +177,27 @@ def test_analysis_table_reports_rank_and_neighbour_cka():
         assert (cells[-1] == "yes") == report["units"][i]["removed"]
     assert rows[least].split()[6] == "1"
     assert sorted(int(r.split()[6]) for r in rows) == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize("criterion", ["damage", "sglp", "block-influence"])
+def test_analyze_a_model_with_one_unit_shows_it(tmp_path, criterion):
+    """Nothing can be removed (one unit always stays), but analyze still shows
+    the unit and what bypassing it would cost; an explicit budget is refused."""
+    import jsonschema
+
+    from sglp_onnx.report.summary import report_schema
+    from tiny_graphs import write_model_and_calibration
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=1)
+    result = run_cli("analyze", str(model), "--criterion", criterion, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, report_schema())
+    (unit,) = report["units"]
+    assert not unit["removed"] and unit["params"] > 0
+    assert all(not s["achievable"] for s in report["suggestions"])
+    assert any("alone would give" in note for note in report["notes"])
+    table = run_cli("analyze", str(model), "--criterion", criterion, cwd=tmp_path)
+    assert table.returncode == 0 and unit["name"] in table.stdout and "selected 0 units" in table.stdout
+    refused = run_cli("analyze", str(model), "--remove", "1", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:")

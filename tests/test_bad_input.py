@@ -477,7 +477,7 @@ def test_weights_safetensors_corrupt(ws, capsys, factories):
 )
 def test_console_script(ws, make_args, says):
     before = snapshot(ws.root)
-    done = subprocess.run([CLI, *make_args(ws)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([CLI, *make_args(ws)], capture_output=True, text=True, timeout=600,
                           cwd=ws.root, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.stdout == ""
     assert_refused(ws, done.returncode, done.stderr, before, says=says)

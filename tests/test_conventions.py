@@ -274,7 +274,7 @@ def _modules_after(argv: list[str]) -> list[str]:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", LAZY_PROBE, *argv], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", LAZY_PROBE, *argv], capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
     words = proc.stdout.strip().splitlines()[-1].split()
     assert words[0] == "0", proc.stderr

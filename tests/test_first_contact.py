@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sglp_onnx.pipeline as pipeline
 import sglp_onnx.graph.runtime as runtime
+from sglp_onnx.progress import RESUME_ENV
 from graphs import exported
 from sglp_onnx.cli import main
 from test_atomic import _read_until
@@ -165,14 +166,19 @@ def test_a_file_that_appears_during_the_run_is_never_replaced(ws):
     report = ws.out / "pruned.json"
     plot = ws.out / "p.png"
     before = snapshot(ws.root)
+    resume = ws.root.parent / f"{ws.root.name}.resume"  # outside the snapshot
     proc = subprocess.Popen(
         [CLI, *compress_args(ws, "--remove", "1", "--plot", str(plot))], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, cwd=ws.root,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", pipeline.PAUSE_ENV: "rename:4"},
+        # The run waits at the renames until the other run's report is there
+        # (the resume file), however slow the machine; 600 s only bounds a hang.
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", pipeline.PAUSE_ENV: "rename:600",
+             RESUME_ENV: str(resume)},
     )
-    seen = _read_until(proc, b"paused at rename", timeout=120)
+    seen = _read_until(proc, b"paused at rename", timeout=600)
     report.write_text("the other run's report")
-    _, rest = proc.communicate(timeout=120)
+    resume.touch()
+    _, rest = proc.communicate(timeout=600)
     err = (seen + rest).decode(errors="replace")
     lines = [line for line in err.splitlines() if line.strip() and "paused at" not in line]
     assert proc.returncode == 2, err
@@ -312,7 +318,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_quietly(ws, command):
     np.savez(data, input_ids=ids)
     argv = compress_args(ws, model=model) if command == "compress" else ["eval", str(model), "--data", str(data)]
     before = snapshot(ws.root)
-    done = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=120, cwd=ws.root,
+    done = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=600, cwd=ws.root,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.stdout == ""
     assert_refused(ws, done.returncode, done.stderr, before, says="idx=999")

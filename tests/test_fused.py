@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import nn
 
+from graphs import plain_bypass
 from sglp_onnx.cli import main
 from sglp_onnx.evidence.activations import probe_shapes
 from sglp_onnx.surgery.remove import remove_units
@@ -449,3 +450,25 @@ def test_repair_on_the_optimizers_fused_graph(staged, capsys, tmp_path, arch, ki
     feed = token_batch(3, seed=7)
     (got,) = run(out, feed)
     assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("arch, kind", [("bert", "fused"), ("gpt2", "fused"), ("bert", "fused16")])
+def test_default_options_with_the_candidates_side_by_side(staged, capsys, tmp_path, monkeypatch, arch, kind):
+    """The optimizer leaves nodes without names (Casts of the mask): the
+    candidates' copies in one session must still get unique names. The copies
+    are used for a large model; a budget of 0 makes this small one "large"."""
+    from sglp_onnx.surgery import gating
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    source = staged[arch][kind]
+    assert any(not n.name for n in onnx.load(str(source)).graph.node) or arch == "gpt2"
+    out = tmp_path / f"{arch}.{kind}.pruned.onnx"
+    report = compress(capsys, source, out)  # every option at its default
+    removed = removed_of(report)
+    assert removed
+    feed = token_batch(3, seed=7)
+    (got,) = run(plain_bypass(out, report), feed)
+    (want,) = run(prune(staged[arch]["plain"], removed, feed), feed)
+    real = feed["attention_mask"].astype(bool)
+    tolerance = 1e-4 if kind == "fused" else 3e-2
+    np.testing.assert_allclose(got[real], want[real], atol=tolerance, rtol=tolerance)

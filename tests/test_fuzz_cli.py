@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def _mutated(seed: int, kind: str) -> onnx.ModelProto | bytes:
     elif kind == "opset":
         model.opset_import[0].version = int(rng.choice([1, 7, 12, 30, 99]))
     elif kind == "input-dtype":
-        model.graph.input[0].type.tensor_type.elem_type = int(rng.choice([2, 3, 6, 7, 9, 10, 11]))
+        model.graph.input[0].type.tensor_type.elem_type = int(rng.choice([2, 3, 6, 7, 9, 10, 11, 16]))
     elif kind == "input-shape":
         dims = model.graph.input[0].type.tensor_type.shape.dim
         dims[int(rng.integers(len(dims)))].dim_value = int(rng.choice([0, 1, 3, 1000]))
@@ -146,19 +147,83 @@ def _mutated(seed: int, kind: str) -> onnx.ModelProto | bytes:
         model.graph.output.append(model.graph.output[0])
     elif kind == "cycle":
         nodes[0].input[0] = nodes[-1].output[0]
+    elif kind == "sparse-init":  # valid ONNX that ONNX Runtime runs
+        for init in list(model.graph.initializer):
+            if rng.random() < 0.5:
+                values = onnx.numpy_helper.to_array(init).copy()
+                values[np.abs(values) < float(rng.choice([0.0, 0.2, 10.0]))] = 0
+                flat = np.flatnonzero(values)
+                model.graph.initializer.remove(init)
+                model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+                    onnx.numpy_helper.from_array(values.reshape(-1)[flat], init.name),
+                    onnx.numpy_helper.from_array(flat.astype(np.int64)), list(values.shape)))
+    elif kind == "init-input":  # overridable weights: initializers that are graph inputs too
+        for init in model.graph.initializer:
+            if rng.random() < 0.5:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(
+                    init.name, init.data_type, list(init.dims)))
+    elif kind == "int-first-output":  # class ids first, as ArgMax / scikit-learn-to-ONNX write them
+        head = model.graph.output[0].name
+        keepdims = int(rng.integers(2))
+        model.graph.node.extend([
+            onnx.helper.make_node("ArgMax", [head], ["label"], axis=-1, keepdims=keepdims, name="am"),
+            onnx.helper.make_node("Softmax", [head], ["probabilities"], axis=-1, name="sm")])
+        outputs = [onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch", 1][:1 + keepdims])]
+        if rng.random() < 0.7:
+            outputs.append(onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", 3]))
+        if rng.random() < 0.5:
+            outputs.append(model.graph.output[0])
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
     return model
 
 
+def _signature(path: Path) -> tuple[list, list]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
 @FUZZ
-@example(seed=1024, kind="bytes", command="compress")  # a node name that is not UTF-8 (found by this test)
+@example(seed=1024, kind="bytes", command="compress", criterion="last")  # a node name that is not UTF-8
+@example(seed=1, kind="sparse-init", command="compress", criterion="damage")
+@example(seed=2, kind="init-input", command="compress", criterion="damage")
+@example(seed=3, kind="int-first-output", command="compress", criterion="damage")
+@example(seed=4, kind="int-first-output", command="analyze", criterion="damage")
 @given(seed=st.integers(0, 2**16), kind=st.sampled_from(
     ["bytes", "truncate", "drop-node", "rename-input", "op-type", "domain", "opset", "input-dtype",
-     "input-shape", "init-dtype", "duplicate-output", "cycle"]),
-       command=st.sampled_from(["compress", "analyze"]))
-def test_fuzzed_small_graphs_never_exit_1(seed, kind, command):
+     "input-shape", "init-dtype", "duplicate-output", "cycle", "sparse-init", "init-input", "int-first-output"]),
+       command=st.sampled_from(["compress", "analyze"]), criterion=st.sampled_from(["last", "damage"]))
+def test_fuzzed_small_graphs_never_exit_1(seed, kind, command, criterion):
     with _workspace(_mutated(seed, kind)) as (root, path):
-        argv = [command, str(path), "--remove", "1", "--criterion", "last"]
+        argv = [command, str(path), "--remove", "1", "--criterion", criterion]
         if command == "compress":
             argv += ["-o", str(root / "out.onnx")]
         code, err = _run(argv)
         _assert_users_fault_or_success(code, err)
+        if code == 0 and command == "compress":
+            # A valid input: the signature is kept, whatever its kind, minus what the report says was removed.
+            validation = json.loads((root / "out.json").read_text())["validation"]
+            inputs, outputs = _signature(path)
+            assert _signature(root / "out.onnx") == (
+                [i for i in inputs if i not in validation["removed_inputs"]],
+                [o for o in outputs if o not in validation["removed_outputs"]])
+
+
+@FUZZ
+@example(length=245, suffix=".onnx", char="a", which="-o")  # legal: its temporary files must fit too
+@example(length=251, suffix="", char="a", which="--report")
+@example(length=300, suffix=".onnx", char="a", which="-o")
+@example(length=126, suffix=".onnx", char="é", which="-o")
+@given(length=st.integers(1, 300), suffix=st.sampled_from([".onnx", "", ".json.onnx"]),
+       char=st.sampled_from(["a", "é", "-", "."]), which=st.sampled_from(["-o", "--report", "--plot"]))
+def test_fuzzed_output_name_lengths_never_exit_1(length, suffix, char, which):
+    """Names up to and beyond the file system's limit (255 bytes; 2 for "é"): a
+    legal one works (its temporary files fit), a longer one is exit 2."""
+    with _workspace() as (root, path):
+        name = char * length + (".png" if which == "--plot" else suffix)
+        argv = ["compress", str(path), "--remove", "1", "--criterion", "last"]
+        argv += ["-o", str(root / "out.onnx"), which, str(root / name)] if which != "-o" else ["-o", str(root / name)]
+        code, err = _run(argv)
+        _assert_users_fault_or_success(code, err)
+        if code == 0:
+            assert not list(root.glob(".*.tmp"))

@@ -184,9 +184,10 @@ def test_pruned_folder_is_complete_and_generates_like_the_builder(llama, tmp_pat
 
 
 @pytest.mark.parametrize("extra, criterion", [
+    ([], "damage"),  # every option at its default: a quarter of the layers
     (["--remove", "2"], "damage"),  # the default criterion
     (["--remove", "1", "--criterion", "random", "--seed", "1"], "random"),  # layer 1: the cache renumbered
-], ids=["damage-remove-2", "middle-layer"])
+], ids=["default-options", "damage-remove-2", "middle-layer"])
 def test_chosen_layers_generate_like_the_builder(llama, tmp_path, extra, criterion):
     out = tmp_path / "pruned"
     out.mkdir()
@@ -194,13 +195,19 @@ def test_chosen_layers_generate_like_the_builder(llama, tmp_path, extra, criteri
     report = json.loads((out / "model.json").read_text())
     assert report["criterion"] == criterion
     gone = removed_layers(report)
-    assert len(gone) == int(extra[1])
+    assert len(gone) == (int(extra[1]) if extra else max(1, round(LAYERS / 4)))
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == LAYERS - len(gone)
     if criterion == "random":
         assert gone == {1} and report["kv_cache"]["renamed"]["present.2.key"] == "present.1.key"
     assert not any("keep their names" in note for note in report["notes"])
-    assert generate(out) == generate(reference(llama, gone))
+    if report["repair"] and report["repair"]["applied"]:
+        # Repaired (the default): closer to the original on held-out tokens than the bypass the builder's
+        # folder computes, and still generates (its maps: test_repair.py).
+        assert report["fidelity"]["score"] < report["repair"]["fidelity_without_repair"]["score"]
+        assert len(generate(out)) > 0
+    else:
+        assert generate(out) == generate(reference(llama, gone))
 
 
 def test_int4_prunes_and_counts_parameters_like_fp32(llama, tmp_path):

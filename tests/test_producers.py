@@ -46,6 +46,8 @@ import pytest
 import torch
 from torch import nn
 
+from graphs import plain_bypass
+
 from sglp_onnx import validate_report
 from test_transformers import delete_layers
 
@@ -96,7 +98,7 @@ def cli(model: Path, calib: Path, criterion: tuple[str, ...] = LAST) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "sglp_onnx.cli", "-q", "compress", str(model), "-o", str(pruned_path(model, criterion)),
          "--calib", str(calib), "--remove", "2", *criterion, "--force", *PLAIN],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True, text=True, env=env, timeout=600)
 
 
 def compress_cli(model: Path, calib: Path, criterion: tuple[str, ...] = LAST) -> tuple[Path, dict]:
@@ -353,7 +355,7 @@ def optimum_exports(root):
            "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH")) if p)}
     target = root / "optimum"
     result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(source), str(target)],
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, env=env, timeout=600)
     if result.returncode == 3:
         pytest.skip(f"optimum.exporters.onnx is not importable ({result.stderr.strip().splitlines()[-1]}); "
                     f"install optimum-onnx into {Path(sys.prefix) / 'optimum-onnx'} or set {OPTIMUM_ENV}")
@@ -611,3 +613,62 @@ def test_plain_export_at_opset_equals_torch_with_blocks_as_identity(root, opset,
     (got,) = run(out, {"x": x})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- every format, default options
+
+DEFAULT_FORMATS = ["resnet", "bert", "llama", "bert.fp16", "resnet.onnxslim", "bert.int8"]
+
+
+def format_model(staged: Staged, name: str) -> tuple[nn.Module, Path]:
+    """The export `name` (ARCH or ARCH.PRODUCER) and its torch model, built on first use."""
+    arch, _, producer = name.partition(".")
+    torch_model, plain = getattr(staged, arch)()
+    if not producer:
+        return torch_model, plain
+    path = staged.root / f"{name}.default.onnx"
+    if not path.exists():
+        if producer == "int8":
+            quantization = pytest.importorskip("onnxruntime.quantization")
+            quantization.quantize_dynamic(plain, path, weight_type=quantization.QuantType.QInt8)
+        else:
+            onnx.save({"fp16": fp16_ort, "onnxslim": slim}[producer](onnx.load(str(plain))), str(path))
+    return torch_model, path
+
+
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["suffix-per-candidate", "candidates-side-by-side"])
+@pytest.mark.parametrize("name", DEFAULT_FORMATS)
+def test_every_format_prunes_with_the_default_options(staged, capsys, monkeypatch, name, side_by_side):
+    """No budget, no criterion: what a new user types. The default criterion
+    measures damage with one suffix session per candidate on small models and
+    the candidates side by side in one session on large ones; a weight budget
+    of 0 makes these tiny models take the large models' path too."""
+    from sglp_onnx.cli import main
+    from sglp_onnx.surgery import gating
+
+    if side_by_side:
+        monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    torch_model, path = format_model(staged, name)
+    arch = name.partition(".")[0]
+    calib, feed = model_feed(arch)
+    out = staged.root / f"{name}.{'side' if side_by_side else 'each'}.pruned.onnx"
+    capsys.readouterr()
+    code = main(["-q", "compress", str(path), "-o", str(out), "--calib", str(calib_for(path, calib)), "--force"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    validate_report(report)
+    assert all(report["validation"][k] for k in VALIDATION), report["validation"]
+    removed = removed_of(report)
+    assert len(removed) == max(1, round(0.25 * len(report["units"])))  # the default ratio
+    (got,) = run(plain_bypass(out, report), feed)[:1]
+    if arch == "resnet":
+        bypassed = copy.deepcopy(torch_model)
+        for i in removed:
+            bypassed.blocks[IDENTITY_BLOCKS[i]] = nn.Identity()
+        with torch.no_grad():
+            want = bypassed(torch.from_numpy(feed["x"])).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    elif not name.endswith(".int8"):  # = transformers with those layers deleted (int8: validation above)
+        tolerance = FP16_TOLERANCE if name.endswith(".fp16") else 1e-4
+        assert_close_on_tokens(got, hf_logits(delete_layers(torch_model, removed), feed), feed["attention_mask"],
+                               tolerance)

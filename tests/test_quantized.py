@@ -38,6 +38,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
+from graphs import plain_bypass
 from sglp_onnx.cli import main
 from sglp_onnx.evidence.activations import probe_shapes
 from sglp_onnx.graph.flops import tensors_needed
@@ -150,19 +151,23 @@ def models(tmp_path_factory) -> Models:
     return Models(root, pre, quantized, calib, json.loads((root / "float.json").read_text()))
 
 
-def plain_unless_repair_asked(args) -> list[str]:
-    """The bypass alone (what the float-then-quantized reference is) unless the test asks for --repair."""
-    return list(args) if "--repair" in args else [*args, "--repair", "none"]
-
-
 def compress(models: Models, name: str, *args: str) -> tuple[int, dict | None, Path]:
-    """`sglp-onnx compress` on the quantized model `name`: exit code, report, output path."""
+    """`sglp-onnx compress` on the quantized model `name`: exit code, report, and the output path; when
+    the repair maps were written, a copy without them (`graphs.plain_bypass`: what the
+    float-then-quantized reference computes; the repair itself is tested below and in test_repair.py)."""
     tag = "".join(c if c.isalnum() else "_" for c in " ".join(args))
     out = models.root / f"{name}.{tag}.pruned.onnx"
-    report = out.with_suffix(".json")
+    report_path = out.with_suffix(".json")
     code = main(["compress", str(models.quantized[name]), "--calib", str(models.calib), "-o", str(out),
-                 "--report", str(report), "--force", "-q", *plain_unless_repair_asked(args)])
-    return code, json.loads(report.read_text()) if code == 0 else None, out
+                 "--report", str(report_path), "--force", "-q", *args])
+    if code != 0:
+        return code, None, out
+    report = json.loads(report_path.read_text())
+    if report.get("repair") and report["repair"]["applied"] and "--repair" not in args:
+        bypass = out.with_name(out.name.replace(".pruned.onnx", ".bypass.onnx"))
+        onnx.save(plain_bypass(out, report), str(bypass))
+        return code, report, bypass
+    return code, report, out
 
 
 def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
@@ -277,6 +282,20 @@ def test_compress_equals_the_float_model_pruned_then_quantized(models, name, arg
     assert [u["flops"] for u in report["units"]] == [u["flops"] for u in models.float_report["units"]]
     assert [u["params"] for u in report["units"]] == [u["params"] for u in models.float_report["units"]]
     assert report["fidelity"]["kind"] == "kl"
+    assert_matches_reference(models, name, out, report["removed"])
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_default_options_with_the_candidates_side_by_side(models, monkeypatch, name):
+    """Every option at its default, the candidates' suffixes in one session
+    (what large models get; a weight budget of 0 makes this one "large")."""
+    from sglp_onnx.surgery import gating
+
+    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    code, report, out = compress(models, name, "--batch-size", "64")  # (the default, for a distinct output name)
+    assert code == 0
+    assert len(report["removed"]) == 1 and report["criterion"] == "damage"
+    assert all(report["validation"][k] for k in ("checker", "opset_ir_kept", "signature", "runs", "finite"))
     assert_matches_reference(models, name, out, report["removed"])
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ..files.calibration import CalibrationSet
+from ..progress import pause_point
 from .activations import stream
 from .similarity import MeanCosineDistance, MinibatchCKA
 from ..units.discovery import PrunableUnit
@@ -65,6 +66,7 @@ def collect_evidence(
         influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])
         if n_batches == 0:
             first_outputs = dict(batch.outputs)
+            pause_point("calibration")  # test hook: an interrupt in the middle of the pass
         n_batches += 1
     full = cka.result()
     U = len(units)

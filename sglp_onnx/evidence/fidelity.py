@@ -1,8 +1,10 @@
 """Fidelity: one label-free number for how close a removal set keeps the model.
 
-The score compares the pruned network's first graph output with the
-original's on the same inputs, in a way chosen from what that output is
-(read from the graph, never from names):
+The score compares the pruned network's scored output (the first graph
+output; the first float distribution when the first output is integer
+class ids; or the output `--fidelity-output` names, see `output_kind`) with
+the original's on the same inputs, in a way chosen from what that output
+is (read from the graph, never from names):
 
 - ``kl``: the output is logits (a head: Gemm/MatMul with constant weights,
   possibly followed by a bias, a scale or reshapes) or probabilities
@@ -54,10 +56,58 @@ class OutputKind:
     rule: str
 
 
-def output_kind(model: onnx.ModelProto) -> OutputKind:
-    """The scoring rule for the model's first graph output, from its producers."""
-    first = model.graph.output[0].name
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
 
+
+def _elem_type(value: onnx.ValueInfoProto) -> int:
+    """The element type of a tensor output; UNDEFINED for sequences and maps."""
+    return value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else onnx.TensorProto.UNDEFINED
+
+
+def output_kind(model: onnx.ModelProto, name: str | None = None) -> OutputKind:
+    """The scoring rule for the scored output, from its producers.
+
+    The scored output is `name` (`--fidelity-output`) when given; else the
+    first graph output, unless that is not a float tensor (ArgMax class ids,
+    scikit-learn-to-ONNX's `label` before its probabilities): then the first
+    float output that is a distribution or logits, else one that is a hidden
+    state, else the first float output. Relative L2 error of class ids
+    would measure nothing useful."""
+    outputs = list(model.graph.output)
+    if name is not None:
+        if name not in {o.name for o in outputs}:
+            from ..errors import UserError
+
+            raise UserError(f"--fidelity-output {name!r} is not an output of the model; its outputs are "
+                            f"{', '.join(repr(o.name) for o in outputs)}")
+        return _kind_of(model, name, "chosen with --fidelity-output; ")
+    first = outputs[0]
+    # Only a declared non-float type moves the score (an untyped output stays first).
+    declared = first.type.HasField("tensor_type") and _elem_type(first) != onnx.TensorProto.UNDEFINED \
+        or first.type.HasField("sequence_type") or first.type.HasField("map_type")
+    floats = [o.name for o in outputs if _elem_type(o) in _FLOAT_TYPES]
+    if _elem_type(first) in _FLOAT_TYPES or not declared or not floats:
+        return _kind_of(model, first.name, "")
+    type_name = onnx.helper.tensor_dtype_to_string(_elem_type(first)).split(".")[-1].lower() \
+        if _elem_type(first) else "not a tensor"
+    why = f"the first output {first.name!r} is {type_name}, not scored; "
+    kinds = [_kind_of(model, o, why) for o in floats]
+    for wanted in ("kl", "cosine"):
+        for kind in kinds:
+            if kind.kind == wanted:
+                return kind
+    return kinds[0]
+
+
+def _kind_of(model: onnx.ModelProto, first: str, why: str) -> OutputKind:
+    """The scoring rule for the graph output `first`; `why` prefixes the rule
+    when it is not simply the first output."""
+    found = _read_kind(model, first)
+    return OutputKind(found.output, found.kind, found.form, why + found.rule)
+
+
+def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
     def visit(node, computed):
         op = node.op_type
         what = f"{node.name or op} ({op})"

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..files.calibration import CalibrationSet, check_calibration, check_labels, load_npz
-from ..files.model_files import load_model
+from ..files.model_files import graph_input_names, load_model
 from ..graph.runtime import input_model_errors, make_session
 
 
@@ -48,6 +48,11 @@ def measure(
     logits) of one model on `dataset`, and its top-1 predictions per batch."""
     session = make_session(model, provider)
     out_name = session.get_outputs()[0].name
+    if isinstance(model, onnx.ModelProto):
+        from .fidelity import output_kind
+
+        # The output fidelity scores: class ids first (ArgMax) are not logits.
+        out_name = output_kind(model).output
     correct = total = seen = 0
     nll = tokens = 0.0
     predictions: list[np.ndarray] = []
@@ -89,9 +94,11 @@ def evaluate(
     arrays = load_npz(data)
     results: list[Metrics] = []
     reference_predictions: list[np.ndarray] = []
+    # One file serves every model: an array is known when any of them reads it.
+    known = [name for path in models for name in graph_input_names(path)]
     for k, path in enumerate(models):
         model = load_model(path)
-        dataset = check_calibration(arrays, model, source=str(data))
+        dataset = check_calibration(arrays, model, source=str(data), also_known=known)
         with input_model_errors(f"the model {path}"):
             metrics, predictions = measure(model, dataset, provider=provider, batch_size=batch_size)
         metrics.model = str(path)

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -35,8 +36,23 @@ POSITION_NAMES = ("position_ids",)
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dtype: type
+    dtype: type  # `object` for an ONNX type numpy cannot hold (bfloat16, float8, int4)
     shape: tuple  # ints for fixed dims, str/None for dynamic ones
+    onnx_type: int = onnx.TensorProto.UNDEFINED
+
+    @property
+    def type_name(self) -> str:
+        """The ONNX element type's own name: bfloat16, float8e4m3fn, float."""
+        try:
+            return onnx.helper.tensor_dtype_to_string(self.onnx_type).split(".")[-1].lower()
+        except (KeyError, ValueError):
+            return f"ONNX type {self.onnx_type}"
+
+
+def unfeedable(spec: InputSpec) -> UserError:
+    """The error for an input whose type calibration data cannot hold."""
+    return UserError(f"the model's input {spec.name!r} is {spec.type_name}, which sglp-onnx cannot feed (numpy has "
+                     "no such type); export the model with float32 or float16 inputs, or add a Cast after the input")
 
 
 @dataclass
@@ -49,6 +65,23 @@ class CalibrationSet:
     # Set when the model's batch dimension is a fixed number (exports often
     # pin it to 1): every batch then has exactly that many samples.
     fixed_batch: int | None = None
+    # Arrays of the file that no model input reads (side information), ignored.
+    ignored: list[str] = field(default_factory=list)
+    # Synthetic inputs only: the dynamic dimensions whose sizes were guessed.
+    guessed: str = ""
+
+    @contextmanager
+    def explained(self, flag: str) -> Iterator[None]:
+        """Within the block, a UserError (the model fails on these inputs) from
+        synthetic inputs with guessed sizes says so, and how to give real ones."""
+        try:
+            yield
+        except UserError as exc:
+            if not self.guessed:
+                raise
+            raise UserError(f"{exc}. No data was given, so the inputs were made up with guessed sizes for their "
+                            f"dynamic dimensions ({self.guessed}); give real inputs with {flag} DATA.npz "
+                            "(arrays named after the model's inputs)") from None
 
     @property
     def n_samples(self) -> int:
@@ -73,7 +106,8 @@ class CalibrationSet:
     def subset(self, index: np.ndarray) -> "CalibrationSet":
         return CalibrationSet(inputs={k: v[index] for k, v in self.inputs.items()},
                               labels=None if self.labels is None else self.labels[index],
-                              source=self.source, fixed_batch=self.fixed_batch)
+                              source=self.source, fixed_batch=self.fixed_batch, ignored=self.ignored,
+                              guessed=self.guessed)
 
     def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["CalibrationSet", "CalibrationSet | None"]:
         """(selection samples, held-out samples): every `every`-th sample is held
@@ -121,8 +155,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
-        dtype = _ONNX_TO_NUMPY.get(vi.type.tensor_type.elem_type, object)
-        specs.append(InputSpec(vi.name, dtype, declared_dims(vi)))
+        elem = vi.type.tensor_type.elem_type
+        specs.append(InputSpec(vi.name, _ONNX_TO_NUMPY.get(elem, object), declared_dims(vi), elem))
     return specs
 
 
@@ -168,9 +202,15 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, max_samples: i
 
 def check_calibration(
     arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, source: str = "calibration data",
-    max_samples: int | None = None,
+    max_samples: int | None = None, also_known: Sequence[str] = (),
 ) -> CalibrationSet:
+    """The arrays of a calibration (or eval, or training) file checked against
+    `model`'s inputs, the one place that does: names (each array is a model
+    input, `labels`, a KV-cache entry or one of `also_known`: another model's
+    input where one file serves several), dtype kind and range, rank, fixed
+    dims, finite values, labels' shape and range, sample counts."""
     specs = model_inputs(model)
+    given = arrays
     arrays = {**arrays, **_implied_inputs(arrays, specs, model)}
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
@@ -178,6 +218,7 @@ def check_calibration(
             f"{source} lacks the model input(s) {', '.join(missing)}; "
             f"it has {', '.join(sorted(arrays)) or 'no arrays'} (arrays must be named after the model's inputs)"
         )
+    ignored = _check_names(given, specs, source, also_known)
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         array = arrays[spec.name]
@@ -188,6 +229,7 @@ def check_calibration(
     if labels is not None:
         if labels.ndim < 1 or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"{source}: 'labels' must be an integer array with one entry per sample")
+        _check_label_shape(labels, inputs, source)
         counts.add(len(labels))
     if len(counts) != 1:
         raise UserError(f"{source}: arrays disagree on the number of samples ({sorted(counts)})")
@@ -204,16 +246,62 @@ def check_calibration(
     if max_samples is not None and n > max_samples:
         inputs = {k: v[:max_samples] for k, v in inputs.items()}
         labels = labels[:max_samples] if labels is not None else None
-    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed)
+    return CalibrationSet(inputs=inputs, labels=labels, source=source, fixed_batch=fixed, ignored=ignored)
+
+
+LABELS = "labels"
+
+
+def _check_names(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str,
+                 also_known: Sequence[str]) -> list[str]:
+    """The arrays no input reads, sorted. One whose name is close to an
+    input's or to `labels` is a mistake (`label` for `labels`, `input_id`
+    for `input_ids`): silently ignored it would change what is measured, so
+    it is refused. Others (side information such as a radio file's `snr`)
+    are returned, for the caller to say they were ignored. KV-cache entries
+    are known (a pruned model takes fewer than the file holds)."""
+    from ..surgery.kv_cache import CACHE_NAME
+
+    inputs = [s.name for s in specs]
+    known = set(inputs) | {LABELS} | set(also_known)
+    unknown = sorted(k for k in arrays if k not in known and not CACHE_NAME.match(k))
+    import difflib
+
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        if close:
+            raise UserError(f"{source} has an array {name!r} that the model does not read (did you mean "
+                            f"{close[0]!r}?); arrays are named after the model's inputs ({', '.join(inputs)}) "
+                            f"plus optional '{LABELS}': rename it")
+    return unknown
+
+
+def _check_label_shape(labels: np.ndarray, inputs: dict[str, np.ndarray], source: str) -> None:
+    """One class index per sample, shape (N,); for token models also one per
+    token, the shape of the token ids. (N, 1) is refused, not squeezed: a
+    column compared with N predictions would broadcast into N x N matches."""
+    if labels.ndim == 1:
+        return
+    tokens = [a.shape[:2] for a in inputs.values() if a.ndim == 2 and np.issubdtype(a.dtype, np.integer)]
+    if labels.ndim == 2 and labels.shape in tokens:
+        return
+    expected = f"({labels.shape[0]},)" + (f" or, one per token, {tokens[0]}" if tokens else "")
+    raise UserError(f"{source}: 'labels' has shape {labels.shape}; expected {expected}: one class index per "
+                    "sample (numpy: labels.reshape(-1))")
 
 
 def output_classes(model: onnx.ModelProto, label_rank: int = 1) -> int | None:
     """The number of classes `labels` of rank `label_rank` index: the fixed last
-    dimension of the first output when that output is (batch, classes) or
-    (batch, tokens, classes) logits for them; None when it cannot be told."""
+    dimension of the scored output (the first, or the first float
+    distribution after integer class ids: `fidelity.output_kind`) when that
+    output is (batch, classes) or (batch, tokens, classes) logits for them;
+    None when it cannot be told."""
     if not model.graph.output:
         return None
-    dims = declared_dims(model.graph.output[0])
+    from ..evidence.fidelity import output_kind
+
+    scored = output_kind(model).output
+    dims = declared_dims(next(o for o in model.graph.output if o.name == scored))
     if dims is None or len(dims) not in (2, 3) or len(dims) != label_rank + 1:
         return None
     last = dims[-1]
@@ -362,6 +450,8 @@ def _projection_width(model: onnx.ModelProto, tensor: str) -> int | None:
 
 def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     where = f"{source}: input {spec.name!r}"
+    if spec.dtype is object:
+        raise unfeedable(spec)
     if array.dtype == object or array.dtype.kind in "USV":
         raise UserError(f"{where} has dtype {array.dtype}; expected {np.dtype(spec.dtype).name}")
     expected = np.dtype(spec.dtype)
@@ -369,6 +459,7 @@ def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
         same_kind = _kind(array.dtype) == _kind(expected)
         if not same_kind:
             raise UserError(f"{where} has dtype {array.dtype}; the model expects {expected.name}")
+        _check_range(array, expected, where)
         array = array.astype(expected)
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
@@ -384,6 +475,27 @@ def _check_array(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise UserError(f"{where} contains NaN or Inf values; clean the calibration data")
     return array
+
+
+def _check_range(array: np.ndarray, expected: np.dtype, where: str) -> None:
+    """Values the cast to the input's dtype would change: integers outside its
+    range wrap (300 becomes 44 as uint8), floats beyond it become Inf."""
+    if not array.size:
+        return
+    if expected.kind in "iu":
+        info = np.iinfo(expected)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise UserError(f"{where} holds {bad}, outside the range of the model's {expected.name} input "
+                            f"[{info.min}, {info.max}]; the values would wrap around")
+    elif expected.kind == "f" and array.dtype.kind == "f":
+        with np.errstate(all="ignore"):
+            finite = array[np.isfinite(array)]
+            peak = float(np.abs(finite).max()) if finite.size else 0.0
+        if peak > float(np.finfo(expected).max):
+            raise UserError(f"{where} holds {peak:.6g}, beyond the largest {expected.name} "
+                            f"({float(np.finfo(expected).max):.6g}) that the model's input can hold; scale the data")
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -403,6 +515,7 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     serve only to bind shapes for FLOPs and to validate the output."""
     rng = np.random.default_rng(seed)
     inputs = {}
+    guessed = []
     specs = model_inputs(model)
     fixed = fixed_batch(specs)
     n_samples = fixed * max(1, n_samples // fixed) if fixed else n_samples
@@ -411,6 +524,10 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
             continue  # implied by the others, below
         dims = spec.shape or (None,)
         shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
+        if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
+            guessed.append(f"{spec.name} {_fmt_shape(tuple(dims))} as {list(shape)}")
+        if spec.dtype is object:
+            raise unfeedable(spec)
         dtype = np.dtype(spec.dtype)
         if spec.name in MASK_NAMES or dtype == np.bool_:
             inputs[spec.name] = np.ones(shape, dtype=dtype)
@@ -419,4 +536,5 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
         else:
             inputs[spec.name] = np.zeros(shape, dtype=dtype)
     inputs.update(_implied_inputs(inputs, specs, model))
-    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed)
+    return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed,
+                          guessed="; ".join(guessed))

@@ -113,9 +113,10 @@ def model_files_for(model: onnx.ModelProto, path: Path, *, force: bool, external
     if not external and not needs_external_data(model):
         return [path]
     data_path = path.with_name(path.name + ".data")
-    if any(data_path.resolve() == Path(p).resolve() for p in inputs):
+    if any(same_file(data_path, p) for p in inputs):
         raise UserError(f"the output's weights would go to {data_path}, a file of the input model; choose another "
                         "output path (inputs are never overwritten)")
+    check_name_length(data_path, what="output's weights file")
     if data_path.exists() and not force:
         raise UserError(f"{data_path} exists; pass --force to overwrite it")
     return [path, data_path]
@@ -300,13 +301,35 @@ def beside(model_path: str | os.PathLike, suffix: str) -> Path:
     return path.with_name(stem + suffix)
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when `a` and `b` name one file: the same path once links are
+    resolved, or (both existing) the same inode, as a hard link is."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a name the system refuses
+        return False
+
+
+def refuse_inputs(path: Path, *, what: str, inputs: Sequence[Path]) -> None:
+    """The one rule for every output of every command: never one of the files
+    the run reads (`inputs`: the model, its external data, the calibration
+    file, torch weights, the files it copies), with or without --force."""
+    for source in inputs:
+        if same_file(path, source):
+            raise UserError(f"the {what} {path} is the input model or another file this run reads ({Path(source)}); "
+                            "choose another path (inputs are never overwritten, even with --force)")
+
+
 def check_output_path(path: Path, *, force: bool, what: str, inputs: Sequence[Path]) -> None:
-    """Refuse an output path before any work: an input file, a missing or
-    unwritable folder, a folder, a symbolic link or anything else that is not
-    a regular file, or an existing file without `force`."""
-    if any(path.resolve() == p.resolve() for p in inputs):
-        raise UserError(f"the {what} {path} is the input model or another input file; choose another path "
-                        "(inputs are never overwritten)")
+    """Refuse an output path before any work: an input file (see
+    `refuse_inputs`), a missing or unwritable folder, a folder, a symbolic
+    link or anything else that is not a regular file, or an existing file
+    without `force`."""
+    refuse_inputs(path, what=what, inputs=inputs)
+    check_name_length(path, what=what)
     if not path.parent.is_dir():
         raise UserError(f"the folder of the {what} does not exist: {path.parent}")
     # The final rename would replace a link by a regular file (not write where
@@ -392,6 +415,8 @@ def load_model_files(path: str | os.PathLike, *, load_external_data: bool = True
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the input model {path} is not valid ONNX: {line[:300]} (onnx.checker); fix or export it "
                         "again") from None
+    densify_sparse_initializers(model, path)
+    _refuse_non_tensor_io(model, path)
     locations = list(dict.fromkeys(external_locations(model)))
     if load_external_data and locations:
         try:
@@ -402,6 +427,62 @@ def load_model_files(path: str | os.PathLike, *, load_external_data: bool = True
         except Exception as exc:
             raise UserError(f"cannot read the external data of {path}: {exc}") from None
     return model, [path] + [path.parent / location for location in locations]
+
+
+def densify_sparse_initializers(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Store the main graph's sparse initializers (valid ONNX, run by ONNX
+    Runtime) as ordinary dense ones, the form every stage reads and the
+    output is written in; returns their names. Sparse tensors anywhere else
+    (subgraphs, Constant's sparse_value) are refused with a UserError."""
+    import numpy as np
+
+    for node in _all_nodes(model.graph):
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                raise UserError(f"{path}: node {node.name or node.op_type!r} holds a sparse tensor attribute, which "
+                                "sglp-onnx does not read; store it dense (onnx.numpy_helper) and try again")
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                if sub.sparse_initializer:
+                    raise UserError(f"{path}: a subgraph of node {node.name or node.op_type!r} has sparse "
+                                    "initializers, which sglp-onnx does not read; store them dense and try again")
+    graph = model.graph
+    names = []
+    for sparse in graph.sparse_initializer:
+        try:
+            values = onnx.numpy_helper.to_array(sparse.values)
+            indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+            dims = [int(d) for d in sparse.dims]
+            dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+            # Indices are linear (NNZ,) or coordinates (NNZ, rank).
+            flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+            dense[flat] = values.reshape(-1)
+        except Exception as exc:  # external values, indices out of range, a malformed tensor
+            raise UserError(f"{path}: sparse initializer {sparse.values.name!r} cannot be read ({exc}); store it "
+                            "dense and try again") from None
+        graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), sparse.values.name))
+        names.append(sparse.values.name)
+    del graph.sparse_initializer[:]
+    return names
+
+
+def _refuse_non_tensor_io(model: onnx.ModelProto, path: Path) -> None:
+    """Graph inputs and outputs must be tensors: a sequence or map (scikit-learn-to-ONNX's ZipMap
+    probabilities) is not something calibration data feeds or a score compares."""
+    for what, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            kind = value.type.WhichOneof("value")
+            if kind not in (None, "tensor_type"):
+                raise UserError(f"{path}: graph {what} {value.name!r} is a {kind.replace('_type', '')}, not a "
+                                "tensor, which sglp-onnx does not read; export it as a tensor (skl2onnx: "
+                                "options={'zipmap': False}) and try again")
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                yield from _all_nodes(sub)
 
 
 def _load_small_external(model: onnx.ModelProto, folder: Path) -> None:
@@ -418,6 +499,16 @@ def _load_small_external(model: onnx.ModelProto, folder: Path) -> None:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
+
+
+def graph_input_names(path: str | os.PathLike) -> list[str]:
+    """The graph input names of the model at `path`, read without its weights
+    (empty when it cannot be read: loading it says why)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # protobuf raises several unrelated types
+        return []
+    return [i.name for i in graph.input]
 
 
 def files_size(paths: Sequence[Path]) -> int:
@@ -494,6 +585,42 @@ def _interrupts_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), caught[0])
 
 
+# mkstemp's random part and the ".", "." and ".tmp" around the target's name.
+_TEMP_EXTRA = 8 + len("..") + len(".tmp")
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of `folder` takes."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _temp_stem(target: Path) -> str:
+    """The target's name in its temporary file's name (`.NAME.XXXXXXXX.tmp`),
+    shortened, suffix kept, where the whole would exceed the file system's
+    limit: a legal 250-byte output name must not fail at the last step."""
+    limit = name_max(target.parent) - _TEMP_EXTRA
+    name = target.name
+    if len(name.encode()) <= limit:
+        return name
+    suffix = target.suffix if len(target.suffix.encode()) < limit else ""
+    stem = name[: len(name) - len(suffix)]
+    while stem and len((stem + suffix).encode()) > limit:
+        stem = stem[:-1]
+    return stem + suffix
+
+
+def check_name_length(path: Path, *, what: str) -> None:
+    """Refuse, before any work, a file name longer than its file system allows."""
+    folder = path.parent if path.parent.is_dir() else Path(".")
+    limit = name_max(folder)
+    if len(path.name.encode()) > limit:
+        raise UserError(f"the {what} name is {len(path.name.encode())} bytes long; the file system allows at most "
+                        f"{limit}: choose a shorter name")
+
+
 def destination_name(path: str | os.PathLike) -> str:
     """The name a temporary file of `atomic_paths` (`.NAME.XXXXXXXX.tmp`) will
     be renamed to; any other path's own name."""
@@ -518,7 +645,7 @@ def atomic_paths(*targets: str | os.PathLike, overwrite: bool = True) -> Iterato
     temps: list[Path] = []
     try:
         for target in targets_p:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(target)}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
             temps.append(Path(tmp))
             # mkstemp makes owner-only files; the result should look like any

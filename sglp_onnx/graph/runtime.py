@@ -43,9 +43,23 @@ def set_threads(threads: int | None) -> None:
     already imported, else when the paired model is loaded (`apply_torch_threads`)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"--threads must be a whole number >= 1, got {threads!r}")
+    check_thread_count(threads)
     _settings["threads"] = threads
     if "torch" in sys.modules:
         apply_torch_threads()
+
+
+# More threads than this many per core only add switching: a larger count is
+# a mistake (--threads 100000 would start that many threads in each session).
+THREADS_PER_CORE = 4
+
+
+def check_thread_count(threads: int | None) -> None:
+    """Refuse a thread count far beyond the machine's cores, before any session starts them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is not None and threads > THREADS_PER_CORE * cores:
+        raise UserError(f"--threads {threads} is more than {THREADS_PER_CORE} per core on this machine "
+                        f"({cores} cores): choose at most {THREADS_PER_CORE * cores}")
 
 
 def session_threads() -> int | None:

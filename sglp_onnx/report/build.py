@@ -55,6 +55,8 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
     }
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
+    if data.ignored:
+        report["notes"].append(f"{data.source}: array(s) {', '.join(data.ignored)} ignored: no model input reads them")
     if data.fixed_batch and data.fixed_batch != options.batch_size:
         report["notes"].append(f"the model's batch dimension is fixed to {data.fixed_batch}: calibration ran in "
                                f"batches of {data.fixed_batch}, not {options.batch_size}")

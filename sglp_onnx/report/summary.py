@@ -175,6 +175,9 @@ def fidelity_lines(report: dict) -> list[str]:
              f"on the {record['samples']} selection samples (too few calibration samples to hold any out)")
     lines = [f"fidelity to the original: {fidelity_text(record)} ({record['rows']} rows {where}; "
              f"{record['definition']})"]
+    rule = record.get("rule") or ""
+    if "not scored" in rule or "--fidelity-output" in rule:  # not simply the first output: say which
+        lines.append(f"  scored output {record['output']!r}: {rule}")
     repair = report.get("repair")
     if repair and repair["applied"]:
         lines.append(f"  with {len(repair['cuts'])} repair map(s) ({repair['form']}, {repair['params']:,} parameters); "

@@ -45,6 +45,8 @@ def first_reaching(criterion: Criterion, ctx: Context, units: Sequence[PrunableU
             found[pending.pop(0)] = (n, selection)
     if not pending:
         return found, None
+    if len(units) < 2:
+        return found, "the model has one prunable unit, and one always stays"
     return found, (f"removing 1 to {len(units) - 1} of the {len(units)} units (one always stays) removes at most "
                    f"{most / max(total_flops, 1):.1%} of the FLOPs")
 

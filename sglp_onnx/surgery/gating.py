@@ -150,7 +150,9 @@ def suffix_model(gated: onnx.ModelProto, start: str, start_dtype: np.dtype, outp
     entry.shape = None
     graph.inputs.append(entry)
     graph.outputs = [tensors[name] for name in outputs]
-    graph.cleanup(remove_unused_graph_inputs=True).toposort()
+    # Not into subgraphs: there it would drop a Loop body's unused inputs
+    # (the iteration count), which the Loop's signature needs.
+    graph.cleanup(remove_unused_graph_inputs=True, recurse_subgraphs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = gated.ir_version
     del model.opset_import[:]
@@ -199,12 +201,14 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
         def rename(t: str) -> str:
             return prefix + t if t in local or t in gate_set else t
 
-        for node in graph.node:  # the gated graph's order: topological
+        for position, node in enumerate(graph.node):  # the gated graph's order: topological
             if id(node) not in needed:
                 continue
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = prefix + (node.name or node.op_type)
+            # Unnamed nodes (the ORT optimizer leaves some) get their position:
+            # the op type alone would name two Casts alike, which ORT refuses.
+            copy.name = prefix + (node.name or f"{node.op_type}@{position}")
             copy.input[:] = [rename(t) if t else t for t in node.input]
             copy.output[:] = [rename(t) if t else t for t in node.output]
             nodes.append(copy)

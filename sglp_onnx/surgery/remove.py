@@ -71,7 +71,41 @@ def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.
     graph.inputs = [i for i in graph.inputs if i.name not in owned_inputs or i.name in still_read]
 
     pruned = gs.export_onnx(graph, do_type_check=False)
+    _restore_initializer_inputs(model, pruned)
     return _restore_model_fields(model, pruned)
+
+
+def _restore_initializer_inputs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    """Graph inputs that are also initializers (weights a caller may override,
+    as some exporters write them) are part of the signature: graph-surgeon
+    drops them from the inputs, so the kept ones are put back in their
+    original order. One that only removed units read went with them (see
+    `dropped_weight_inputs`)."""
+    weights = {i.name for i in original.graph.initializer}
+    kept = {i.name for i in pruned.graph.initializer}
+    overridable = [vi for vi in original.graph.input if vi.name in weights and vi.name in kept]
+    if not overridable:
+        return
+    current = {vi.name: vi for vi in pruned.graph.input}
+    for vi in overridable:
+        current.setdefault(vi.name, vi)
+    order = [vi.name for vi in original.graph.input]
+    inputs = [current[name] for name in order if name in current]
+    inputs += [vi for name, vi in current.items() if name not in order]
+    copies = [onnx.ValueInfoProto() for _ in inputs]
+    for copy, vi in zip(copies, inputs):
+        copy.CopyFrom(vi)
+    del pruned.graph.input[:]
+    pruned.graph.input.extend(copies)
+
+
+def dropped_weight_inputs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> set[str]:
+    """Graph inputs of `original` that are also initializers and that no node
+    of `pruned` reads any more (only removed units did): they leave the
+    signature with their units, and the report lists them as removed."""
+    weights = {i.name for i in original.graph.initializer}
+    kept = {i.name for i in pruned.graph.initializer}
+    return {vi.name for vi in original.graph.input if vi.name in weights and vi.name not in kept}
 
 
 def _redirect_shape_reads(model: onnx.ModelProto, graph: gs.Graph, owned_inputs: set[str]) -> None:

@@ -35,12 +35,17 @@ class ValidationResult:
 
 
 def _signature(model: onnx.ModelProto) -> tuple[dict, dict]:
-    initializers = {i.name for i in model.graph.initializer}
+    """Every graph input (those with an initializer too: an overridable
+    weight is part of what callers may feed) and output, with its declared
+    type: a sequence or map output by its whole type, a tensor by its element
+    type and dims."""
 
     def describe(vi):
+        if not vi.type.HasField("tensor_type"):
+            return vi.type.SerializeToString(), None
         return vi.type.tensor_type.elem_type, declared_dims(vi)
 
-    inputs = {i.name: describe(i) for i in model.graph.input if i.name not in initializers}
+    inputs = {i.name: describe(i) for i in model.graph.input}
     outputs = {o.name: describe(o) for o in model.graph.output}
     return inputs, outputs
 
@@ -122,8 +127,12 @@ def validate(
     nothing_removed: bool,
     provider: str = "cpu",
     reference: dict[str, np.ndarray] | None = None,
+    scored_output: str | None = None,
 ) -> ValidationResult:
     """Check `pruned` against `original` on one batch; raise ValidationError on any failure.
+
+    `scored_output`: the output the agreement and largest difference are
+    measured on (the fidelity's, `fidelity.output_kind`; default the first).
 
     `reference`: the original's outputs on `feed` when the caller computed
     them already (piece by piece, `--sequential`); else a session on
@@ -143,10 +152,11 @@ def validate(
 
     in_orig, out_orig = _signature(original)
     in_new, out_new = _signature(pruned)
+    # Exactly the original's, minus the KV-cache entries of removed layers (the report's removed_*).
     expected_in = {k: v for k, v in in_orig.items() if k not in removed_inputs}
     expected_out = {k: v for k, v in out_orig.items() if k not in removed_outputs}
-    if in_new != expected_in or list(out_new) != [k for k in out_orig if k not in removed_outputs] \
-            or out_new != expected_out:
+    if in_new != expected_in or list(in_new) != [k for k in in_orig if k not in removed_inputs] \
+            or list(out_new) != [k for k in out_orig if k not in removed_outputs] or out_new != expected_out:
         raise ValidationError(
             f"signature changed: inputs {sorted(in_new)} vs {sorted(expected_in)}, "
             f"outputs {list(out_new)} vs {list(expected_out)}"
@@ -176,7 +186,7 @@ def validate(
             raise ValidationError(f"the pruned model produced NaN/Inf in output {name!r}")
     result.finite = True
 
-    first = next(iter(out_new))
+    first = scored_output if scored_output in new_values else next(iter(out_new))
     a, b = new_values[first], ref_values[first]
     if a.shape == b.shape and np.issubdtype(a.dtype, np.floating):
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both overflowed

@@ -21,10 +21,10 @@ from ..files.calibration import (CalibrationSet, check_calibration, fixed_batch,
                           synthetic_calibration)
 from ..errors import UserError
 from ..graph.flops import model_params, node_flops, tensors_needed
-from ..files.model_files import external_locations, load_model
+from ..files.model_files import external_locations, graph_input_names, load_model
 from ..report.summary import human_bytes, human_count
 from ..evidence.activations import probe_shapes
-from ..graph.runtime import make_session, provider_chain
+from ..graph.runtime import check_thread_count, input_model_errors, make_session, provider_chain
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -105,20 +105,30 @@ def bench(
     _check_options(paths, sizes, runs, warmup, threads)
     provider_chain(provider)
 
-    source, arrays = _input_arrays(paths, data, seed, max(sizes))
+    source, arrays, guessed = _input_arrays(paths, data, seed, max(sizes))
+    explained = CalibrationSet(inputs=arrays, guessed=guessed).explained("--data")
+    with explained:
+        return _bench(paths, sizes, source, arrays, runs=runs, warmup=warmup, provider=provider, threads=threads)
+
+
+def _bench(paths: list[Path], sizes: list[int], source: str, arrays: dict[str, np.ndarray], *, runs: int,
+           warmup: int, provider: str, threads: int) -> list[BenchResult]:
     datasets, static = [], []
+    known = [name for path in paths for name in graph_input_names(path)]  # one file serves every model
     for path in paths:  # one protobuf in memory at a time; sessions read the files
         model = load_model(path)
-        datasets.append(_check_inputs(arrays, model, source, sizes, path))
+        datasets.append(_check_inputs(arrays, model, source, sizes, path, known))
         static.append(_static_facts(model, path, datasets[-1]))
         del model
 
+    _check_batch_memory(datasets, max(sizes))
     sessions = [make_session(path, provider, threads=threads) for path in paths]
     results: list[BenchResult] = []
     for batch_size in sizes:
         feeds = [_batch(dataset, batch_size) for dataset in datasets]
         runners = [_runner(session, feed, provider) for session, feed in zip(sessions, feeds)]
-        times, cpu_times = _interleaved(runners, runs=runs, warmup=warmup)
+        with input_model_errors("a model"):
+            times, cpu_times = _interleaved(runners, runs=runs, warmup=warmup)
         first_p50_ms = float(np.percentile(times[0], 50)) * 1e3
         for path, (params, flops, size), seconds, cpu in zip(paths, static, times, cpu_times):
             ms = np.asarray(seconds) * 1e3
@@ -145,26 +155,42 @@ def _check_options(paths: list[Path], sizes: list[int], runs: int, warmup: int, 
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
     if threads < 0:
         raise UserError(f"--threads must be 0 (ONNX Runtime's choice) or more, got {threads}")
+    check_thread_count(threads or None)
 
 
-def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict[str, np.ndarray]]:
+def _input_arrays(paths: list[Path], data, seed: int, n: int) -> tuple[str, dict[str, np.ndarray], str]:
     """One set of arrays for all models, so that every model sees the same inputs."""
     if data is not None:
-        return str(data), load_npz(data)
+        return str(data), load_npz(data), ""
     for path in paths:
         sidecar = sidecar_path(path)
         if sidecar.is_file():
-            return str(sidecar), load_npz(sidecar)
+            return str(sidecar), load_npz(sidecar), ""
     synthetic = synthetic_calibration(load_model(paths[0], load_external_data=False), seed=seed, n_samples=n)
-    return synthetic.source, synthetic.inputs
+    return synthetic.source, synthetic.inputs, synthetic.guessed
 
 
 def _check_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str, batch_sizes: list[int],
-                  path: Path) -> CalibrationSet:
+                  path: Path, known: Sequence[str] = ()) -> CalibrationSet:
     fixed = fixed_batch(model_inputs(model))
     if fixed and any(b != fixed for b in batch_sizes):
         raise UserError(f"{path} has a fixed batch size of {fixed}; bench it with --batch-size {fixed}")
-    return check_calibration(arrays, model, source=source)
+    return check_calibration(arrays, model, source=source, also_known=known)
+
+
+def _check_batch_memory(datasets: list[CalibrationSet], batch_size: int) -> None:
+    """Refuse a --batch-size whose inputs alone exceed this machine's memory
+    (before allocating them: numpy would raise MemoryError, or the system
+    would start swapping)."""
+    per_sample = max(sum(v[:1].nbytes for v in d.inputs.values()) for d in datasets)
+    needed = batch_size * max(per_sample, 1) * len(datasets)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > total:
+        raise UserError(f"--batch-size {batch_size} needs {human_bytes(needed)} for the inputs alone; this machine "
+                        f"has {human_bytes(total)} of memory: choose a smaller --batch-size")
 
 
 def _batch(dataset: CalibrationSet, batch_size: int) -> dict[str, np.ndarray]:

@@ -26,8 +26,8 @@ from ..errors import UserError
 from ..graph.index import declared_dims
 from ..graph.ops import ONNX_DOMAINS
 from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
-from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, model_files_for, save_model,
-                                write_model_files)
+from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, load_model_files,
+                                 model_files_for, refuse_inputs, save_model, write_model_files)
 from ..progress import Progress, Stages
 from ..report.summary import to_json, tool_info
 from ..graph.runtime import input_model_errors, make_session
@@ -491,14 +491,22 @@ def finetune(
     pruned_path = Path(pruned_path)
     out = Path(output) if output is not None else default_output(pruned_path)
     report_out = _json_beside(out)
-    inputs = [pruned_path, Path(train_data)] + ([Path(eval_data)] if eval_data else [])
+    from ..paired.hf_model import HF_PREFIX, is_hf_spec
+
+    # Every file the run reads: no output may be one of them, --force or not.
+    inputs = [pruned_path, Path(train_data), Path(report) if report is not None else _json_beside(pruned_path)]
+    inputs += [Path(p) for p in (eval_data, torch_weights) if p is not None]
+    if is_hf_spec(torch_model) and Path(torch_model[len(HF_PREFIX):]).is_dir():
+        inputs += [p for p in Path(torch_model[len(HF_PREFIX):]).iterdir() if p.is_file()]
     check_output_path(out, force=force, what="output", inputs=inputs)
     if write_report:
         check_output_path(report_out, force=force, what="report", inputs=inputs)
     if exporter not in ("dynamo", "legacy"):
         raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
     stages.start("load")
-    pruned = load_model(pruned_path)
+    pruned, pruned_files = load_model_files(pruned_path)
+    for what, path in (("output", out), ("report", report_out)):
+        refuse_inputs(path, what=what, inputs=pruned_files)  # its external data files
     plan = read_plan(pruned_path, report)
     repair = plan.report.get("repair")
     if repair and repair.get("applied"):
@@ -511,7 +519,7 @@ def finetune(
 
     from ..files.calibration import is_cache_input
     from .export.torch_export import export_torch, load_torch_model
-    from ..paired.hf_model import HF_PREFIX, is_hf_spec, load_hf_model
+    from ..paired.hf_model import load_hf_model
 
     hf = is_hf_spec(torch_model)
     cache_names: set[str] = set()
@@ -627,7 +635,7 @@ def finetune(
             "timings": timings,
         }
         stages.start("write")
-        model_paths = model_files_for(new, out, force=force)
+        model_paths = model_files_for(new, out, force=force, inputs=inputs + pruned_files)
         reports = [report_out] if write_report else []
         with atomic_paths(*model_paths, *reports, overwrite=force) as temps:
             write_model_files(new, model_paths, temps)

@@ -61,17 +61,20 @@ class Context:
     flops_budget: bool = False
     # The repair form (`--repair`): measured-damage criteria score candidates repaired unless "none".
     repair: str = "none"
+    # The graph output fidelity and measured damage score (`--fidelity-output`;
+    # None: chosen by `fidelity.output_kind`).
+    fidelity_output: str | None = None
     _evidence: Evidence | None = None
     _gradnorm: np.ndarray | None = None
     _runner: object | None = None
     _output_kind: object | None = None
 
     def output_kind(self):
-        """How the model's first output is scored (fidelity.output_kind), computed once."""
+        """Which output is scored and how (fidelity.output_kind), computed once."""
         if self._output_kind is None:
             from ...evidence.fidelity import output_kind
 
-            self._output_kind = output_kind(self.model)
+            self._output_kind = output_kind(self.model, self.fidelity_output)
         return self._output_kind
 
     def runner(self):

@@ -31,7 +31,7 @@ from .base import Context, Criterion, Selection, register
 HEAD_OPS = LINEAR_OPS | CONV_OPS
 
 
-def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
+def final_representation(model: onnx.ModelProto, output: str | None = None) -> tuple[str, str]:
     """The tensor whose similarity to the original's decides, and how it was found.
 
     Pons et al. compare the representations the classifier reads. Found
@@ -40,9 +40,11 @@ def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
     (weight) input is the head; its computed input is the representation
     (ResNets: the pooled, flattened features; LMs: the final norm's output,
     one row per token). A graph with no such node falls back to the first
-    output itself (the logits).
+    output itself (the logits). `output`: the graph output to walk back from
+    instead of the first (the scored one, `fidelity.output_kind`, when the
+    first is integer class ids).
     """
-    first = model.graph.output[0].name
+    first = output or model.graph.output[0].name
 
     def visit(node, computed):
         if is_weighted_head(node, computed, HEAD_OPS):
@@ -50,7 +52,7 @@ def final_representation(model: onnx.ModelProto) -> tuple[str, str]:
         return computed
 
     found = walk_back(GraphIndex(model), first, visit)
-    return found or (first, f"first graph output {first!r} (no Gemm/MatMul/Conv head found)")
+    return found or (first, f"graph output {first!r} (no Gemm/MatMul/Conv head found)")
 
 
 @dataclass
@@ -76,7 +78,7 @@ class GreedyCKA:
                             "or put MODEL.calib.npz beside the model")
         self.ctx = ctx
         self.units = list(ctx.units)
-        rep, rule = final_representation(ctx.model)
+        rep, rule = final_representation(ctx.model, ctx.output_kind().output)
         self.state = GreedyState(representation=rep, representation_rule=rule)
         self.runner = GatedRunner(ctx.model, self.units, [rep], provider=ctx.provider)
         self.use_suffix = use_suffix
