@@ -470,7 +470,7 @@ def _kept_sections(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet56,resnet110,cnn1d", help="comma-separated: " + ",".join(MODELS))
+    parser.add_argument("--models", default="resnet56,resnet110,vit,cnn1d", help="comma-separated: " + ",".join(MODELS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "quality.md")
