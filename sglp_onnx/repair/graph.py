@@ -181,8 +181,15 @@ def strip_repairs(model: onnx.ModelProto, cuts: Sequence[dict]) -> onnx.ModelPro
     out = onnx.ModelProto()
     out.CopyFrom(model)
     kept = [n for n in out.graph.node if not n.name.startswith(f"{PREFIX}/")]
-    for node in kept:
-        node.input[:] = [outputs.get(name, name) for name in node.input]
+
+    def reread(nodes) -> None:  # readers in If/Loop/Scan bodies read the outer tensor too
+        for node in nodes:
+            node.input[:] = [outputs.get(name, name) for name in node.input]
+            for attr in node.attribute:
+                for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    reread(graph.node)
+
+    reread(kept)
     for o in out.graph.output:
         if o.name in outputs:
             raise ValueError(f"a graph output is a repair map's output: {o.name}")
