@@ -443,6 +443,10 @@ class FinetuneResult:
                     fmt = "{:.2%}" if key == "accuracy" else "{:.3f}"
                     lines.append(f"{key} on {rep['eval']['data']}: {fmt.format(before[key])} -> "
                                  f"{fmt.format(after[key])}")
+        if rep.get("repair_maps_dropped"):
+            lines.append("note: fine-tuning healed the plain bypass, not the pruned model's repair maps; a removal "
+                         "set chosen for repair can heal worse than one chosen without it (compress --repair none "
+                         "before fine-tuning)")
         if self.report_path is not None:
             lines.append(f"report: {self.report_path}")
         return "\n".join(lines)
@@ -617,6 +621,8 @@ def finetune(
             "pairing": "made by finetune (the pruning report had none)" if paired_here else "the pruning report's",
             "removed_units": plan.units,
             "skipped_modules": plan.modules,
+            # The pruned model's repair maps are not trained: fine-tuning heals the plain bypass.
+            "repair_maps_dropped": bool(repair and repair.get("applied")),
             "layer_removal": "deleted" if hf else "skipped",
             "cache_layers": cache_numbers if hf else None,
             "skip_reproduces_pruned_relative_error": error,
