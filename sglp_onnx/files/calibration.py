@@ -525,7 +525,7 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
         dims = spec.shape or (None,)
         shape = [n_samples] + [d if isinstance(d, int) and d > 0 else dynamic_size for d in dims[1:]]
         if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
-            guessed.append(f"{spec.name} {_fmt_shape(tuple(dims))} as {list(shape)}")
+            guessed.append(f"{spec.name} {format_shape(tuple(dims))} as {list(shape)}")
         if spec.dtype is object:
             raise unfeedable(spec)
         dtype = np.dtype(spec.dtype)
