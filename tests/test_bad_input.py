@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sglp_onnx.cli import main
-from tiny_graphs import calibration, plain_mlp, write_model_and_calibration
+from tiny_graphs import calibration, plain_mlp
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 N_UNITS = 4  # the residual MLP of tiny_graphs has four blocks
@@ -42,14 +42,6 @@ class Workspace:
     @property
     def output(self) -> Path:
         return self.out / "pruned.onnx"
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
 
 
 def assert_refused(ws: Workspace, code: int, err: str, before: dict[str, str], *, says: str) -> None:

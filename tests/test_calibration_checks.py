@@ -17,17 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sglp_onnx.cli import main
 from test_bad_input import Workspace, run_main
-from tiny_graphs import calibration, make_model, residual_mlp, write_model_and_calibration
+from tiny_graphs import calibration, make_model, residual_mlp
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
 
 
 def with_input_type(elem_type: int) -> onnx.ModelProto:

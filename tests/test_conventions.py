@@ -12,7 +12,7 @@ import pytest
 
 from sglp_onnx.cli import main
 from sglp_onnx.report.summary import segments_line, validate_report
-from test_bad_input import run_main, snapshot, ws  # noqa: F401 (ws: fixture)
+from test_bad_input import run_main, snapshot
 from test_plots import panels
 from tiny_graphs import write_model_and_calibration
 

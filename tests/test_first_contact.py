@@ -23,7 +23,7 @@ from sglp_onnx.progress import RESUME_ENV
 from graphs import exported
 from sglp_onnx.cli import main
 from test_atomic import _read_until
-from test_bad_input import CLI, assert_refused, compress_args, run_main, snapshot, ws  # noqa: F401 (ws: fixture)
+from test_bad_input import CLI, assert_refused, compress_args, run_main, snapshot
 from test_cli_core import _stage
 from tiny_graphs import calibration, make_model, residual_mlp
 

@@ -16,15 +16,7 @@ import torch
 
 from sglp_onnx.cli import main
 from test_bad_input import Workspace, run_main, snapshot
-from tiny_graphs import residual_mlp, write_model_and_calibration
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
+from tiny_graphs import residual_mlp
 
 
 def explicit_calib(ws: Workspace) -> Path:

@@ -14,18 +14,10 @@ import onnx
 import pytest
 
 from test_bad_input import Workspace, run_main
-from tiny_graphs import residual_mlp, write_model_and_calibration
+from tiny_graphs import residual_mlp
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 HANG_GUARD = 600  # seconds: only a hung run ever reaches it
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
 
 
 def dynamic_width_model(path: Path) -> Path:

@@ -17,15 +17,7 @@ from onnx import helper, numpy_helper
 from sglp_onnx.cli import main
 from sglp_onnx.files.model_files import name_max
 from test_bad_input import Workspace, run_main
-from tiny_graphs import calibration, residual_mlp, write_model_and_calibration
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
+from tiny_graphs import calibration, residual_mlp
 
 
 def sparse_version(model: onnx.ModelProto, names: list[str], *, coordinates: bool = False) -> onnx.ModelProto:

@@ -19,17 +19,9 @@ from sglp_onnx.cli import main
 from sglp_onnx.surgery.validation import validate
 from sglp_onnx.errors import ValidationError
 from test_bad_input import Workspace, run_main
-from tiny_graphs import calibration, residual_mlp, write_model_and_calibration
+from tiny_graphs import calibration, residual_mlp
 
 OVERRIDABLE = ("blocks.3.w1", "blocks.0.w2", "head.w")
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    model, calib = write_model_and_calibration(tmp_path / "in")
-    out = tmp_path / "out"
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
 
 
 def with_initializer_inputs(names=OVERRIDABLE) -> onnx.ModelProto:
