@@ -30,12 +30,12 @@ def main() -> None:
     from sglp_onnx.files.calibration import load_calibration
     from sglp_onnx.files.model_files import load_model
     from sglp_onnx.graph.runtime import make_session
-    from sglp_onnx.pipeline import _discover
     from sglp_onnx.surgery.gating import GatedRunner, batched_suffix_model, suffix_model
+    from sglp_onnx.units.discovery import discover
 
     model = load_model(MODEL)
     calib = load_calibration(MODEL.with_name("resnet56_digits.calib.npz"), model)
-    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    units, _ = discover(model, calib, granularity="layer", provider="cpu")
     runner = GatedRunner(model, units, [output_kind(model).output])
     feed = calib.first(64)
     current = runner.run(feed, set(), entries=True)

@@ -29,8 +29,9 @@ from benchmarks.machine import publish  # noqa: E402
 from sglp_onnx.tools.bench import bench  # noqa: E402
 from sglp_onnx.files.calibration import load_calibration, sidecar_path  # noqa: E402
 from sglp_onnx.files.model_files import load_model, save_model  # noqa: E402
-from sglp_onnx.pipeline import _discover, compress  # noqa: E402
+from sglp_onnx.pipeline import compress  # noqa: E402
 from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx.units.discovery import discover  # noqa: E402
 
 MODELS = ("resnet56_digits", "resnet110_digits", "cnn1d_radio")
 TARGETS = (0.3, 0.5)
@@ -69,7 +70,7 @@ def variants(name: str, folder: Path) -> list[tuple[str, Path, int, int]]:
                          len(result.selection.removed), len(result.units)))
     model = load_model(source)
     calib = load_calibration(sidecar_path(source), model, max_samples=8)
-    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    units, _ = discover(model, calib, granularity="layer", provider="cpu")
     rest = folder / f"{name}.no_units.onnx"
     save_model(remove_units(model, units), rest)
     rows.append(("every unit removed", rest, len(units), len(units)))

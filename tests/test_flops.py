@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sglp_onnx.files.calibration import CalibrationSet
 from sglp_onnx.graph.flops import node_flops, tensors_needed
-from sglp_onnx.pipeline import _discover
+from sglp_onnx.units.discovery import discover
 from sglp_onnx.evidence.activations import probe_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -170,8 +170,7 @@ def assert_model_flops_match(onnx_model: onnx.ModelProto, feed: dict[str, np.nda
                              torch_model: nn.Module, torch_args: tuple, *, min_units: int) -> None:
     """Total FLOPs per sample, and each unit's FLOPs against the torch module it came from."""
     n = next(iter(feed.values())).shape[0]
-    units, total = _discover(onnx_model, CalibrationSet(inputs=feed), granularity="layer",
-                             provider="cpu", timings={})
+    units, total = discover(onnx_model, CalibrationSet(inputs=feed), granularity="layer", provider="cpu")
     expected_total, per_module = torch_flops(torch_model, *torch_args)
     assert total == pytest.approx(expected_total / n, rel=TOLERANCE)
     matched = 0
