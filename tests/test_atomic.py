@@ -20,7 +20,7 @@ import pytest
 import sglp_onnx.files.model_files as model_files
 import sglp_onnx.pipeline as pipeline
 from sglp_onnx.cli import main
-from sglp_onnx.files.model_files import _interrupts_deferred, atomic_paths, load_model
+from sglp_onnx.files.model_files import atomic_paths, interrupts_deferred, load_model
 from test_bad_input import snapshot
 from tiny_graphs import write_model_and_calibration
 
@@ -266,7 +266,7 @@ def test_deferred_interrupt_restores_the_handlers():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     ran_to_the_end = False
     with pytest.raises(KeyboardInterrupt):
-        with _interrupts_deferred():
+        with interrupts_deferred():
             signal.raise_signal(signal.SIGINT)  # to this thread: no wait for its delivery
             ran_to_the_end = True
     assert ran_to_the_end

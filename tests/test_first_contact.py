@@ -404,10 +404,11 @@ def test_json_into_the_default_report_path_is_not_refused(ws, capsys):
 
 
 @pytest.fixture
-def thread_setting(monkeypatch):
-    monkeypatch.setitem(runtime._settings, "threads", None)
+def thread_setting():
     torch_threads = torch.get_num_threads()
+    runtime.set_threads(None)
     yield
+    runtime.set_threads(None)  # --threads 3 must not reach the tests that follow
     torch.set_num_threads(torch_threads)
 
 

@@ -153,12 +153,13 @@ def test_matmul_with_vector_on_the_right():
 
 
 def test_attention_counts_the_past_kv_cache():
-    from sglp_onnx.graph.flops import _count
-
     node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"])
     b, h, t, past, d = 1, 4, 1, 9, 8
-    flops = _count(node, [(b, h, t, d), (b, h, t, d), (b, h, t, d), None, (b, h, past, d), (b, h, past, d)],
-                   (b, h, t, d))
+    new, cached = (b, h, t, d), (b, h, past, d)
+    inputs = {"q": new, "k": new, "v": new, "pk": cached, "pv": cached}
+    model = one_node_model(node, {k: np.zeros(v, np.float32) for k, v in inputs.items()}, {}, opset=23)
+    # The shapes a probe would report, given directly (nothing runs).
+    flops = sum(node_flops(model, {**inputs, "y": new}).values())
     expected, _ = torch_flops(lambda: F.scaled_dot_product_attention(
         torch.zeros(b, h, t, d), torch.zeros(b, h, t + past, d), torch.zeros(b, h, t + past, d)))
     assert flops == expected
