@@ -31,7 +31,7 @@ def main() -> None:
     from sglp_onnx.files.model_files import load_model
     from sglp_onnx.graph.runtime import make_session
     from sglp_onnx.surgery.gating import GatedRunner, batched_suffix_model, suffix_model
-    from sglp_onnx.units.discovery import discover
+    from sglp_onnx.units import discover
 
     model = load_model(MODEL)
     calib = load_calibration(MODEL.with_name("resnet56_digits.calib.npz"), model)

@@ -31,7 +31,7 @@ from sglp_onnx.files.calibration import load_calibration, sidecar_path  # noqa: 
 from sglp_onnx.files.model_files import load_model, save_model  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 from sglp_onnx.surgery.remove import remove_units  # noqa: E402
-from sglp_onnx.units.discovery import discover  # noqa: E402
+from sglp_onnx.units import discover  # noqa: E402
 
 MODELS = ("resnet56_digits", "resnet110_digits", "cnn1d_radio")
 TARGETS = (0.3, 0.5)

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sglp_onnx.files.calibration import CalibrationSet
 from sglp_onnx.graph.flops import node_flops, tensors_needed
-from sglp_onnx.units.discovery import discover
+from sglp_onnx.units import discover
 from sglp_onnx.evidence.activations import probe_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -18,7 +18,7 @@ from sglp_onnx.files.calibration import CalibrationSet, load_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from sglp_onnx.evidence.calibration_pass import collect_evidence
-from sglp_onnx.units.discovery import discover
+from sglp_onnx.units import discover
 from sglp_onnx.evidence.activations import stream
 from sglp_onnx.evidence.sequential import split_at, stream_sequential
 from tiny_graphs import _weight, make_model, residual_mlp, write_model_and_calibration
