@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_bad_input import Workspace
+from cli_runs import Workspace
 from tiny_graphs import write_model_and_calibration
 
 

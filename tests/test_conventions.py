@@ -12,8 +12,8 @@ import pytest
 
 from sglp_onnx.cli import main
 from sglp_onnx.report.summary import segments_line, validate_report
-from test_bad_input import run_main, snapshot
-from test_plots import panels
+from cli_runs import run_main, snapshot
+from figures import panels
 from tiny_graphs import write_model_and_calibration
 
 
