@@ -35,7 +35,7 @@ FAST_CANDIDATES = 6
 # candidate on this many samples (token models: sequences holding this many
 # tokens), each later round doubles the samples and keeps the better half.
 HALVING_FIRST_SAMPLES = 32
-HALVING_FIRST_TOKENS = 2048
+HALVING_FIRST_TOKENS = 1024
 # Greedy steps after the first consider this many contenders (at least): the
 # remaining units whose last measured damage was lowest.
 CONTENDERS = 8
