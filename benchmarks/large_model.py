@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ IR_VERSION = 10  # onnx >= 1.23 stamps IR 14 on new models, which ONNX Runtime r
 
 def _external(name: str, shape: tuple[int, ...], data, location: str) -> onnx.TensorProto:
     """A float32 initializer whose values go to the end of the open data file."""
-    array = (np.random.default_rng(abs(hash(name)) % 2**32).standard_normal(shape) / np.sqrt(shape[0]))
+    array = np.random.default_rng(zlib.crc32(name.encode())).standard_normal(shape) / np.sqrt(shape[0])
     array = array.astype(np.float32)
     offset = data.tell()
     data.write(array.tobytes())
