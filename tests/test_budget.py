@@ -58,3 +58,45 @@ def test_a_tight_budget_cuts_the_runs_and_chooses_the_same_units(wide):
     assert tight.selection.removed == roomy.selection.removed
     np.testing.assert_allclose(tight.selection.importance, roomy.selection.importance, rtol=1e-4, atol=1e-9)
     assert tight.report["fidelity"]["score"] == pytest.approx(roomy.report["fidelity"]["score"], rel=1e-4)
+
+
+# -- the default search's successive halving --------------------------------------------------------------------
+
+def _calib(n: int, fixed: int | None = None):
+    from sglp_onnx.files.calibration import CalibrationSet
+
+    return CalibrationSet(inputs={"x": np.arange(n, dtype=np.float32)[:, None]}, fixed_batch=fixed)
+
+
+def test_halving_rounds_double_and_end_on_every_sample():
+    from sglp_onnx.selection.criteria.damage import SampleOrder
+
+    assert SampleOrder(_calib(205), seed=0).rounds(32, 64) == [32, 64, 128, 205]
+    assert SampleOrder(_calib(63), seed=0).rounds(32, 64) == [63]  # fewer than two rounds: one
+    fixed = SampleOrder(_calib(205, fixed=8), seed=0)
+    assert fixed.n == 200 and fixed.rounds(30, 64) == [32, 64, 128, 200]
+
+
+def test_pieces_cut_alike_at_round_bounds_and_cover_each_sample_once():
+    from sglp_onnx.selection.criteria.damage import SampleOrder
+
+    order = SampleOrder(_calib(205), seed=3)
+    bounds = order.rounds(32, 50)
+    every = [(a, len(feed["x"])) for a, feed in order.pieces(0, 205, 50, bounds)]
+    assert [a for a, _ in every] == [0, 32, 64, 114, 128, 178]  # never across a bound
+    assert all(n <= 50 for _, n in every) and sum(n for _, n in every) == 205
+    later = [(a, len(feed["x"])) for a, feed in order.pieces(64, 205, 50, bounds)]
+    assert later == every[2:]  # a run kept by its first sample is the same run
+    seen = np.concatenate([feed["x"][:, 0] for _, feed in order.pieces(0, 205, 50, bounds)])
+    assert sorted(seen) == list(range(205)) and list(seen) != list(range(205))  # a shuffle, each sample once
+
+
+def test_the_greedy_scores_by_successive_halving_for_fewer_passes(tmp_path):
+    from tiny_graphs import write_model_and_calibration
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=320, width=16)
+    halved = analyze(model, criterion="damage-greedy", remove=2, suggest=None, repair="none")
+    notes = " ".join(halved.selection.notes)
+    assert "successive halving over 32, 64, 128, 256 samples" in notes, notes
+    # Every candidate of a step on every sample would be 6 + 5 partial passes.
+    assert halved.selection.passes["forward_partial"] < 6 + 5
