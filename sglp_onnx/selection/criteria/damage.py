@@ -224,13 +224,13 @@ class SampleOrder:
 
     def __init__(self, calib, *, seed: int) -> None:
         fixed = calib.fixed_batch or 1
-        self.fixed = fixed
+        self.fixed, self.fixed_batch = fixed, calib.fixed_batch
         self.n = calib.n_samples - calib.n_samples % fixed
         order = np.random.default_rng(seed).permutation(calib.n_samples)[:self.n]
         self.calib = calib.subset(order)
 
     def rows(self, rows: int) -> int:
-        return self.fixed if self.fixed > 1 else max(1, rows)
+        return self.fixed_batch or max(1, rows)
 
     def rounds(self, first: int, rows: int) -> list[int]:
         """Sample counts at the end of each round: first, 2 first, ..., n (whole pieces of a fixed batch)."""
