@@ -60,6 +60,9 @@ test: $(TEST_STAMP)
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# real_size.py alone takes about half an hour and up to ~17 GB of RAM:
+# ResNet-50 at 224x224, a 1 GiB MLP and a 32000-token Llama, each against
+# its one-pass floor (`--only SECTION` and smaller sizes for a quick run).
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
 	$(BIN)/python benchmarks/repair_cost.py
@@ -69,6 +72,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/streaming.py
 	$(BIN)/python benchmarks/candidate_batching.py
 	$(BIN)/python benchmarks/large_model.py
+	$(BIN)/python benchmarks/real_size.py
 
 # About 12 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter
 # Llama built, exported and compressed four ways (benchmarks/llm_scale.py).

@@ -27,7 +27,9 @@ class StagePeaks:
         self.peaks: dict[str, float] = {}
 
     def __call__(self, iterable, label: str = ""):
-        return iterable
+        yield from iterable
+        if label == "calibration":  # timed inside the criterion, not a stage of its own
+            self.peaks.setdefault("calibration", peak_rss_gib())
 
     @contextlib.contextmanager
     def stage(self, label: str):
@@ -40,6 +42,7 @@ def child(model: str, out: str, sequential: bool, batch_size: int, options: dict
     import onnx
 
     from sglp_onnx import compress
+    from sglp_onnx.report.summary import fidelity_lines
 
     stages = StagePeaks()
     # What the process holds before any model work: the interpreter and the libraries.
@@ -62,6 +65,8 @@ def child(model: str, out: str, sequential: bool, batch_size: int, options: dict
         "stage_peak_rss_gib": stages.peaks,
         "removed": len(result.selection.removed),
         "units": len(result.units),
+        "removed_names": [u["name"] for u in result.report["units"] if u["removed"]],
+        "fidelity": (fidelity_lines(result.report) or ["-"])[0],
         "after_file_size": result.report["after"]["file_size"],
         "data_files_recorded": recorded,
         "files_beside_output": sorted(p.name for p in Path(out).parent.iterdir() if p.name.startswith("out")),

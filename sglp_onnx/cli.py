@@ -40,9 +40,14 @@ class _State:
 
 
 def _progress_factory(state: _State):
-    """tqdm bars on a terminal (or with -v); nothing in a pipe, nothing with -q."""
-    if state.quiet or not (sys.stderr.isatty() or state.verbose):
+    """tqdm bars on a terminal (or with -v); in a pipe, a line at most every
+    few seconds (`progress.LineProgress`); nothing with -q."""
+    if state.quiet:
         return None
+    if not (sys.stderr.isatty() or state.verbose):
+        from .progress import LineProgress
+
+        return LineProgress(sys.stderr)
     from tqdm import tqdm
 
     from .progress import terminal_stage

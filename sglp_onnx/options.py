@@ -75,6 +75,11 @@ class SelectionOptions:
                     "cut's entry to the original's exit on the selection samples and inserts it (1x1 Conv or "
                     "MatMul + Add); 'diagonal' a per-channel scale and bias; 'none' bypasses only. Kept only where "
                     "it improves the held-out fidelity.", choices=REPAIR_FORMS, default=DEFAULT_REPAIR)
+    activation_budget: str = _option(
+        "--activation-budget", "Activations any stage holds at once (calibration pass, damage search, fidelity, "
+                               "repair fits, gradients): batches are cut into smaller runs to stay within it, so "
+                               "peak memory is about the weights plus this. A size such as 512M or 2G.",
+        metavar="SIZE", default="1G")
     max_calib_samples: int | None = _option("--max-calib-samples", "Use at most N calibration samples.", kind=int,
                                             cli=False)
 
@@ -107,6 +112,9 @@ class SelectionOptions:
             raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.repair not in REPAIR_FORMS:
             raise UserError(f"--repair must be one of {', '.join(REPAIR_FORMS)}, got {self.repair!r}")
+        from .evidence.budget import parse_size
+
+        parse_size(self.activation_budget)
         if self.provider not in PROVIDERS:
             raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         return replace(self, ratio=ratio)

@@ -28,6 +28,7 @@ from .paired.pairing import PairedModel
 from .progress import PAUSE_ENV, Progress, pause_point, stage  # noqa: F401 (PAUSE_ENV: the tests' hook)
 from .report.build import analysis_report
 from .report.summary import analysis_summary, summary, to_json
+from .evidence.budget import parse_size
 from .selection.budget import budget_to_count, max_loss_count, suggest_removals
 from .selection.criteria import Context, Selection, get_criterion
 from .surgery.kv_cache import (genai_config_source, genai_config_target, genai_support_files, other_model_files,
@@ -63,6 +64,7 @@ class Analysis:
     # The original's outputs on the first calibration batch, when the
     # calibration pass computed them (what validation compares with).
     first_outputs: dict | None = None
+    validation_rows: int = 64  # samples of the validation run
     # The chosen removal set's repair (repair.stage.RepairOutcome); None with --repair none.
     repair: object | None = None
 
@@ -273,13 +275,14 @@ def _analyze(
         loss_note = f"GradNorm loss: {paired.loss_description(data)}"
 
         def gradnorm_fn():
-            batches = data.batches(opts.batch_size)
+            batches = data.batches(ctx.gradient_rows())
             return paired.gradnorm(progress(batches, "gradients") if progress else batches)
 
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn, progress=progress,
                   timings=timings, sequential=opts.sequential, flops_budget=opts.target_flops is not None,
-                  repair="none" if opts.sequential else opts.repair, fidelity_output=opts.fidelity_output)
+                  repair="none" if opts.sequential else opts.repair, fidelity_output=opts.fidelity_output,
+                  budget=parse_size(opts.activation_budget))
     fidelity_data = held_out if held_out is not None else data
 
     def held_out_fidelity(*removal_sets, network=None) -> list[dict]:
@@ -294,7 +297,7 @@ def _analyze(
                                            batch_size=opts.batch_size, provider=opts.provider)
         runner = ctx.runner() if network is None else GatedRunner(net_model, net_units, [ctx.output_kind().output],
                                                                    provider=opts.provider)
-        return measure_sets(runner, ctx.output_kind(), fidelity_data, removal_sets, batch_size=opts.batch_size)
+        return measure_sets(runner, ctx.output_kind(), fidelity_data, removal_sets, batch_size=ctx.output_rows())
 
     def repaired(removed, plain: dict):
         """The repair of `removed` (`repair.repair_removal`), measured against `plain`, its unrepaired record."""
@@ -302,7 +305,8 @@ def _analyze(
 
         return repair_removal(model, units, removed, data, form=opts.repair, plain=plain,
                               measure=lambda m, u, r: held_out_fidelity(r, network=(m, u))[0],
-                              batch_size=opts.batch_size, provider=opts.provider, progress=progress)
+                              batch_size=ctx.rows([u.entry for u in units] + [u.exit for u in units]),
+                              provider=opts.provider, progress=progress)
 
     def loss_of(removed) -> dict:
         """What --max-loss reads: the held-out record of the model compress would write."""
@@ -350,6 +354,9 @@ def _analyze(
                                 "held-out samples")
 
     evidence = ctx.evidence_if_computed
+    # Validation compares the first run of the calibration pass, or a run that fits the budget.
+    validation_rows = evidence.rows if evidence is not None and evidence.rows else \
+        (ctx.output_rows() if not opts.sequential else opts.batch_size)
     notes = list(selection.notes) + budget_notes
     runner_used = ctx.runner_used
     kind = ctx.output_kind()
@@ -408,6 +415,7 @@ def _analyze(
                     total_flops=total_flops, timings=timings,
                     source_model=None if model is source_model else source_model, rewrites=rewrites,
                     input_files=input_files, first_outputs=evidence.first_outputs if evidence else None,
+                    validation_rows=validation_rows,
                     repair=repair)
 
 
@@ -536,7 +544,7 @@ def _compress(
         from .graph.runtime import release_memory
 
         release_memory()  # the stages' sessions are closed: the pruned model's opens next
-        feed = analysis.calib.first(min(opts.batch_size, analysis.calib.n_samples))
+        feed = analysis.calib.first(min(analysis.validation_rows, analysis.calib.n_samples))
         original = analysis.source_model or analysis.model
         reference = _validation_reference(analysis, feed, sequential=opts.sequential, provider=opts.provider)
         try:

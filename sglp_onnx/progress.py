@@ -63,6 +63,46 @@ def clear_status() -> None:
         _showing["stream"] = None
 
 
+# Off a terminal, a line at most this often (seconds; the first after as long
+# into the run). SGLP_ONNX_PROGRESS_SECONDS sets it (tests keep pipes quiet).
+LINE_EVERY = 10.0
+LINE_EVERY_ENV = "SGLP_ONNX_PROGRESS_SECONDS"
+
+
+class LineProgress:
+    """Progress for a pipe or a log: one plain line on `stream`, at most every
+    `every` seconds, saying which stage runs and how far its loop is; a run
+    shorter than `every` prints nothing."""
+
+    def __init__(self, stream, every: float | None = None) -> None:
+        if every is None:
+            every = float(os.environ.get(LINE_EVERY_ENV) or LINE_EVERY)
+        self.stream, self.every = stream, every
+        self.began = self.last = time.monotonic()
+        self.label = "starting"
+
+    def __call__(self, iterable, label: str):
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        for done, item in enumerate(iterable):
+            self.tick(f"{label} {done}/{total}" if total is not None else f"{label} {done}")
+            yield item
+
+    @contextmanager
+    def stage(self, label: str) -> Iterator[None]:
+        self.label = label
+        self.tick(None)
+        yield
+
+    def tick(self, where: str | None) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        detail = f" ({where})" if where else ""
+        self.stream.write(f"sglp-onnx: {self.label}{detail}, {now - self.began:.0f} s in\n")
+        self.stream.flush()
+
+
 class Stages:
     """A run's stages one after another: `start(name)` ends the previous one
     (its seconds go to `timings[name]`) and shows the new one; `stop()` ends

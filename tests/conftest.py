@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Off a terminal the CLI prints a progress line every few seconds of a long
+# run; a loaded machine would make that depend on its speed, so tests run with
+# none unless a test asks (test_analyze's progress-line test sets it to 0).
+os.environ["SGLP_ONNX_PROGRESS_SECONDS"] = "1e9"
 
 from cli_runs import Workspace
 from tiny_graphs import write_model_and_calibration

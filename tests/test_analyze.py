@@ -96,6 +96,20 @@ def test_cli_compress_in_a_pipe_is_quiet_and_verbose_shows_progress(model_folder
     json.loads(loud.stdout)  # the bars go to stderr: stdout stays JSON
 
 
+def test_a_long_run_in_a_pipe_says_on_stderr_which_stage_runs_in_plain_lines(model_folder, monkeypatch):
+    monkeypatch.setenv("SGLP_ONNX_PROGRESS_SECONDS", "0")  # every tick: as a run of minutes would, now and then
+    piped = run_cli("compress", "cnn1d_radio.onnx", "-o", "out.onnx", "--json", cwd=model_folder)
+    assert piped.returncode == 0, piped.stderr
+    assert_no_progress_noise(piped.stderr)  # no bars, no carriage returns
+    lines = piped.stderr.splitlines()
+    assert all(line.startswith("sglp-onnx: ") and line.endswith(" s in") for line in lines), lines
+    assert any("choosing units (damage step 1" in line for line in lines), lines
+    assert any("validating the pruned model" in line for line in lines), lines
+    json.loads(piped.stdout)  # stdout stays the report
+    quiet = run_cli("-q", "compress", "cnn1d_radio.onnx", "-o", "out2.onnx", cwd=model_folder)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_cli_rejects_bad_suggestion_targets(model_folder):
     result = run_cli("analyze", "cnn1d_radio.onnx", "--suggest", "0.2,1.5", cwd=model_folder)
     assert result.returncode == 2

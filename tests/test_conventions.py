@@ -310,7 +310,7 @@ def test_the_report_names_its_input_by_absolute_path(ws, capsys, monkeypatch):
 # -- the code's own conventions: tests and benchmarks use the package's public names ------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_BENCHMARK_MODULES = {"common", "measured_compress"}
+SHARED_BENCHMARK_MODULES = {"common", "measured_compress", "mlp_model"}
 
 
 def _private(name: str) -> bool:

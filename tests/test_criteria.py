@@ -281,15 +281,29 @@ def test_unreachable_target_flops_is_a_user_error(folder):
         analyze(folder / "last_zeroed.onnx", criterion="last", target_flops=0.95, suggest=None)
 
 
-@pytest.mark.parametrize("criterion", ["cka-removal", "damage-greedy"])
-def test_reference_outputs_too_large_to_keep_are_recomputed_to_the_same_order(folder, monkeypatch, criterion):
+def test_reference_outputs_too_large_to_keep_are_recomputed_to_the_same_order(folder, monkeypatch):
     import sglp_onnx.surgery.gating as gating
 
     analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
     L = len(analysis.units)
-    kept = get_criterion(criterion).select(context(analysis), L - 1)
+    kept = get_criterion("cka-removal").select(context(analysis), L - 1)
     monkeypatch.setattr(gating, "REFERENCE_CACHE_BYTES", 0)
-    recomputed = get_criterion(criterion).select(context(analysis), L - 1)
+    recomputed = get_criterion("cka-removal").select(context(analysis), L - 1)
     assert recomputed.removed == kept.removed
+    # Every step after the first runs the original network again for its reference.
+    assert recomputed.passes["forward_full"] == kept.passes["forward_full"] + (L - 2)
+
+
+def test_a_damage_search_within_a_tiny_activation_budget_runs_one_sample_at_a_time_to_the_same_order(folder):
+    analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
+    L = len(analysis.units)
+    roomy = context(analysis, batch_size=64)
+    kept = get_criterion("damage-greedy").select(roomy, L - 1)
+    tight = context(analysis, batch_size=64, budget=1)  # nothing kept, one sample per run
+    recomputed = get_criterion("damage-greedy").select(tight, L - 1)
+    assert roomy.cache["damage-greedy"].rows == 64
+    assert tight.cache["damage-greedy"].rows == 1 and tight.evidence().rows == 1
+    assert recomputed.removed == kept.removed
+    np.testing.assert_allclose(recomputed.importance, kept.importance, rtol=1e-5, atol=1e-9)
     # Every step after the first runs the original network again for its reference.
     assert recomputed.passes["forward_full"] == kept.passes["forward_full"] + (L - 2)

@@ -15,6 +15,7 @@ import onnx
 
 from ..files.calibration import CalibrationSet
 from ..graph.runtime import session_with_outputs
+from .budget import WORKING_TENSORS, bytes_per_sample, rows_within
 
 NUMPY_TO_ONNX = {
     np.dtype(np.float32): onnx.TensorProto.FLOAT,
@@ -92,11 +93,24 @@ def stream(
     batch_size: int,
     provider: str = "cpu",
     progress: Callable[[Iterator], Iterator] | None = None,
+    budget: int | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> Iterator[Batch]:
-    """Run the model over `calib` once, yielding each batch with `names` exposed."""
+    """Run the model over `calib` once, yielding each batch with `names` exposed.
+
+    With `budget` (bytes), batches are cut to `pass_rows` samples so that what
+    one run returns stays within it; `sizes`, when given, receives the bytes
+    per sample of every fetched tensor (measured on one sample first)."""
     output_names = [o.name for o in model.graph.output]
     session = session_with_outputs(model, names, provider)
     fetch = output_names + [n for n in dict.fromkeys(names) if n not in output_names]
+    if budget is not None or sizes is not None:
+        one = calib.first(1)
+        measured = bytes_per_sample(dict(zip(fetch, session.run(fetch, one))), next(iter(one.values())).shape[0])
+        if sizes is not None:
+            sizes.update(measured)
+        if budget is not None:
+            batch_size = pass_rows(measured, budget, batch_size)
     batches = calib.batches(batch_size)
     if progress is not None:
         batches = progress(batches)
@@ -108,3 +122,10 @@ def stream(
             outputs={k: values[k] for k in output_names},
             tensors={k: values[k] for k in names},
         )
+
+
+def pass_rows(sizes: dict[str, int], budget: int, requested: int) -> int:
+    """Samples per run of a pass that returns every tensor of `sizes` (bytes per
+    sample) within `budget` bytes, ONNX Runtime's working buffers included."""
+    held = sum(sizes.values()) + WORKING_TENSORS * max(sizes.values(), default=0)
+    return rows_within(budget, held, requested)

@@ -5,7 +5,7 @@ influence) and one batch kept for validation and pairing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -13,7 +13,7 @@ import onnx
 
 from ..files.calibration import CalibrationSet
 from ..progress import pause_point
-from .activations import stream
+from .activations import pass_rows, stream
 from .similarity import MeanCosineDistance, MinibatchCKA
 from ..units.discovery import PrunableUnit
 
@@ -31,6 +31,11 @@ class Evidence:
     # The graph outputs on the first batch (`calib.first(batch_size)`): the
     # original's outputs that validation compares the pruned model with.
     first_outputs: dict[str, np.ndarray] | None = None
+    # Bytes per sample of every tensor the pass exposed and of the graph
+    # outputs (measured on one sample; empty with `sequential`), and the
+    # samples per run the activation budget allowed (`batch_size` or fewer).
+    sizes: dict[str, int] = field(default_factory=dict)
+    rows: int | None = None
 
 
 def collect_evidence(
@@ -42,9 +47,12 @@ def collect_evidence(
     provider: str = "cpu",
     progress: Callable[[Iterator], Iterator] | None = None,
     sequential: bool = False,
+    budget: int | None = None,
 ) -> Evidence:
     """One pass over `calib`; with `sequential`, the graph runs piece by piece
-    (cut at unit exits, see `sequential.stream_sequential`) with the same result."""
+    (cut at unit exits, see `sequential.stream_sequential`) with the same result.
+    `budget` (bytes) caps what one run holds (`activations.pass_rows`): a
+    smaller run is a smaller CKA minibatch, so it is set only where needed."""
     exits = [u.exit for u in units]
     extra_entries = [e for e in dict.fromkeys(u.entry for u in units) if e not in exits]
     tracked = exits + extra_entries
@@ -53,13 +61,15 @@ def collect_evidence(
     influence = MeanCosineDistance(len(units))
     n_batches = 0
     first_outputs = None
+    sizes: dict[str, int] = {}
     if sequential:
         from .sequential import stream_sequential
 
         batches = stream_sequential(model, calib, tracked, boundaries=exits, batch_size=batch_size,
                                     provider=provider, progress=progress)
     else:
-        batches = stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress)
+        batches = stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress,
+                         budget=budget, sizes=sizes)
     for batch in batches:
         rows = {name: batch.samples(name, calib) for name in tracked}
         cka.update([rows[name] for name in tracked])
@@ -79,4 +89,6 @@ def collect_evidence(
         nonfinite_values=cka.nonfinite_values,
         batches=n_batches,
         first_outputs=first_outputs,
+        sizes=sizes,
+        rows=pass_rows(sizes, budget, batch_size) if budget is not None and sizes else batch_size,
     )

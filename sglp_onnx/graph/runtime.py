@@ -179,12 +179,18 @@ def make_session(
     threads: int | None = None,
     optimize: bool = True,
     prepack: bool = True,
+    arena: bool = False,
 ) -> ort.InferenceSession:
     """A session on `provider` that refuses to fall back silently to the CPU.
 
     `threads` (intra-op; inter-op 1) defaults to the process-wide setting
     (`set_threads`); 0 leaves the choice to ONNX Runtime. `prepack=False`
-    keeps ONNX Runtime from packing constant weights ahead of time. ONNX Runtime's own
+    keeps ONNX Runtime from packing constant weights ahead of time. `arena`
+    keeps ONNX Runtime's CPU memory arena, which holds on to its largest run's
+    buffers for the session's life: off by default, since the measuring
+    stages keep several sessions alive (one per damage candidate) and their
+    arenas would add up far beyond the activation budget; `bench` turns it on
+    to time what a deployment runs. ONNX Runtime's own
     log stays quiet (errors reach the caller as exceptions) unless
     `set_verbose(True)`.
     """
@@ -198,6 +204,7 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not prepack:
@@ -285,3 +292,46 @@ def session_with_outputs(
     Runtime failure, making it or running it, is a UserError."""
     with extra_outputs(model, names) as exposed, input_model_errors():
         return InputSession(make_session(exposed, provider, **kwargs))
+
+
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto | None:
+    """A model computing only `names` from the graph inputs: the nodes they
+    need, nothing after (ONNX Runtime runs every node of a session whatever
+    outputs are asked for). None when a needed node has a subgraph (its
+    outer-scope reads are not followed) or when nothing would be dropped."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output if out}
+    needed: dict[int, onnx.NodeProto] = {}
+    frontier = list(dict.fromkeys(names))
+    seen = set(frontier)
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or id(node) in needed:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        needed[id(node)] = node
+        for t in node.input:
+            if t and t not in seen:
+                seen.add(t)
+                frontier.append(t)
+    if len(needed) == len(graph.node):
+        return None
+    nodes = [node for node in graph.node if id(node) in needed]  # the graph's order: topological
+    prefix = onnx.helper.make_graph(
+        nodes, f"{graph.name}_prefix", [i for i in graph.input if i.name in seen],
+        [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names)],
+        [init for init in graph.initializer if init.name in seen])
+    out = onnx.helper.make_model(prefix, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    out.functions.extend(model.functions)
+    return out
+
+
+def prefix_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu") -> InputSession:
+    """`session_with_outputs` that runs only what `names` need (`prefix_model`)."""
+    prefix = prefix_model(model, names)
+    if prefix is None:
+        return session_with_outputs(model, names, provider)
+    with input_model_errors():
+        return InputSession(make_session(prefix, provider))

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.index import GraphIndex
-from ..graph.runtime import session_with_outputs
+from ..graph.runtime import prefix_session
 from ..surgery.remove import remove_units
 from ..units.discovery import PrunableUnit
 from .cuts import Cut, channel_axis, cuts_of, unit_order
@@ -88,7 +88,9 @@ def _constant(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 class _Reference:
     """The original network's value at every cut's exit (and the first
-    cut's entry), batch by batch; kept after the first pass while small."""
+    cut's entry), batch by batch; kept after the first pass while small.
+    Too large to keep, each later cut recomputes only its own entry and
+    exit, running the original no further than that exit."""
 
     def __init__(self, model, names, provider) -> None:
         self.model, self.names, self.provider = model, names, provider
@@ -96,11 +98,16 @@ class _Reference:
         self.kept: list[dict] | None = []
         self.bytes = 0
 
+    def start(self, cut: Cut) -> None:
+        """Before the batches of `cut`'s fit."""
+        if self.kept is None and self.names != [cut.entry, cut.exit]:
+            self.names, self.session = [cut.entry, cut.exit], None
+
     def get(self, b: int, feed: dict) -> dict[str, np.ndarray]:
         if self.kept is not None and b < len(self.kept):
             return self.kept[b]
-        if self.session is None:
-            self.session = session_with_outputs(self.model, self.names, self.provider)
+        if self.session is None:  # the original up to the last exit needed
+            self.session = prefix_session(self.model, self.names, self.provider)
         inputs = {i.name for i in self.session.get_inputs()}
         values = dict(zip(self.names, self.session.run(self.names, {k: v for k, v in feed.items() if k in inputs})))
         if self.kept is not None:
@@ -138,6 +145,8 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
 
     for i, cut in enumerate(cuts):
         names = ", ".join(units[k].name for k in cut.units)
+        if i:
+            reference.start(cut)
         try:
             repair = _fit_cut(model, index, units, cut, removed, repairs, reference, batches(f"repair {i + 1}/"
                               f"{len(cuts)}"), form=form, own=fit_on == "pruned" and bool(repairs),
@@ -159,7 +168,7 @@ def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Refer
     if own:  # the pruned model with the earlier cuts repaired, up to this cut's entry
         repaired, new_units = with_repairs(model, units, repairs)
         pruned = remove_units(repaired, [new_units[k] for k in sorted(removed)])
-        session = session_with_outputs(pruned, [cut.entry], provider)
+        session = prefix_session(pruned, [cut.entry], provider)  # nothing after the entry runs
         inputs = {x.name for x in session.get_inputs()}
     fit = axis = rank = elem = flops = None
     for b, (feed, _) in enumerate(batches):

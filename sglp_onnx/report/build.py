@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..evidence.budget import parse_size
 from ..files.calibration import CalibrationSet
 from ..selection.segmentation import segments_of
 from ..surgery.kv_cache import kv_cache_record
@@ -37,6 +38,8 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
             "rows": None if evidence is None else evidence.n_samples,
             "token_level": data.is_token_data,
             "batch_size": options.batch_size,
+            "activation_budget": parse_size(options.activation_budget),
+            "samples_per_run": None if evidence is None else evidence.rows,
             "nonfinite_values": None if evidence is None else evidence.nonfinite_values,
         },
         "units": unit_records(units, removed=removed, segment_ids=seg_ids, importance=selection.importance),
@@ -53,6 +56,10 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
         "notes": list(notes),
         "timings": timings,
     }
+    if evidence is not None and evidence.rows is not None and evidence.rows < min(options.batch_size, data.n_samples):
+        report["notes"].append(f"the calibration pass ran {evidence.rows} samples at a time, not --batch-size "
+                               f"{options.batch_size}, to keep its activations within --activation-budget "
+                               f"{options.activation_budget} (so each CKA minibatch is {evidence.rows} samples)")
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
     if data.ignored:

@@ -30,7 +30,10 @@ GATED_SUFFIX = "/sglp_gated/"
 REFERENCE_CACHE_BYTES = 256 * 2**20
 # Suffix sessions alive at once hold at most this many bytes of weights, or the
 # model's own weights when larger: with the full session, twice the weights.
-SUFFIX_BUDGET_BYTES = 512 * 2**20
+# Above it the candidates run side by side in one session that reads the
+# weights once (`run_extensions`): a ResNet-50's twelve suffix sessions would
+# hold 0.6 GiB of weights and as much again packed, beside its 0.1 GiB.
+SUFFIX_BUDGET_BYTES = 128 * 2**20
 
 
 def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
@@ -291,7 +294,7 @@ class GatedRunner:
         where the graph does not allow it. The session is built for a
         superset of the candidates and kept across greedy steps while the
         candidates are at least half of its copies."""
-        if self._all_fit(candidates):
+        if self.fits_apart(candidates):
             return None
         built = self._batched_key
         if built is None or not set(candidates) <= set(built) or 2 * len(candidates) < len(built):
@@ -326,14 +329,20 @@ class GatedRunner:
             self._suffix_sizes[unit] = initializer_bytes(model)
         return self._suffix_sizes[unit]
 
-    def _all_fit(self, units: Sequence[int]) -> bool:
+    def batchable(self) -> bool:
+        """True when `run_extensions` can put candidates side by side (no node has a subgraph)."""
+        return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                       for node in self.gated.graph.node for a in node.attribute)
+
+    def fits_apart(self, units: Sequence[int]) -> bool:
+        """True when one suffix session per unit of `units` fits the weight budget together."""
         return len(units) * self.weights <= self.budget
 
     def suffix_groups(self, units: Sequence[int]) -> list[list[int]]:
         """`units` in consecutive groups whose suffix sessions together hold at
         most the runner's weight budget (a unit alone always makes a group);
         one group unless the model is large."""
-        if self._all_fit(units):
+        if self.fits_apart(units):
             return [list(units)] if units else []
         groups: list[list[int]] = []
         used = self.budget
@@ -349,7 +358,7 @@ class GatedRunner:
 
     def release_suffixes(self) -> None:
         """Close the suffix sessions unless every unit's would fit the budget together."""
-        if not self._all_fit(self.units):
+        if not self.fits_apart(self.units):
             self._suffix.clear()
 
     def run_extension(self, feed: dict[str, np.ndarray], removed, unit: int,

@@ -16,6 +16,7 @@ import onnx
 
 from ...files.calibration import CalibrationSet
 from ...errors import UserError
+from ...evidence.budget import BACKWARD_COPIES, METER_COPIES, ActivationBudget
 from ...evidence.calibration_pass import Evidence, collect_evidence
 from ...units.discovery import PrunableUnit
 
@@ -64,7 +65,10 @@ class Context:
     # The graph output fidelity and measured damage score (`--fidelity-output`;
     # None: chosen by `fidelity.output_kind`).
     fidelity_output: str | None = None
+    # Bytes of activations a stage may hold at once (`--activation-budget`, evidence.budget).
+    budget: int = 2**30
     _evidence: Evidence | None = None
+    _sizes: dict[str, int] | None = None
     _gradnorm: np.ndarray | None = None
     _runner: object | None = None
     _output_kind: object | None = None
@@ -96,9 +100,43 @@ class Context:
             progress = (lambda it: self.progress(it, "calibration")) if self.progress else None
             self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
                                               provider=self.provider, progress=progress,
-                                              sequential=self.sequential)
+                                              sequential=self.sequential, budget=self.budget)
             self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
         return self._evidence
+
+    def activation_budget(self) -> ActivationBudget:
+        """The budget with the bytes per sample of every unit entry and exit
+        and of the graph outputs: the calibration pass's when it ran, else
+        measured on one sample."""
+        if self._evidence is not None and self._evidence.sizes:
+            return ActivationBudget(self.budget, self._evidence.sizes)
+        if self._sizes is None:
+            from ...evidence.activations import probe
+            from ...evidence.budget import bytes_per_sample
+
+            names = list(dict.fromkeys([u.entry for u in self.units] + [u.exit for u in self.units]))
+            feed = self.calib.first(1)
+            self._sizes = bytes_per_sample(probe(self.model, feed, names, provider=self.provider),
+                                           next(iter(feed.values())).shape[0])
+        return ActivationBudget(self.budget, self._sizes)
+
+    def rows(self, tensors: Sequence[str] = (), *, copies: dict[str, float] | None = None) -> int:
+        """Samples per run for a stage holding `tensors` and `copies` of others
+        (`ActivationBudget.held`) within the budget: `batch_size` or fewer."""
+        if self.calib is None:
+            return self.batch_size
+        budget = self.activation_budget()
+        return budget.rows(budget.held(tensors, copies=copies), self.batch_size)
+
+    def gradient_rows(self) -> int:
+        """Samples per torch forward and backward (GradNorm, gradients summed: exact)."""
+        exits = {u.exit: BACKWARD_COPIES for u in self.units}
+        return self.rows(copies={**exits, self.output_kind().output: METER_COPIES})
+
+    def output_rows(self) -> int:
+        """Samples per run for fidelity and validation: the original's and a
+        pruned network's scored output, and the meter's temporaries."""
+        return self.rows(copies={self.output_kind().output: METER_COPIES})
 
     def release(self) -> None:
         """Close the gated graph's sessions and drop the criteria's state (a

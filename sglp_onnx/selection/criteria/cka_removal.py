@@ -83,6 +83,7 @@ class GreedyCKA:
         self.runner = GatedRunner(ctx.model, self.units, [rep], provider=ctx.provider)
         self.use_suffix = use_suffix
         self.references = ReferenceOutputs(self.runner, rep, transform=self._rows)
+        self.rows: int | None = None
 
     # -- running networks ------------------------------------------------
     def _rows(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -101,7 +102,11 @@ class GreedyCKA:
 
     # -- one greedy step ---------------------------------------------------
     def _batches(self, label: str):
-        batches = self.ctx.calib.batches(self.ctx.batch_size)
+        # A run holds every unit entry, the representation (the reference's,
+        # the candidate's) and its rows: within the activation budget.
+        if self.rows is None:
+            self.rows = self.ctx.rows([u.entry for u in self.units], copies={self.state.representation: 4})
+        batches = self.ctx.calib.batches(self.rows)
         return self.ctx.progress(batches, label) if self.ctx.progress else batches
 
     def step(self) -> None:

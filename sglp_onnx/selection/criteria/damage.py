@@ -25,16 +25,33 @@ import time
 import numpy as np
 
 from ...errors import UserError
+from ...evidence.budget import METER_COPIES
 from ...evidence.fidelity import FidelityMeter
-from ...surgery.gating import ReferenceOutputs
 from .base import Context, Criterion, Selection, register
 
 EXHAUSTIVE_LIMIT = 128
 FAST_CANDIDATES = 6
+# Successive halving (see `DamageSearch.step`): the first round scores every
+# candidate on this many samples (token models: sequences holding this many
+# tokens), each later round doubles the samples and keeps the better half.
+HALVING_FIRST_SAMPLES = 32
+HALVING_FIRST_TOKENS = 1024
+# Greedy steps after the first consider this many contenders (at least): the
+# remaining units whose last measured damage was lowest.
+CONTENDERS = 8
 
 
 class DamageSearch:
-    """The greedy removal order on one context, extended step by step."""
+    """The greedy removal order on one context, extended step by step.
+
+    Each step scores candidates by successive halving: every candidate on the
+    first few samples of a fixed shuffle of the selection samples, then the
+    better half on twice as many, until one is left or every sample is read
+    (a calibration set of fewer than two first rounds: every candidate on every
+    sample, the plain greedy). After the first step only the `CONTENDERS`
+    units whose latest damage was lowest are candidates. Runs are cut into
+    pieces of `rows` samples that fit the activation budget.
+    """
 
     def __init__(self, ctx: Context, *, candidates: int | None = None) -> None:
         if ctx.calib is None:
@@ -50,16 +67,44 @@ class DamageSearch:
         self.order: list[int] = []
         self.scores: list[float] = []  # score after removing order[:k+1]
         self.single: list[float] | None = None
-        self.full_passes = 0
-        self.partial_passes = 0
+        self.latest: dict[int, float] = {}  # unit -> its last measured cost (contender ranking)
+        self.full_passes = 0.0  # in passes over the selection samples
+        self.partial_passes = 0.0
         self.seconds = 0.0
-        self.references = ReferenceOutputs(self.runner, self.kind.output)
         self.notes: list[str] = []
+        self.samples = SampleOrder(ctx.calib, seed=ctx.seed)
+        budget = ctx.activation_budget()
+        held = budget.held([u.entry for u in ctx.units] + self.also_held(), copies={self.kind.output: METER_COPIES})
+        rows = budget.rows(held, ctx.batch_size, share=0.5)
+        # A large model scores candidates side by side in one session (their
+        # suffixes share the weights): groups whose outputs take at most half
+        # the runs' share of the budget.
+        self.batched = not self.runner.fits_apart(range(len(ctx.units))) and self.runner.batchable()
+        self.group = len(ctx.units)
+        if self.batched:
+            target = max(budget.sizes.get(self.kind.output, 0), 1)
+            self.group = max(1, min(len(ctx.units), budget.bytes // 4 // (target * rows)))
+            rows = budget.rows(held + self.group * target, ctx.batch_size, share=0.5)
+        self.rows = self.samples.rows(rows)
+        self.bounds = self.samples.rounds(self.first_round(), self.rows)
+        self.cache_bytes = budget.bytes // 4
+        self._references: dict[int, np.ndarray] = {}
+        self._reference_bytes = 0
 
     repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
 
     def make_runner(self):
         return self.ctx.runner()
+
+    def also_held(self) -> list[str]:
+        """Tensors a run holds beside the unit entries and the scored output."""
+        return []
+
+    def first_round(self) -> int:
+        if self.ctx.calib.is_token_data:
+            tokens = max(1, int(np.prod(self.ctx.calib.inputs[next(iter(self.ctx.calib.inputs))].shape[1:])))
+            return max(1, -(-HALVING_FIRST_TOKENS // tokens))
+        return HALVING_FIRST_SAMPLES
 
     def meter(self) -> FidelityMeter:
         return FidelityMeter(self.kind, token_level=self.ctx.calib.is_token_data)
@@ -68,90 +113,145 @@ class DamageSearch:
         name = self.ctx.calib.token_mask_name
         return feed.get(name) if name else None
 
-    def batches(self, label: str):
-        batches = self.ctx.calib.batches(self.ctx.batch_size)
-        return self.ctx.progress(batches, label) if self.ctx.progress else batches
+    def pieces(self, start: int, stop: int, label: str):
+        pieces = self.samples.pieces(start, stop, self.rows, self.bounds)
+        return self.ctx.progress(pieces, label) if self.ctx.progress else pieces
 
     def _candidates(self) -> list[int]:
         left = [k for k in range(len(self.ctx.units)) if k not in self.order]
-        if self.limit is None or self.single is None:
+        if self.limit is not None and self.single is not None:
+            return sorted(sorted(left, key=lambda k: (self.single[k], -k))[:self.limit])
+        if not self.latest or len(left) <= CONTENDERS:
             return left
-        return sorted(sorted(left, key=lambda k: (self.single[k], -k))[:self.limit])
+        return sorted(sorted(left, key=lambda k: (self.latest[k], -k))[:CONTENDERS])
+
+    def reference(self, start: int, feed: dict, current: dict, removed: set[int]) -> np.ndarray:
+        """The original's scored output on the piece of samples from `start` on,
+        kept while the kept ones fit a quarter of the budget."""
+        if start in self._references:
+            return self._references[start]
+        if removed:
+            value = self.runner.run(feed, set())[self.kind.output]
+            self.full_passes += len(next(iter(feed.values()))) / self.samples.n
+        else:
+            value = current[self.kind.output]
+        if self._reference_bytes + value.nbytes <= self.cache_bytes:
+            self._references[start] = value
+            self._reference_bytes += value.nbytes
+        return value
 
     def step(self) -> None:
         removed = set(self.order)
-        candidates = self._candidates()
+        alive = self._candidates()
+        self.prepare(removed, alive)
+        meters = {k: self.meter() for k in alive}
+        label = f"damage step {len(self.order) + 1}"
+        start = 0
+        for stop in self.bounds:
+            self.score(removed, alive, meters, start, stop, label)
+            self.partial_passes += len(alive) * (stop - start) / self.samples.n
+            start = stop
+            for k in alive:
+                self.latest[k] = self._cost(k, meters[k].score)
+            if len(alive) > 1 and stop < self.samples.n:
+                alive = sorted(sorted(alive, key=lambda k: (self.latest[k], -k))[:(len(alive) + 1) // 2])
+            if len(alive) == 1:
+                break
+        self._choose(alive, meters)
+        self.chosen(removed)
+
+    def prepare(self, removed: set[int], candidates: list[int]) -> None:
+        """Before a step's scoring (the repair-aware search fits its maps here)."""
+
+    def chosen(self, removed: set[int]) -> None:
+        """After a step chose `self.order[-1]`."""
+
+    def score(self, removed: set[int], alive: list[int], meters: dict, start: int, stop: int, label: str) -> None:
+        """Add samples [start, stop) to the meters of `alive`: per group of
+        candidates, a full run of the current network and a partial pass from
+        each candidate's unit (side by side in one session for a large model)."""
         target = self.kind.output
-        meters = {k: self.meter() for k in candidates}
-        # All candidates in one session run per batch (their suffixes side by
-        # side, the weights once) where the graph allows.
-        if self._batched_step(removed, candidates, meters):
-            self.partial_passes += len(candidates)
-            self._choose(candidates, meters)
-            return
-        # Else one suffix session per candidate: they hold weights, so the
-        # candidates go in groups whose suffixes fit the runner's budget, each
-        # group one more full pass (one group for any model that is not large).
-        self.references.start(removed)
-        for g, group in enumerate(self.runner.suffix_groups(candidates)):
-            for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
-                current = self.runner.run(feed, removed, entries=True)
-                if g == 0 or removed:
-                    reference = self.references.get(b, feed, current)
-                else:  # nothing removed yet: the reference is this very run
-                    reference = current[target]
-                self.full_passes += b == 0
-                self.full_passes += b == 0 and self.references.recomputed
+        runner = self.runner
+        groups = [alive[i:i + self.group] for i in range(0, len(alive), self.group)] if self.batched \
+            else runner.suffix_groups(alive)
+        for g, group in enumerate(groups):
+            for a, feed in self.pieces(start, stop, label):
+                current = runner.run(feed, removed, entries=True)
+                self.full_passes += len(next(iter(feed.values()))) / self.samples.n
+                reference = self.reference(a, feed, current, removed)
+                values = runner.run_extensions(feed, removed, group, current) if self.batched else None
+                if self.batched and values is None:  # not here after all: one suffix session per candidate
+                    self.batched = False
+                    return self.score(removed, [k for rest in groups[g:] for k in rest], meters, start, stop, label)
                 mask = self.mask(feed)
                 for k in group:
-                    meters[k].update(reference, self.runner.run_extension(feed, removed, k, current)[target], mask)
-            self.runner.release_suffixes()
-            if g == 0:
-                self.references.end()
-        self.partial_passes += len(candidates)
-        self._choose(candidates, meters)
+                    value = values[k] if values is not None else runner.run_extension(feed, removed, k, current)
+                    meters[k].update(reference, value[target], mask)
+            runner.release_suffixes()
 
-    def _batched_step(self, removed: set[int], candidates: list[int], meters: dict) -> bool:
-        """Score every candidate with one run per batch; False (nothing scored)
-        when the runner cannot batch this graph."""
-        target = self.kind.output
-        self.references.start(removed)
-        for b, (feed, _) in enumerate(self.batches(f"damage step {len(self.order) + 1}")):
-            current = self.runner.run(feed, removed, entries=True)
-            values = self.runner.run_extensions(feed, removed, candidates, current)
-            if values is None:
-                return False
-            reference = self.references.get(b, feed, current)
-            self.full_passes += b == 0
-            self.full_passes += b == 0 and self.references.recomputed
-            mask = self.mask(feed)
-            for k in candidates:
-                meters[k].update(reference, values[k][target], mask)
-        self.references.end()
-        return True
+    def _cost(self, k: int, score: float) -> float:
+        increase = score - (self.scores[-1] if self.scores else 0.0)
+        if self.ctx.flops_budget:
+            increase /= max(self.ctx.units[k].flops, 1)
+        return increase
 
     def _choose(self, candidates: list[int], meters: dict) -> None:
-        scores = {k: m.score for k, m in meters.items()}
         if self.single is None:
-            self.single = [scores[k] for k in range(len(self.ctx.units))]
-        previous = self.scores[-1] if self.scores else 0.0
-        units = self.ctx.units
-
-        def cost(k: int) -> tuple[float, int]:
-            increase = scores[k] - previous
-            if self.ctx.flops_budget:
-                increase /= max(units[k].flops, 1)
-            return increase, -k  # ties go to the later unit, as in `lowest`
-
-        best = min(candidates, key=cost)
+            self.single = [meters[k].score for k in range(len(self.ctx.units))]
+        # Ties go to the later unit, as in `lowest`.
+        best = min(candidates, key=lambda k: (self._cost(k, meters[k].score), -k))
         self.order.append(best)
-        self.scores.append(scores[best])
+        self.scores.append(meters[best].score)
 
     def extend(self, n: int) -> None:
         start = time.perf_counter()
         while len(self.order) < n:
             self.step()
         self.seconds += time.perf_counter() - start
+
+    def passes_note(self, name: str) -> str:
+        halving = (f"; each step by successive halving over {', '.join(map(str, self.bounds))} samples"
+                   if len(self.bounds) > 1 else "")
+        return (f"{name}: {self.full_passes + self.partial_passes:.1f} forward passes' worth over the "
+                f"{self.samples.n} selection samples for {len(self.order)} greedy steps ({self.full_passes:.1f} "
+                f"full, {self.partial_passes:.1f} partial: from the bypassed unit on){halving}; runs of "
+                f"{self.rows} samples")
+
+
+class SampleOrder:
+    """The selection samples in a fixed shuffle (seeded), read in prefixes:
+    successive-halving rounds are prefixes, so each spans the whole set."""
+
+    def __init__(self, calib, *, seed: int) -> None:
+        fixed = calib.fixed_batch or 1
+        self.fixed, self.fixed_batch = fixed, calib.fixed_batch
+        self.n = calib.n_samples - calib.n_samples % fixed
+        order = np.random.default_rng(seed).permutation(calib.n_samples)[:self.n]
+        self.calib = calib.subset(order)
+
+    def rows(self, rows: int) -> int:
+        return self.fixed_batch or max(1, rows)
+
+    def rounds(self, first: int, rows: int) -> list[int]:
+        """Sample counts at the end of each round: first, 2 first, ..., n (whole pieces of a fixed batch)."""
+        first = -(-max(first, 1) // self.fixed) * self.fixed
+        if self.n < 2 * first:
+            return [self.n]
+        bounds = []
+        count = first
+        while count < self.n:
+            bounds.append(count)
+            count *= 2
+        return bounds + [self.n]
+
+    def pieces(self, start: int, stop: int, rows: int, bounds: list[int]):
+        """(first sample, feed) for samples [start, stop) in runs of at most
+        `rows`, cut at every round bound too: any two calls cut alike, so a
+        run kept by its first sample is the same run (`start`, `stop` bounds)."""
+        for begin, end in zip([0] + bounds, bounds):
+            for a in range(max(begin, start), min(end, stop), rows):
+                b = min(a + rows, end, stop)
+                yield a, {k: v[a:b] for k, v in self.calib.inputs.items()}
 
 
 def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
@@ -161,7 +261,7 @@ def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
     sets = list(itertools.combinations(range(L), n))
     meters = [search.meter() for _ in sets]
     target = search.kind.output
-    for feed, _ in search.batches(f"damage: {len(sets)} removal sets"):
+    for _, feed in search.pieces(0, search.samples.n, f"damage: {len(sets)} removal sets"):
         reference = search.runner.run(feed, set())[target]
         mask = search.mask(feed)
         for s, meter in zip(sets, meters):
@@ -204,7 +304,7 @@ class _Greedy(Criterion):
             search = ctx.cache[self.name] = search or DamageSearch(ctx, candidates=self.candidates)
         search.extend(n_remove)
         order = search.order[:n_remove]
-        passes = search.full_passes + search.partial_passes
+        passes = round(search.full_passes + search.partial_passes, 1)
         limited = f", each step among the {self.candidates} lowest single-unit damages" if self.candidates else ""
         notes = [
             f"{self.name}: {_rule(search)}" + (f"; each candidate scored with its {ctx.repair} repair map fitted "
@@ -212,15 +312,15 @@ class _Greedy(Criterion):
             *search.notes,
             f"{self.name} greedy order (score after each removal){limited}: "
             + ", ".join(f"{ctx.units[k].name} {s:.4g}" for k, s in zip(order, search.scores)),
-            f"{self.name}: {passes} forward passes over the selection samples for {len(search.order)} greedy "
-            f"steps ({search.full_passes} full, {search.partial_passes} partial: from the bypassed unit on)",
+            search.passes_note(self.name),
         ]
         return Selection(
             removed=sorted(order), importance=list(search.single),
             importance_kind=f"damage of removing this unit alone{' with its repair' if search.repaired else ''} "
                             f"({search.kind.kind} score of the output)",
             notes=notes,
-            passes={"forward": passes, "forward_full": search.full_passes, "forward_partial": search.partial_passes},
+            passes={"forward": passes, "forward_full": round(search.full_passes, 1),
+                    "forward_partial": round(search.partial_passes, 1)},
         )
 
 

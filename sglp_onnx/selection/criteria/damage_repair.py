@@ -11,7 +11,7 @@ map's output, gives the score. One gated session serves every step: its
 bypasses read runtime linear maps (`repair.graph.add_runtime_maps`) fed
 with S's maps and identities elsewhere. Costs per step: two full passes
 (fit, then score; the second reuses the first's activations while they fit
-in ACTIVATION_BYTES) and a partial pass per candidate, as the plain greedy.
+a quarter of the activation budget) and the plain greedy's partial passes.
 
 Used where every unit's entry is a float tensor and the model is small
 enough for one suffix session per candidate (`GatedRunner.suffix_groups`);
@@ -32,7 +32,6 @@ from ...surgery.gating import SUFFIX_BUDGET_BYTES, GatedRunner
 from .base import Context
 from .damage import DamageSearch
 
-ACTIVATION_BYTES = 256 * 2**20
 SEARCH_ROWS_PER_CHANNEL = 16
 
 
@@ -73,10 +72,16 @@ class RepairedSearch(DamageSearch):
         self.specs = specs  # unit -> (axis, rank, ONNX elem type, channels)
         self.form = ctx.repair
         super().__init__(ctx, candidates=candidates)
-        self.maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # last unit of a cut of S -> its map
-        self._original: list[dict] | None = []  # the original's exits and output per batch, kept while small
+        self.maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a step's candidate -> its cut's map
+        self.merged: dict = {}
+        self._original: dict[int, dict] = {}  # piece start -> the original's exits and output, kept while small
         self._original_bytes = 0
+        self._kept: dict[int, dict] = {}  # piece start -> this step's current run, kept while small
+        self._kept_bytes = 0
         self._identities()
+
+    def also_held(self) -> list[str]:
+        return [u.exit for u in self.ctx.units]
 
     def _fit(self, channels: int) -> LinearFit:
         # Ranking candidates needs their maps roughly: a subsample of each
@@ -102,67 +107,74 @@ class RepairedSearch(DamageSearch):
         for k, (_, _, _, channels) in self.specs.items():
             self._feed_map(k, np.eye(channels), np.zeros(channels))
 
-    def _original_run(self, b: int, feed: dict) -> dict[str, np.ndarray]:
-        """The original network's exposed tensors for batch b (all gates off)."""
-        if self._original is not None and b < len(self._original):
-            return self._original[b]
+    def _rows_of(self, feed: dict) -> float:
+        return len(next(iter(feed.values()))) / self.samples.n
+
+    def _original_run(self, start: int, feed: dict) -> dict[str, np.ndarray]:
+        """The original network's exposed tensors for the piece from `start` (all gates off)."""
+        if start in self._original:
+            return self._original[start]
         values = self.runner.run(feed, set(), entries=True)
-        self.full_passes += b == 0
-        if self._original is not None and b == len(self._original):
-            self._original_bytes += sum(v.nbytes for v in values.values())
-            if self._original_bytes <= ACTIVATION_BYTES:
-                self._original.append(values)
-            else:
-                self._original = None
+        self.full_passes += self._rows_of(feed)
+        size = sum(v.nbytes for v in values.values())
+        if self._original_bytes + size <= self.cache_bytes:
+            self._original[start] = values
+            self._original_bytes += size
+        return values
+
+    def _current(self, start: int, feed: dict, removed: set[int]) -> dict[str, np.ndarray]:
+        """This step's network (S bypassed, S's maps fed) for the piece from `start`."""
+        if not removed:
+            return self._original_run(start, feed)
+        if start in self._kept:
+            return self._kept[start]
+        values = self.runner.run(feed, removed, entries=True)
+        self.full_passes += self._rows_of(feed)
+        size = sum(v.nbytes for v in values.values())
+        if self._kept_bytes + size <= self.cache_bytes:
+            self._kept[start] = values
+            self._kept_bytes += size
         return values
 
     def step(self) -> None:
         # Overflowing activations make non-finite maps and scores: scored as such (fidelity.py), never warned.
         with np.errstate(all="ignore"):
-            self._step()
+            super().step()
 
-    def _step(self) -> None:
-        removed = set(self.order)
-        candidates = self._candidates()
+    def prepare(self, removed: set[int], candidates: list[int]) -> None:
+        """Every candidate's cut map, fitted on all the selection samples."""
         units = self.ctx.units
-        target = self.kind.output
-        merged = {k: next(c for c in cuts_of(units, removed | {k}) if k in c.units) for k in candidates}
-        fits = {k: self._fit(self.specs[merged[k].units[0]][3]) for k in candidates}
-        kept: list[dict] | None = []
-        held = 0
-        label = f"damage step {len(self.order) + 1}"
-        for b, (feed, _) in enumerate(self.batches(f"{label}: repair fits")):
-            original = self._original_run(b, feed)
-            current = self.runner.run(feed, removed, entries=True) if removed else original
-            self.full_passes += b == 0 and bool(removed)
-            if kept is not None:
-                held += sum(v.nbytes for v in current.values()) if removed else 0
-                kept = kept + [current] if held <= ACTIVATION_BYTES else None
+        self._kept, self._kept_bytes = {}, 0
+        self.merged = {k: next(c for c in cuts_of(units, removed | {k}) if k in c.units) for k in candidates}
+        fits = {k: self._fit(self.specs[self.merged[k].units[0]][3]) for k in candidates}
+        for a, feed in self.pieces(0, self.samples.n, f"damage step {len(self.order) + 1}: repair fits"):
+            original = self._original_run(a, feed)
+            current = self._current(a, feed, removed)
             mask = self.mask(feed)
             for k in candidates:
-                cut = merged[k]
+                cut = self.merged[k]
                 axis = self.specs[cut.units[0]][0]
                 fits[k].update(as_rows(current[units[cut.units[0]].entry], axis, mask),
                                as_rows(original[cut.exit], axis, mask))
-        maps = {k: fits[k].solve()[:2] for k in candidates}
-        meters = {k: self.meter() for k in candidates}
-        for b, (feed, _) in enumerate(self.batches(f"{label}: scores")):
-            original = self._original_run(b, feed)
-            if kept is not None:
-                current = kept[b]
-            else:
-                current = self.runner.run(feed, removed, entries=True) if removed else original
-                self.full_passes += b == 0 and bool(removed)
+        self.maps = {k: fits[k].solve()[:2] for k in candidates}
+
+    def score(self, removed: set[int], alive: list[int], meters: dict, start: int, stop: int, label: str) -> None:
+        units = self.ctx.units
+        target = self.kind.output
+        for a, feed in self.pieces(start, stop, f"{label}: scores"):
+            original = self._original_run(a, feed)
+            current = self._current(a, feed, removed)
             mask = self.mask(feed)
-            for k in candidates:
-                cut = merged[k]
-                value = apply_fitted(current[units[cut.units[0]].entry], *maps[k], self.specs[cut.units[0]][0])
+            for k in alive:
+                cut = self.merged[k]
+                value = apply_fitted(current[units[cut.units[0]].entry], *self.maps[k], self.specs[cut.units[0]][0])
                 out = self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)[target]
                 meters[k].update(original[target], out, mask)
-        self.partial_passes += len(candidates)
-        self._choose(candidates, meters)
+
+    def chosen(self, removed: set[int]) -> None:
         best = self.order[-1]
-        for k in merged[best].units:  # the cut's other units pass their entry on; its last one maps
+        for k in self.merged[best].units:  # the cut's other units pass their entry on; its last one maps
             channels = self.specs[k][3]
             self._feed_map(k, np.eye(channels), np.zeros(channels))
-        self._feed_map(merged[best].units[-1], *maps[best])
+        self._feed_map(self.merged[best].units[-1], *self.maps[best])
+        self._kept, self._kept_bytes = {}, 0

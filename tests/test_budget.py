@@ -1,0 +1,102 @@
+"""The activation budget: stages cut their batches into runs whose
+activations fit it, with the same measurements where they are exact sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sglp_onnx import analyze
+from sglp_onnx.cli import main
+from sglp_onnx.errors import UserError
+from sglp_onnx.evidence.budget import ActivationBudget, parse_size
+from tiny_graphs import write_model_and_calibration
+
+
+@pytest.mark.parametrize("text, size", [("1G", 2**30), ("512M", 512 * 2**20), ("1.5GiB", 3 * 2**29),
+                                        ("65536", 65536), ("64k", 65536), (" 2 G ", 2 * 2**30)])
+def test_sizes_parse(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "1X", "-1G", "1 GB extra", "100", "63K"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(UserError, match="--activation-budget"):
+        parse_size(text)
+
+
+def test_rows_fit_the_budget_and_never_fall_below_one():
+    budget = ActivationBudget(1000, {"a": 100, "b": 50})
+    assert budget.held(["a", "b"], working=0) == 150
+    assert budget.held(["a"], copies={"b": 2}, working=1) == 300
+    assert budget.rows(150, 64) == 6 and budget.rows(10, 64) == 64 and budget.rows(5000, 64) == 1
+    assert budget.rows(150, 64, share=0.5) == 3
+
+
+def test_a_bad_budget_is_one_line_and_exit_2_before_any_work(ws, capsys):
+    code = main(["compress", str(ws.model), "-o", str(ws.output), "--activation-budget", "lots"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--activation-budget must be a size" in err, err
+    assert not list(ws.out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A residual MLP of 64 features and 64 samples: about 2 KB per sample in a pass."""
+    return write_model_and_calibration(tmp_path_factory.mktemp("wide"), width=64, n_samples=80)[0]
+
+
+def test_a_tight_budget_cuts_the_runs_and_chooses_the_same_units(wide):
+    roomy = analyze(wide, remove=2, suggest=None, batch_size=64)
+    tight = analyze(wide, remove=2, suggest=None, batch_size=64, activation_budget="64K")
+    calibration = tight.report["calibration"]
+    assert calibration["activation_budget"] == 65536 and calibration["batch_size"] == 64
+    assert 1 <= calibration["samples_per_run"] < 64
+    assert roomy.report["calibration"]["samples_per_run"] == 64
+    assert any("samples at a time" in note and "--activation-budget" in note for note in tight.report["notes"])
+    # The measured damage is a sum over samples: the runs' size does not change the choice.
+    assert tight.selection.removed == roomy.selection.removed
+    np.testing.assert_allclose(tight.selection.importance, roomy.selection.importance, rtol=1e-4, atol=1e-9)
+    assert tight.report["fidelity"]["score"] == pytest.approx(roomy.report["fidelity"]["score"], rel=1e-4)
+
+
+# -- the default search's successive halving --------------------------------------------------------------------
+
+def _calib(n: int, fixed: int | None = None):
+    from sglp_onnx.files.calibration import CalibrationSet
+
+    return CalibrationSet(inputs={"x": np.arange(n, dtype=np.float32)[:, None]}, fixed_batch=fixed)
+
+
+def test_halving_rounds_double_and_end_on_every_sample():
+    from sglp_onnx.selection.criteria.damage import SampleOrder
+
+    assert SampleOrder(_calib(205), seed=0).rounds(32, 64) == [32, 64, 128, 205]
+    assert SampleOrder(_calib(63), seed=0).rounds(32, 64) == [63]  # fewer than two rounds: one
+    fixed = SampleOrder(_calib(205, fixed=8), seed=0)
+    assert fixed.n == 200 and fixed.rounds(30, 64) == [32, 64, 128, 200]
+
+
+def test_pieces_cut_alike_at_round_bounds_and_cover_each_sample_once():
+    from sglp_onnx.selection.criteria.damage import SampleOrder
+
+    order = SampleOrder(_calib(205), seed=3)
+    bounds = order.rounds(32, 50)
+    every = [(a, len(feed["x"])) for a, feed in order.pieces(0, 205, 50, bounds)]
+    assert [a for a, _ in every] == [0, 32, 64, 114, 128, 178]  # never across a bound
+    assert all(n <= 50 for _, n in every) and sum(n for _, n in every) == 205
+    later = [(a, len(feed["x"])) for a, feed in order.pieces(64, 205, 50, bounds)]
+    assert later == every[2:]  # a run kept by its first sample is the same run
+    seen = np.concatenate([feed["x"][:, 0] for _, feed in order.pieces(0, 205, 50, bounds)])
+    assert sorted(seen) == list(range(205)) and list(seen) != list(range(205))  # a shuffle, each sample once
+
+
+def test_the_greedy_scores_by_successive_halving_for_fewer_passes(tmp_path):
+    from tiny_graphs import write_model_and_calibration
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=320, width=16)
+    halved = analyze(model, criterion="damage-greedy", remove=2, suggest=None, repair="none")
+    notes = " ".join(halved.selection.notes)
+    assert "successive halving over 32, 64, 128, 256 samples" in notes, notes
+    # Every candidate of a step on every sample would be 6 + 5 partial passes.
+    assert halved.selection.passes["forward_partial"] < 6 + 5
