@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import traceback
 import warnings
@@ -330,17 +329,13 @@ def compress(state: _State, models: tuple[str, ...], output: str | None, output_
 
 def _compress_one(run, state: _State, model: str, output: str | None, report: str | None, plot: str | None,
                   force: bool, dry_run: bool, renumber_cache: bool, to_stdout: bool, kwargs: dict):
-    with contextlib.ExitStack() as stack:
-        if to_stdout and not dry_run:
-            # The pipeline always writes a report: let it write one where nobody sees it.
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sglp-report-"))
-            report = str(Path(folder) / "report.json")
-        with _stdout_to_stderr():
-            result = run(model, output, report=report, plot=plot, force=force, renumber_cache=renumber_cache,
-                         dry_run=dry_run, **_api_options(kwargs, state))
+    # A report for stdout is no file; a dry run still says where a real run would write one.
+    report_file = None if to_stdout and not dry_run else True if to_stdout or report is None else report
+    with _stdout_to_stderr():
+        result = run(model, output, report=report_file, plot=plot, force=force, renumber_cache=renumber_cache,
+                     dry_run=dry_run, **_api_options(kwargs, state))
     if to_stdout and not dry_run:
         result.report["report_path"] = "-"
-        result.report_path = None
     return result
 
 

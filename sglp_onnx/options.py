@@ -124,6 +124,15 @@ class SelectionOptions:
         return [f.name for f in fields(cls)]
 
     @classmethod
+    def from_keywords(cls, keywords: dict[str, Any], caller: str) -> "SelectionOptions":
+        """The checked options an API call's `keywords` give; an unknown one
+        is the TypeError Python raises for an unexpected keyword."""
+        unknown = sorted(set(keywords) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**keywords).checked()
+
+    @classmethod
     def split(cls, keywords: dict[str, Any]) -> tuple["SelectionOptions", dict[str, Any]]:
         """The selection options among `keywords`, and the other keywords."""
         names = set(cls.names())

@@ -152,3 +152,17 @@ def pause_point(point: str) -> None:
         return
     while not os.path.exists(resume) and time.monotonic() < limit:
         time.sleep(0.05)
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str, progress: Progress | None = None) -> Iterator[None]:
+    """Stage `name` of a run: a test may pause at its start (`pause_point`),
+    `progress` shows it while it runs, and its seconds are added to
+    `timings[name]` (a stage entered twice adds up)."""
+    pause_point(name)
+    start = time.perf_counter()
+    try:
+        with stage(progress, name):
+            yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start

@@ -538,3 +538,25 @@ def synthetic_calibration(model: onnx.ModelProto, *, seed: int = 0, n_samples: i
     inputs.update(_implied_inputs(inputs, specs, model))
     return CalibrationSet(inputs=inputs, source="synthetic (no calibration data given)", fixed_batch=fixed,
                           guessed="; ".join(guessed))
+
+
+def choose_calibration(model_path: Path, model: onnx.ModelProto, calib: str | None, *, needed: bool,
+                       max_samples: int | None, seed: int) -> CalibrationSet:
+    """The run's calibration set: `calib` (an .npz, or a folder of images or
+    a text file made into a set as `sglp-onnx calib` makes one), else the
+    sidecar MODEL.calib.npz beside the model, else, when not `needed`,
+    synthetic inputs."""
+    if calib is not None:
+        from ..tools.calib import SOURCE_SUFFIXES, calibration_data
+
+        if Path(calib).is_dir() or (Path(calib).is_file() and Path(calib).suffix.lower() in SOURCE_SUFFIXES):
+            made = calibration_data(model_path, [calib], model=model, seed=seed)
+            return check_calibration(made.arrays, model, source=f"the calibration set made from {calib}",
+                                     max_samples=max_samples)
+        return load_calibration(calib, model, max_samples=max_samples)
+    sidecar = sidecar_path(model_path)
+    if sidecar.is_file():
+        return load_calibration(sidecar, model, max_samples=max_samples)
+    if needed:
+        raise UserError(f"no calibration data: pass --calib CALIB.npz or put {sidecar.name} beside the model")
+    return synthetic_calibration(model, seed=seed)

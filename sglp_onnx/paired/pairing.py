@@ -116,3 +116,25 @@ class PairedModel:
 
         return gradnorm(self.module, self.pairing,
                         ((torch_feed(feed, self.cache), labels) for feed, labels in batches), self.input_order)
+
+
+def pair_units_of(model_path, module, arrays: dict, *, granularity: str, provider: str = "cpu") -> dict:
+    """The pairing record (a report's `pairing`) of the units of the model at
+    `model_path` with the torch `module`, matched on the calibration `arrays`:
+    what `compress --torch-model` records, for a report written without it."""
+    from pathlib import Path
+
+    from ..files.calibration import check_calibration
+    from ..files.model_files import external_data_folder, load_model_files
+    from ..units.discovery import discover
+    from ..units.patterns import prepare
+
+    with external_data_folder(Path(model_path).parent):
+        source_model, _ = load_model_files(model_path, defer=True)
+        model, _ = prepare(source_model)
+        data = check_calibration(arrays, model, source=f"the data checked against {model_path}")
+        units, _ = discover(model, data, granularity=granularity, provider=provider)
+        if not units:
+            raise UserError(f"no prunable unit in {model_path}, the model the report was made from")
+        check_empty_cache(data, cache_inputs(model, units))
+        return pair(model, module, units, data, provider)[1]

@@ -68,3 +68,56 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
         report["notes"].append(f"the model's batch dimension is fixed to {data.fixed_batch}: calibration ran in "
                                f"batches of {data.fixed_batch}, not {options.batch_size}")
     return report
+
+
+def repair_notes(outcome, units) -> list[str]:
+    """The report's notes on one removal set's repair (also printed)."""
+    notes = list(outcome.skipped)
+    if outcome.applied:
+        notes.append(f"repair: {len(outcome.repairs)} cut(s) mapped ({outcome.form}; "
+                     f"{sum(r.params for r in outcome.repairs):,} parameters); held-out score "
+                     f"{outcome.fidelity_without['score']:.4g} without repair, {outcome.fidelity['score']:.4g} with")
+    elif outcome.repairs:
+        notes.append(f"repair {outcome.reason} (held-out score {outcome.fidelity_without['score']:.4g} without "
+                     f"repair, {outcome.fidelity['score']:.4g} with): the plain removal is written")
+    return notes
+
+
+def fidelity_records(plain_records: Sequence[dict], outcomes: Sequence, suggestions: list[dict] | None, kind,
+                     data: CalibrationSet, held_out: CalibrationSet | None) -> dict:
+    """The chosen removal's fidelity record (its repair's where the repair is
+    applied), from the records and repair outcomes of the chosen set then of
+    each achievable suggestion, in that order; each suggestion gets its own
+    records (`fidelity`, `fidelity_without_repair`, `repaired`)."""
+    from ..evidence.fidelity import fidelity_record
+
+    records = iter(zip(plain_records, outcomes))
+
+    def final(pair):
+        plain, outcome = pair
+        chosen_record = outcome.fidelity if outcome is not None and outcome.applied else plain
+        return fidelity_record(chosen_record, kind, data, held_out)
+
+    fidelity = final(next(records))
+    for x in suggestions or []:
+        if x["achievable"]:
+            pair = next(records)
+            x["fidelity"] = final(pair)
+            x["fidelity_without_repair"] = fidelity_record(pair[0], kind, data, held_out) \
+                if pair[1] is not None else None
+            x["repaired"] = bool(pair[1] is not None and pair[1].applied)
+        else:
+            x["fidelity"] = x["fidelity_without_repair"] = None
+            x["repaired"] = False
+    return fidelity
+
+
+def repair_record(outcome, units: Sequence[PrunableUnit], kind, data: CalibrationSet,
+                  held_out: CalibrationSet | None) -> dict | None:
+    """The report's `repair`: the chosen set's maps and its fidelity without them (None: no repair ran)."""
+    if outcome is None:
+        return None
+    from ..evidence.fidelity import fidelity_record
+
+    return {**outcome.record(units),
+            "fidelity_without_repair": fidelity_record(outcome.fidelity_without, kind, data, held_out)}

@@ -146,7 +146,8 @@ def summary(report: dict) -> str:
     if timings:
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     if report.get("dry_run"):
-        lines.append(f"dry run: nothing written (a real run writes {report['output']} and {report['report_path']})")
+        also = f" and {report['report_path']}" if report.get("report_path") else ""
+        lines.append(f"dry run: nothing written (a real run writes {report['output']}{also})")
     else:
         if report.get("output"):
             lines.append(f"wrote {report['output']}")

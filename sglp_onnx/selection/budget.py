@@ -123,3 +123,26 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
             "reason": None,
         })
     return suggestions
+
+
+ONE_UNIT_NOTE = ("the model has one prunable unit and one always stays: nothing can be removed; its measurements "
+                 "are shown")
+
+
+def select_for_budget(criterion: Criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int, opts,
+                      loss_of, *, only_measure: bool) -> tuple[int, Selection, list[str]]:
+    """(units to remove, the criterion's selection, notes) for the budget of
+    `opts` (`options.SelectionOptions`): --remove, --ratio or --target-flops
+    (`budget_to_count`), or --max-loss (`max_loss_count`, reading `loss_of`).
+    `only_measure`: a model with one unit and no budget asked for, where
+    nothing can go but the unit is measured."""
+    if only_measure:
+        n_remove, selection = budget_to_count(criterion, ctx, units, total_flops, remove=0, ratio=None,
+                                              target_flops=None)
+        return n_remove, selection, [ONE_UNIT_NOTE]
+    if opts.max_loss is None:
+        n_remove, selection = budget_to_count(criterion, ctx, units, total_flops, remove=opts.remove,
+                                              ratio=opts.ratio, target_flops=opts.target_flops)
+        return n_remove, selection, []
+    return max_loss_count(criterion, ctx, units, total_flops, loss_of, float(opts.max_loss),
+                          remove=opts.remove, ratio=opts.ratio, target_flops=opts.target_flops)

@@ -253,3 +253,39 @@ def renumber_kept_cache(pruned: onnx.ModelProto, rep: dict, feed: dict[str, np.n
     except ValidationError as exc:
         raise InternalError(f"{exc}; nothing was written") from exc
     kv["renamed"] = dict(sorted(mapping.items()))
+
+
+def genai_config_for_output(rep: dict, source: Path, target: Path, copies: Sequence[tuple[Path, Path]],
+                            copy_notes: Sequence[str], *, model_path: Path, output: Path,
+                            dry_run: bool) -> dict | None:
+    """The onnxruntime-genai config `source` rewritten for the pruned model
+    (None: nothing to write), with what it changed, how the kept cache tensors
+    are named and which files go beside it added to the report's notes."""
+    kv = rep.get("kv_cache")
+    if not kv:
+        return None
+    config, changes = updated_genai_config(source, layers_before=kv["layers_before"], layers_after=kv["layers_after"],
+                                           model_name=model_path.name, output_name=output.name)
+    if config is None:
+        rep["notes"].extend(changes)
+        return None
+    kv["genai_config"] = str(target)
+    if "renamed" not in kv:
+        naming = ("the kept cache tensors keep their names (see kv_cache.layer_map; --renumber-cache "
+                  "renames them 0..n-1 as onnxruntime-genai expects)")
+    elif kv["renamed"]:
+        naming = "the kept cache tensors are renumbered 0..n-1"
+    else:
+        naming = "the kept cache tensors are numbered 0..n-1 already"
+    wrote = "a real run writes" if dry_run else "wrote"
+    if copies:
+        copied = "a real run copies" if dry_run else "copied"
+        naming += f"; {copied} {', '.join(source.name for source, _ in copies)} beside it"
+    rep["notes"].append(f"{wrote} {target} for the pruned model: {'; '.join(changes)}; {naming}")
+    rep["notes"].extend(copy_notes)
+    others = other_model_files(config, output.name)
+    if others and output.parent.resolve() != model_path.parent.resolve():
+        rep["notes"].append(f"{target.name} also names {', '.join(others)}, not copied beside the output "
+                            f"(models are never copied): copy {'them' if len(others) > 1 else 'it'} from "
+                            f"{model_path.parent} for onnxruntime-genai to load the folder")
+    return config

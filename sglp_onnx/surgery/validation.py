@@ -200,3 +200,26 @@ def validate(
             raise ValidationError("with nothing removed the output differs from the input model's")
         result.exact_when_nothing_removed = True
     return result
+
+
+def validation_reference(model: onnx.ModelProto, units, removed: list[int], feed: dict[str, np.ndarray], *,
+                         rewritten: bool, first_outputs: dict | None, sequential: bool,
+                         provider: str) -> dict | None:
+    """The original's outputs on the validation batch without a session on the
+    whole original: from the calibration pass (`first_outputs`), which ran
+    that very batch first; with `sequential` and no calibration pass, piece by
+    piece. None (validation then runs the original itself) when nothing was
+    removed (the output must be bit-identical to the input's, so both come
+    from plain sessions), when the patterns `rewritten` the file, or without
+    `sequential` and a calibration pass."""
+    if not removed or rewritten:
+        return None
+    rows = next(iter(feed.values())).shape[0]
+    if first_outputs is not None and all(v.ndim and v.shape[0] == rows for v in first_outputs.values()):
+        return first_outputs
+    if not sequential:
+        return None
+    from ..evidence.sequential import probe_sequential, residual_boundaries
+
+    return probe_sequential(model, feed, [], provider=provider,
+                            boundaries=[u.exit for u in units] + residual_boundaries(model))

@@ -119,7 +119,7 @@ def _with_modules(plan: RemovalPlan, pairing: dict) -> RemovalPlan:
 def pair_plan(plan: RemovalPlan, teacher: torch.nn.Module, arrays: dict, provider: str) -> RemovalPlan:
     """Pair the units of the model the report was made from with `teacher`
     (on the training data) when the report has no pairing of its own."""
-    from ..pipeline import pair_units_of
+    from ..paired.pairing import pair_units_of
 
     given = Path(str(plan.report.get("input", "")))
     candidates = [given] if given.is_absolute() else [given, plan.report_path.parent / given.name]
