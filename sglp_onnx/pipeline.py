@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
-from .evidence.held_out import HeldOut
-from .errors import InternalError, UserError, ValidationError
-from .evidence.budget import parse_size
+from .errors import UserError
 from .files.calibration import CalibrationSet, choose_calibration
 from .files.model_files import atomic_paths, check_output_path, external_bytes, external_data_folder, files_size, \
     load_model_files, proto_size, refuse_inputs, write_model_files
@@ -26,64 +24,22 @@ from .graph.flops import model_params
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
 from .progress import PAUSE_ENV, Progress, pause_point, timed  # noqa: F401 (PAUSE_ENV: the tests' hook)
-from .report.build import analysis_report, fidelity_records, repair_notes, repair_record
-from .report.summary import analysis_summary, summary, to_json
-from .selection.budget import select_for_budget, suggest_removals  # noqa: F401 (suggest_removals: re-exported)
-from .selection.criteria import Context, Selection, checked_criterion, needs_calibration
+from .report.build import analysis_report, repair_record
+from .report.summary import to_json
+from .results import Analysis, CompressionResult
+from .selection.budget import suggest_removals  # noqa: F401 (re-exported)
+from .selection.criteria import checked_criterion, needs_calibration
+from .selection.measured import measure_and_select
 from .surgery.kv_cache import genai_config_for_output, genai_config_source, genai_config_target, \
     genai_support_files, renumber_kept_cache
-from .surgery.remove import dropped_weight_inputs, remove_units
-from .surgery.validation import validate, validation_reference
-from .units.discovery import PrunableUnit, discover
+from .surgery.remove import remove_units
+from .surgery.validation import validate_pruned
+from .units.discovery import discover
 from .units.patterns import finish as finish_patterns
 from .units.patterns import prepare as prepare_patterns
 
 # FLOPs fractions `analyze` suggests removal sets for.
 DEFAULT_SUGGESTIONS = (0.10, 0.25, 0.50)
-
-
-@dataclass
-class Analysis:
-    """Everything `analyze` finds; `compress` adds the pruned model and output paths."""
-
-    model: onnx.ModelProto
-    units: list[PrunableUnit]
-    selection: Selection
-    report: dict
-    calib: CalibrationSet
-    total_flops: int
-    timings: dict[str, float] = field(default_factory=dict)
-    # The file as loaded, when the patterns rewrote it into `model` (a fused
-    # graph with its joins made visible); None when `model` is the file.
-    source_model: onnx.ModelProto | None = None
-    rewrites: list = field(default_factory=list)
-    # The input's files: the model, then its external data files.
-    input_files: list[Path] = field(default_factory=list)
-    # The original's outputs on the first calibration batch, when the
-    # calibration pass computed them (what validation compares with).
-    first_outputs: dict | None = None
-    validation_rows: int = 64  # samples of the validation run
-    # The chosen removal set's repair (repair.stage.RepairOutcome); None with --repair none.
-    repair: object | None = None
-
-    @property
-    def removed_units(self) -> list[PrunableUnit]:
-        return [self.units[i] for i in self.selection.removed]
-
-    def summary(self) -> str:
-        """The analysis table, segments and removal suggestions, as printed by `sglp-onnx analyze`."""
-        return analysis_summary(self.report)
-
-
-@dataclass
-class CompressionResult(Analysis):
-    pruned: onnx.ModelProto | None = None
-    output: Path | None = None
-    report_path: Path | None = None
-
-    def summary(self) -> str:
-        """What was removed and what it saved, as printed by `sglp-onnx compress`."""
-        return summary(self.report)
 
 
 def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:
@@ -178,76 +134,19 @@ def _measure(analysis: Analysis, chosen, opts: SelectionOptions, paired: PairedM
              held_out: CalibrationSet | None, *, suggest, only_measure: bool, report_of: dict,
              progress: Progress | None) -> None:
     """Measure, select, suggest, repair: fills `analysis`'s selection, report, repair and validation rows."""
-    model, units, data, timings = analysis.model, analysis.units, analysis.calib, analysis.timings
-    total_flops = analysis.total_flops
-    loss_note = f"GradNorm loss: {paired.loss_description(data)}" if paired is not None else None
-
-    def gradnorm_fn():
-        batches = data.batches(ctx.gradient_rows())
-        return paired.gradnorm(progress(batches, "gradients") if progress else batches)
-
-    ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
-                  seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn if paired else None,
-                  progress=progress, timings=timings, sequential=opts.sequential,
-                  flops_budget=opts.target_flops is not None,
-                  repair="none" if opts.sequential else opts.repair, fidelity_output=opts.fidelity_output,
-                  budget=parse_size(opts.activation_budget))
-    held = HeldOut(ctx, model, units, held_out if held_out is not None else data, sequential=opts.sequential,
-                   batch_size=opts.batch_size, provider=opts.provider)
-    with timed(timings, "selection", progress):
-        n_remove, selection, notes = select_for_budget(
-            chosen, ctx, units, total_flops, opts, only_measure=only_measure,
-            loss_of=lambda removed: held.loss_of(removed, form=opts.repair, fit_data=data, progress=progress))
-    # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
-    timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
-    suggestions = None
-    if suggest:
-        with timed(timings, "suggestions", progress):
-            suggestions = suggest_removals(chosen, ctx, units, total_flops, suggest)
-    with timed(timings, "fidelity", progress):
-        sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
-        plain_records = held.records(*sets)
-        if only_measure:  # what removing the unit would cost: the damage a criterion weighs
-            from .report.summary import fidelity_text
-
-            notes.append(f"bypassing {units[0].name} alone would give {fidelity_text(held.records([0])[0])} on "
-                         "the held-out samples")
-    evidence = ctx.evidence_if_computed
-    # Validation compares the first run of the calibration pass, or a run that fits the budget.
-    validation_rows = evidence.rows if evidence is not None and evidence.rows else \
-        (ctx.output_rows() if not opts.sequential else opts.batch_size)
-    notes = list(selection.notes) + notes
-    runner_used = ctx.runner_used
-    kind = ctx.output_kind()
-    ctx.release()
-    # Repair: fitted on the selection samples, kept where the held-out fidelity improves.
-    outcomes = [None] * len(sets)
-    if opts.repair != "none" and opts.sequential and selection.removed:
-        notes.append(f"--repair {opts.repair} was not applied: fitting the maps runs the whole model, which "
-                     "--sequential avoids; run without --sequential where the model fits in memory")
-    elif opts.repair != "none":
-        with timed(timings, "repair", progress):
-            outcomes = [held.repaired(s, r, form=opts.repair, fit_data=data, progress=progress) if s else None
-                        for s, r in zip(sets, plain_records)]
-    fidelity = fidelity_records(plain_records, outcomes, suggestions, kind, data, held_out)
-    repair = outcomes[0]
-    if repair is not None:
-        notes += repair_notes(repair, units)
-    if opts.sequential and runner_used:
-        notes.append(f"--criterion {opts.criterion} ran the whole model (its gated graph) to measure damage: "
-                     "--sequential kept only the calibration pass, the fidelity and the validation to one piece "
-                     "at a time; for a model larger than memory use --criterion sglp")
-    if loss_note is not None and ctx.gradnorm_computed:
-        notes.append(loss_note)
+    m = measure_and_select(analysis.model, analysis.units, analysis.calib, held_out, analysis.total_flops, chosen,
+                           opts, paired, suggest=suggest, only_measure=only_measure, timings=analysis.timings,
+                           progress=progress)
+    units, data = analysis.units, analysis.calib
     report = analysis_report(
-        **report_of, options=replace(opts, ratio=None) if only_measure else opts, n_remove=n_remove,
-        selection=selection, units=units, data=data, held_out=held_out, evidence=evidence,
-        pairing=paired.info if paired else None, suggestions=suggestions, fidelity=fidelity, notes=notes,
-        timings=timings)
-    report["repair"] = repair_record(repair, units, kind, data, held_out)
-    analysis.selection, analysis.report, analysis.repair = selection, report, repair
-    analysis.first_outputs = evidence.first_outputs if evidence else None
-    analysis.validation_rows = validation_rows
+        **report_of, options=replace(opts, ratio=None) if only_measure else opts, n_remove=m.n_remove,
+        selection=m.selection, units=units, data=data, held_out=held_out, evidence=m.evidence,
+        pairing=paired.info if paired else None, suggestions=m.suggestions, fidelity=m.fidelity, notes=m.notes,
+        timings=analysis.timings)
+    report["repair"] = repair_record(m.repair, units, m.kind, data, held_out)
+    analysis.selection, analysis.report, analysis.repair = m.selection, report, m.repair
+    analysis.first_outputs = m.evidence.first_outputs if m.evidence else None
+    analysis.validation_rows = m.validation_rows
 
 
 def compress(model_path: str | os.PathLike, output: str | os.PathLike | None = None, **kwargs) -> CompressionResult:
@@ -298,7 +197,7 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
         pruned = finish_patterns(remove_units(base, [base_units[i] for i in analysis.selection.removed]),
                                  analysis.rewrites)
     with timed(timings, "validation", progress):
-        result, feed = _validate(analysis, pruned, opts)
+        result, feed = validate_pruned(analysis, pruned, sequential=opts.sequential, provider=opts.provider)
     if renumber_cache:
         with timed(timings, "validation", progress):
             renumber_kept_cache(pruned, rep, feed, provider=opts.provider)
@@ -349,30 +248,6 @@ def _output_plan(model_path: Path, output, report, plot, opts: SelectionOptions)
                       default_report(out) if report is True else Path(report),
                       genai_config=genai_config_target(model_path, out) if genai_source is not None else None)
     return plan, genai_source, copy_notes
-
-
-def _validate(analysis: Analysis, pruned: onnx.ModelProto, opts: SelectionOptions):
-    """The validation gate (`surgery.validate`) and the batch it ran; a failure is a bug, never written."""
-    from .graph.runtime import release_memory
-
-    release_memory()  # the stages' sessions are closed: the pruned model's opens next
-    removed = analysis.removed_units
-    feed = analysis.calib.first(min(analysis.validation_rows, analysis.calib.n_samples))
-    original = analysis.source_model or analysis.model
-    reference = validation_reference(analysis.model, analysis.units, analysis.selection.removed, feed,
-                                     rewritten=analysis.source_model is not None,
-                                     first_outputs=analysis.first_outputs, sequential=opts.sequential,
-                                     provider=opts.provider)
-    try:
-        return validate(
-            original, pruned, feed, reference=reference,
-            removed_outputs={o for u in removed for o in u.owned_outputs},
-            removed_inputs={i for u in removed for i in u.owned_inputs} | dropped_weight_inputs(original, pruned),
-            nothing_removed=not removed, provider=opts.provider,
-            scored_output=analysis.report["fidelity"]["output"] if analysis.report.get("fidelity") else None,
-        ), feed
-    except ValidationError as exc:
-        raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc
 
 
 def _write(plan: OutputPlan, pruned: onnx.ModelProto, rep: dict, genai_config: dict | None, *, force: bool,

@@ -149,7 +149,7 @@ def _boom(*args, **kwargs):
     "target",
     [
         "sglp_onnx.pipeline.remove_units",
-        "sglp_onnx.pipeline.validate",
+        "sglp_onnx.surgery.validation.validate",
         "sglp_onnx.pipeline.to_json",  # after the model is in its temporary file
         "sglp_onnx.report.plots.plot_report",
         "sglp_onnx.pipeline.write_model_files",
@@ -326,3 +326,17 @@ def test_nothing_removed_must_reproduce_the_model_exactly(work, capsys, monkeypa
     err = capsys.readouterr().err
     assert code == 1 and "differs from the input model" in err, err
     _assert_nothing_written(root, before)
+
+
+def test_report_none_writes_the_model_and_no_report(tmp_path):
+    # The API's way to say "no report file" (the CLI's --report -): the report is only returned.
+    from sglp_onnx import compress
+
+    model, _ = write_model_and_calibration(tmp_path)
+    before = snapshot(tmp_path)
+    result = compress(model, tmp_path / "out.onnx", report=None, ratio=0.5, criterion="last")
+    assert result.report_path is None and "report_path" not in result.report
+    assert sorted(set(snapshot(tmp_path)) - set(before)) == ["out.onnx"]
+    assert result.report["removed"] == [result.units[i].name for i in result.selection.removed]
+    default = compress(model, tmp_path / "again.onnx", ratio=0.5, criterion="last")
+    assert default.report_path == tmp_path / "again.json" and default.report_path.is_file()

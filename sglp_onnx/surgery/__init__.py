@@ -10,5 +10,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "CACHE_NAME", "genai_config_for_output", "genai_config_source", "genai_config_target", "genai_support_files", "kv_cache_record",
         "other_model_files", "rename_tensors", "renumber_kept_cache", "updated_genai_config",
     ],
-    "validation": ["check_standalone", "validate", "validation_reference"],
+    "validation": ["check_standalone", "validate", "validate_pruned", "validation_reference"],
 })

@@ -223,3 +223,31 @@ def validation_reference(model: onnx.ModelProto, units, removed: list[int], feed
 
     return probe_sequential(model, feed, [], provider=provider,
                             boundaries=[u.exit for u in units] + residual_boundaries(model))
+
+
+def validate_pruned(analysis, pruned: onnx.ModelProto, *, sequential: bool, provider: str):
+    """`validate` the `pruned` model of an `analysis` (`pipeline.Analysis`)
+    against its input on the validation batch, and return the result and that
+    batch; a failure is a bug (InternalError): nothing is written."""
+    from ..errors import InternalError
+    from ..graph.runtime import release_memory
+    from .remove import dropped_weight_inputs
+
+    release_memory()  # the stages' sessions are closed: the pruned model's opens next
+    removed = analysis.removed_units
+    feed = analysis.calib.first(min(analysis.validation_rows, analysis.calib.n_samples))
+    original = analysis.source_model or analysis.model
+    reference = validation_reference(analysis.model, analysis.units, analysis.selection.removed, feed,
+                                     rewritten=analysis.source_model is not None,
+                                     first_outputs=analysis.first_outputs, sequential=sequential,
+                                     provider=provider)
+    try:
+        return validate(
+            original, pruned, feed, reference=reference,
+            removed_outputs={o for u in removed for o in u.owned_outputs},
+            removed_inputs={i for u in removed for i in u.owned_inputs} | dropped_weight_inputs(original, pruned),
+            nothing_removed=not removed, provider=provider,
+            scored_output=analysis.report["fidelity"]["output"] if analysis.report.get("fidelity") else None,
+        ), feed
+    except ValidationError as exc:
+        raise InternalError(f"the pruned model failed validation, so nothing was written: {exc}") from exc
