@@ -19,7 +19,7 @@ from .errors import UserError
 from .files.calibration import CalibrationSet, choose_calibration
 from .files.model_files import atomic_paths, check_output_path, external_bytes, external_data_folder, files_size, \
     load_model_files, proto_size, refuse_inputs, write_model_files
-from .files.output_plan import OUTPUT_MODEL, OutputPlan, default_output, default_report, run_inputs  # noqa: F401
+from .files.output_plan import OUTPUT_MODEL, OutputPlan, compress_plan, default_output, run_inputs  # noqa: F401
 from .graph.flops import model_params
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
@@ -30,8 +30,7 @@ from .results import Analysis, CompressionResult
 from .selection.budget import suggest_removals  # noqa: F401 (re-exported)
 from .selection.criteria import checked_criterion, needs_calibration
 from .selection.measured import measure_and_select
-from .surgery.kv_cache import genai_config_for_output, genai_config_source, genai_config_target, \
-    genai_support_files, renumber_kept_cache
+from .surgery.kv_cache import genai_config_for_output, renumber_kept_cache
 from .surgery.remove import remove_units
 from .surgery.validation import validate_pruned
 from .units.discovery import discover
@@ -183,7 +182,8 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
     opts = SelectionOptions.from_keywords({k: v for k, v in options.items() if k in SelectionOptions.names()},
                                           "compress")
     model_path = Path(model_path)
-    plan, genai_source, copy_notes = _output_plan(model_path, output, report, plot, opts)
+    plan, genai_source, copy_notes = compress_plan(model_path, output, report, plot, calib=opts.calib,
+                                                   torch_model=opts.torch_model, torch_weights=opts.torch_weights)
     plan.check(force=force, writable=not dry_run)
     # Suggestions are for deciding what to remove; compress has decided.
     # (Already inside the input's external_data_folder: `_analyze` directly.)
@@ -224,30 +224,6 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
         model=analysis.model, units=analysis.units, selection=analysis.selection, report=rep,
         calib=analysis.calib, total_flops=analysis.total_flops, timings=timings, pruned=pruned,
         output=None if dry_run else plan.model, report_path=None if dry_run else plan.report)
-
-
-def _output_plan(model_path: Path, output, report, plot, opts: SelectionOptions):
-    """compress's outputs, the genai config beside the input (None: none) and notes on the files it copies."""
-    out = Path(output) if output is not None else default_output(model_path)
-    if not model_path.exists():
-        raise UserError(f"model file not found: {model_path}")
-    # An onnxruntime-genai config beside the input is rewritten for the output; written to another
-    # folder, the pruned model gets the tokenizer files onnxruntime-genai reads beside it.
-    genai_source = genai_config_source(model_path)
-    copies, copy_notes = genai_support_files(model_path, out) if genai_source is not None else ([], [])
-    plot_path = Path(plot) if plot is not None else None
-    if plot_path is not None:
-        from .report.plots import plot_format
-
-        plot_format(plot_path)
-    inputs = run_inputs(model_path, calib=opts.calib, torch_model=opts.torch_model,
-                        torch_weights=opts.torch_weights,
-                        extra=[p for p in (genai_source,) if p is not None] + [source for source, _ in copies])
-    plan = OutputPlan(model=out, inputs=inputs, plot=plot_path, copies=copies,
-                      report=None if report is None or report is False else
-                      default_report(out) if report is True else Path(report),
-                      genai_config=genai_config_target(model_path, out) if genai_source is not None else None)
-    return plan, genai_source, copy_notes
 
 
 def _write(plan: OutputPlan, pruned: onnx.ModelProto, rep: dict, genai_config: dict | None, *, force: bool,

@@ -10,7 +10,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "fixed_batch", "format_shape", "is_cache_input", "load_calibration", "load_npz", "model_inputs",
         "sidecar_path", "synthetic_calibration",
     ],
-    "output_plan": ["OUTPUT_MODEL", "OutputPlan", "Written", "default_output", "default_report", "run_inputs",
+    "output_plan": ["OUTPUT_MODEL", "OutputPlan", "Written", "compress_plan", "default_output", "default_report", "run_inputs",
                     "torch_model_files"],
     "model_files": [
         "EXTERNAL_DATA_THRESHOLD", "atomic_paths", "beside", "check_name_length", "check_output_path", "checkable",

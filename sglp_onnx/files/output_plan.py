@@ -141,3 +141,30 @@ class OutputPlan:
             where = exc.filename or self.model.parent
             raise UserError(f"cannot write the output ({exc.strerror or exc}: {where}); nothing was written; "
                             "free some space or choose another folder with -o") from None
+
+
+def compress_plan(model_path: Path, output, report, plot, *, calib, torch_model, torch_weights):
+    """compress's outputs (`report` True: beside the output; None: none),
+    the genai config beside the input (None: none) and notes on the files
+    copied beside the output."""
+    from ..surgery.kv_cache import genai_config_source, genai_config_target, genai_support_files
+
+    out = Path(output) if output is not None else default_output(model_path)
+    if not model_path.exists():
+        raise UserError(f"model file not found: {model_path}")
+    # An onnxruntime-genai config beside the input is rewritten for the output; written to another
+    # folder, the pruned model gets the tokenizer files onnxruntime-genai reads beside it.
+    genai_source = genai_config_source(model_path)
+    copies, copy_notes = genai_support_files(model_path, out) if genai_source is not None else ([], [])
+    plot_path = Path(plot) if plot is not None else None
+    if plot_path is not None:
+        from ..report.plots import plot_format
+
+        plot_format(plot_path)
+    inputs = run_inputs(model_path, calib=calib, torch_model=torch_model, torch_weights=torch_weights,
+                        extra=[p for p in (genai_source,) if p is not None] + [source for source, _ in copies])
+    plan = OutputPlan(model=out, inputs=inputs, plot=plot_path, copies=copies,
+                      report=None if report is None or report is False else
+                      default_report(out) if report is True else Path(report),
+                      genai_config=genai_config_target(model_path, out) if genai_source is not None else None)
+    return plan, genai_source, copy_notes
