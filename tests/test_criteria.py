@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pytest
 
@@ -307,3 +309,13 @@ def test_a_damage_search_within_a_tiny_activation_budget_runs_one_sample_at_a_ti
     np.testing.assert_allclose(recomputed.importance, kept.importance, rtol=1e-5, atol=1e-9)
     # Every step after the first runs the original network again for its reference.
     assert recomputed.passes["forward_full"] == kept.passes["forward_full"] + (L - 2)
+
+
+@pytest.mark.parametrize("criterion, who", [("damage-greedy", "a measured-damage criterion"),
+                                            ("cka-removal", "--criterion cka-removal"),
+                                            ("sglp", "this criterion")])
+def test_a_criterion_without_calibration_data_says_so_in_one_refusal(folder, criterion, who):
+    analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
+    bare = Context(model=analysis.model, units=analysis.units, calib=None)
+    with pytest.raises(UserError, match=f"^{re.escape(who)} needs calibration data: pass --calib"):
+        get_criterion(criterion).select(bare, 1)

@@ -89,11 +89,15 @@ class Context:
             self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
         return self._runner
 
+    def require_calibration(self, who: str) -> None:
+        """The one refusal of a criterion run without calibration data."""
+        if self.calib is None:
+            raise UserError(f"{who} needs calibration data: pass --calib CALIB.npz or put MODEL.calib.npz "
+                            "beside the model")
+
     def evidence(self) -> Evidence:
         if self._evidence is None:
-            if self.calib is None:
-                raise UserError("this criterion needs calibration data: pass --calib CALIB.npz "
-                                "or put MODEL.calib.npz beside the model")
+            self.require_calibration("this criterion")
             import time
 
             start = time.perf_counter()

@@ -73,9 +73,7 @@ class GreedyCKA:
     """Runs the greedy search step by step; `extend(n)` makes the order n long."""
 
     def __init__(self, ctx: Context, *, use_suffix: bool = True) -> None:
-        if ctx.calib is None:
-            raise UserError("--criterion cka-removal needs calibration data: pass --calib CALIB.npz "
-                            "or put MODEL.calib.npz beside the model")
+        ctx.require_calibration("--criterion cka-removal")
         self.ctx = ctx
         self.units = list(ctx.units)
         rep, rule = final_representation(ctx.model, ctx.output_kind().output)

@@ -54,9 +54,7 @@ class DamageSearch:
     """
 
     def __init__(self, ctx: Context, *, candidates: int | None = None) -> None:
-        if ctx.calib is None:
-            raise UserError("measured-damage criteria need calibration data: pass --calib CALIB.npz "
-                            "or put MODEL.calib.npz beside the model")
+        ctx.require_calibration("a measured-damage criterion")
         self.ctx = ctx
         # The report's CKA matrix and heatmap come from the one calibration
         # pass every criterion with data shares; the choice below does not read it.
