@@ -4,9 +4,8 @@ torch model, and `--target-flops` meeting its target."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
