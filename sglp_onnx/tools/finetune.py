@@ -522,20 +522,16 @@ def finetune(
     order = [s.name for s in model_inputs(pruned)]
 
     from ..files.calibration import is_cache_input
-    from .export.torch_export import export_torch, load_torch_model
-    from ..paired.hf_model import load_hf_model
+    from ..paired.pairing import load_paired_model
+    from .export.torch_export import export_torch
 
     hf = is_hf_spec(torch_model)
     cache_names: set[str] = set()
     if hf:
-        if torch_weights is not None:
-            raise UserError("--torch-weights goes with --torch-model MODULE:FACTORY; an hf:DIR folder holds "
-                            "its own weights")
         specs = model_inputs(pruned)
         cache_names = {s.name for s in specs if is_cache_input(s, specs)}
-        teacher = load_hf_model(torch_model[len(HF_PREFIX):])
-    else:
-        teacher = load_torch_model(torch_model, None if torch_weights is None else str(torch_weights))
+    # The same loader (and refusals) as compress's pairing.
+    teacher = load_paired_model(torch_model, None if torch_weights is None else str(torch_weights))
     paired_here = plan.modules is None
     if paired_here:
         stages.start("pairing")
