@@ -13,29 +13,27 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, describe, publish  # noqa: E402
 
-MODEL = ROOT / "models" / "resnet56_digits.onnx"
+MODEL = MODELS_DIR / "resnet56_digits.onnx"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "candidate_batching.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "candidate_batching.md")
     args = parser.parse_args()
 
-    from benchmarks.machine import describe, publish
-    from sglp_onnx.evidence.fidelity import output_kind
-    from sglp_onnx.files.calibration import load_calibration
-    from sglp_onnx.files.model_files import load_model
-    from sglp_onnx.graph.runtime import make_session
-    from sglp_onnx.pipeline import _discover
+    from sglp_onnx.evidence import output_kind
+    from sglp_onnx.files import load_calibration, load_model
+    from sglp_onnx.graph import make_session
     from sglp_onnx.surgery.gating import GatedRunner, batched_suffix_model, suffix_model
+    from sglp_onnx.units import discover
 
     model = load_model(MODEL)
     calib = load_calibration(MODEL.with_name("resnet56_digits.calib.npz"), model)
-    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    units, _ = discover(model, calib, granularity="layer", provider="cpu")
     runner = GatedRunner(model, units, [output_kind(model).output])
     feed = calib.first(64)
     current = runner.run(feed, set(), entries=True)

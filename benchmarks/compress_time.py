@@ -15,15 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, describe, publish  # noqa: E402
 
-from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
-MODEL = ROOT / "models" / "resnet56_digits.onnx"
+MODEL = MODELS_DIR / "resnet56_digits.onnx"
 OPTIONS = dict(criterion="sglp", torch_model="models.resnet_cifar:resnet56_digits",
-               torch_weights=str(ROOT / "models" / "resnet56_digits.pt"), ratio=0.3)
+               torch_weights=str(MODELS_DIR / "resnet56_digits.pt"), ratio=0.3)
 
 
 def run_once(out_dir: Path) -> tuple[dict[str, float], float]:
@@ -35,7 +34,7 @@ def run_once(out_dir: Path) -> tuple[dict[str, float], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "compress_time.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "compress_time.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_once(Path(tmp))  # warm-up: imports, first torch call

@@ -20,17 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, publish  # noqa: E402
 
 import onnxruntime  # noqa: E402
 
-from benchmarks.machine import publish  # noqa: E402
-from sglp_onnx.tools.bench import bench  # noqa: E402
-from sglp_onnx.files.calibration import load_calibration, sidecar_path  # noqa: E402
-from sglp_onnx.files.model_files import load_model, save_model  # noqa: E402
-from sglp_onnx.pipeline import _discover, compress  # noqa: E402
-from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx import bench  # noqa: E402
+from sglp_onnx.files import load_calibration, load_model, save_model, sidecar_path  # noqa: E402
+from sglp_onnx.pipeline import compress  # noqa: E402
+from sglp_onnx.surgery import remove_units  # noqa: E402
+from sglp_onnx.units import discover  # noqa: E402
 
 MODELS = ("resnet56_digits", "resnet110_digits", "cnn1d_radio")
 TARGETS = (0.3, 0.5)
@@ -54,7 +53,7 @@ def machine() -> str:
 
 def variants(name: str, folder: Path) -> list[tuple[str, Path, int, int]]:
     """(label, path, units removed, units) for the original, each FLOPs target and the all-units-removed rest."""
-    source = ROOT / "models" / f"{name}.onnx"
+    source = MODELS_DIR / f"{name}.onnx"
     rows = [("original", source, 0, 0)]
     for target in TARGETS:
         out = folder / f"{name}.flops{int(target * 100)}.onnx"
@@ -69,7 +68,7 @@ def variants(name: str, folder: Path) -> list[tuple[str, Path, int, int]]:
                          len(result.selection.removed), len(result.units)))
     model = load_model(source)
     calib = load_calibration(sidecar_path(source), model, max_samples=8)
-    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    units, _ = discover(model, calib, granularity="layer", provider="cpu")
     rest = folder / f"{name}.no_units.onnx"
     save_model(remove_units(model, units), rest)
     rows.append(("every unit removed", rest, len(units), len(units)))
@@ -104,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="bench sessions per model family (median)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latency.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latency.md")
     args = parser.parse_args()
 
     table = [
@@ -118,7 +117,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            if not (ROOT / "models" / f"{name}.onnx").is_file():
+            if not (MODELS_DIR / f"{name}.onnx").is_file():
                 missing.append(name)
                 continue
             rows = variants(name, Path(tmp))

@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import RESULTS_DIR, describe, publish  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx.cli import main as cli  # noqa: E402
 
 SEQ = 128  # prompt / encoder sequence length
@@ -83,9 +82,9 @@ def flops_ratio(report: dict) -> float:
 
 def graph_flops(path: Path, feed: dict[str, np.ndarray]) -> int:
     """FLOPs of one run of `path` on `feed`, counted as compress counts them."""
-    from sglp_onnx.evidence.activations import probe_shapes
-    from sglp_onnx.files.model_files import load_model
-    from sglp_onnx.graph.flops import node_flops, tensors_needed
+    from sglp_onnx.evidence import probe_shapes
+    from sglp_onnx.files import load_model
+    from sglp_onnx.graph import node_flops, tensors_needed
 
     model = load_model(path)
     names = {i.name for i in model.graph.input}
@@ -101,7 +100,7 @@ def fused_bert(folder: Path, args) -> tuple[Path, Path, dict]:
     import transformers
     from onnxruntime.transformers import optimizer
 
-    from sglp_onnx.tools.export.hf import export_hf
+    from sglp_onnx.tools import export_hf
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=1000, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -248,7 +247,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latency_formats.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latency_formats.md")
     args = parser.parse_args()
 
     load_before = os.getloadavg()

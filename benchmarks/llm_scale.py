@@ -7,7 +7,7 @@ external data by `sglp_onnx.export_hf` (nothing is downloaded or committed).
 without gradients: CKA segments, entry-to-exit CKA inside them) and with the
 paired model `hf:DIR` (criterion sglp with GradNorm). Each run is a fresh
 process; peak RSS is its VmHWM. The floor is measured in the same run
-(see `large_model.baseline`). Needs about 25 GB of disk and 16 GB of RAM;
+(see `measured_compress.baseline`). Needs about 25 GB of disk and 16 GB of RAM;
 writes benchmarks/results/llm_scale.md.
 """
 
@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.large_model import floor_sentence, peak_rss_gib, run_in, stage_cells  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import RESULTS_DIR, ROOT, describe, peak_rss_gib, publish, run_child  # noqa: E402
+from benchmarks.measured_compress import floor_sentence, run_in, stage_cells  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -36,7 +35,7 @@ def build(folder: Path, *, layers: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sglp_onnx.tools.export.hf import export_hf
+    from sglp_onnx.tools import export_hf
 
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -63,25 +62,18 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where to build the model (default: a temporary folder)")
     parser.add_argument("--runs", nargs="+", default=["one-shot", "sequential", "one-shot+hf", "sequential+hf"],
                         choices=["one-shot", "sequential", "one-shot+hf", "sequential+hf"])
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "llm_scale.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "llm_scale.md")
     args = parser.parse_args()
-
-    from benchmarks.machine import describe, publish
 
     with tempfile.TemporaryDirectory(prefix="sglp-llm-", dir=args.folder) as tmp:
         folder = Path(tmp)
         # Built in a child so that the torch model's memory is gone before the runs.
-        import subprocess
-
-        built = subprocess.run([sys.executable, "-c", (
+        info = run_child([sys.executable, "-c", (
             "import json, sys; from pathlib import Path; sys.path.insert(0, %r); "
             "from benchmarks.llm_scale import build; print(json.dumps(build(Path(%r), layers=%d)))"
-        ) % (str(ROOT), str(folder), args.layers)], capture_output=True, text=True, check=False)
-        if built.returncode != 0:
-            raise SystemExit(f"building the model failed: {built.stderr.strip().splitlines()[-1:]}")
-        import json
-
-        info = json.loads(built.stdout.strip().splitlines()[-1])
+        ) % (str(ROOT), str(folder), args.layers)])
+        if "failed" in info:
+            raise SystemExit(f"building the model failed: {info['failed']}")
         print("built", info, flush=True)
         model = folder / "llama.onnx"
         weights = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("llama.onnx"))

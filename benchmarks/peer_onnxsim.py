@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, describe, publish  # noqa: E402
 
 import onnx  # noqa: E402
 
-from benchmarks.machine import describe, publish  # noqa: E402
-from sglp_onnx.graph.runtime import make_session, set_threads  # noqa: E402
+from sglp_onnx.graph import make_session, set_threads  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
 COUNTS = (2, 4, 6)
@@ -58,9 +57,9 @@ def main() -> None:
     import onnxsim
 
     set_threads(1)
-    model_path = ROOT / "models" / "vit_digits.onnx"
-    calib = dict(np.load(ROOT / "models" / "vit_digits.calib.npz"))
-    test = np.load(ROOT / "models" / "digits.test.npz")
+    model_path = MODELS_DIR / "vit_digits.onnx"
+    calib = dict(np.load(MODELS_DIR / "vit_digits.calib.npz"))
+    test = np.load(MODELS_DIR / "digits.test.npz")
     x, y = test["input"], test["labels"]
     model = onnx.load(str(model_path))
     reference = outputs(model, x)
@@ -87,8 +86,8 @@ def main() -> None:
                              ", ".join(result.report["removed"])))
             for row in rows[-3:]:
                 print(f"-{row[1]} {row[0]}: {row[3]} ({row[2]:.1f} s)", flush=True)
-    llama = onnx.load(str(ROOT / "models" / "tinyllama_pydoc.onnx"))
-    ids = dict(np.load(ROOT / "models" / "tinyllama_pydoc.calib.npz"))
+    llama = onnx.load(str(MODELS_DIR / "tinyllama_pydoc.onnx"))
+    ids = dict(np.load(MODELS_DIR / "tinyllama_pydoc.calib.npz"))
     pruned = onnxsim.apply_transformer_block_pruning(
         llama, calibration_data=[{k: v[i:i + 16] for k, v in ids.items()} for i in range(0, 64, 16)],
         num_blocks_to_drop=4, providers=["CPUExecutionProvider"])
@@ -115,7 +114,7 @@ def main() -> None:
                      f"{s['kl']:.4f} | {seconds:.1f} | {removed} |")
     lines += ["", f"The tiny Llama (`models/tinyllama_pydoc.onnx`, RMSNorm decoder) with onnxsim asked to drop 4 "
                   f"sub-blocks: {llama_note}; sglp-onnx prunes it (see the LLM section of quality.md)."]
-    publish(lines, ROOT / "benchmarks" / "results" / "peer_onnxsim.md")
+    publish(lines, RESULTS_DIR / "peer_onnxsim.md")
 
 
 if __name__ == "__main__":

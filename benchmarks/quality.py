@@ -27,19 +27,18 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import CRITERIA, REPAIR, RESULTS_DIR, ROOT, describe, repair_of  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
-from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
-from sglp_onnx.tools.export.torch_export import load_torch_model  # noqa: E402
+from sglp_onnx.files import CalibrationSet  # noqa: E402
+from sglp_onnx.tools import load_torch_model  # noqa: E402
 from sglp_onnx.tools.finetune import output_structure, skip_modules, teacher_outputs, train  # noqa: E402
-from sglp_onnx.evidence.metrics import measure  # noqa: E402
+from sglp_onnx.evidence import measure  # noqa: E402
 from sglp_onnx.pipeline import analyze  # noqa: E402
-from sglp_onnx.graph.runtime import make_session  # noqa: E402
-from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx.graph import make_session  # noqa: E402
+from sglp_onnx.surgery import remove_units  # noqa: E402
 from sglp_onnx.repair import repaired_pruned  # noqa: E402
 
 TARGETS = (0.3, 0.5)
@@ -93,20 +92,6 @@ MODELS = {
     "cnn1d": ModelSpec("1-D CNN (radio)", ROOT / "models/cnn1d_radio.onnx", "models.cnn1d:cnn1d_radio",
                        ROOT / "models/cnn1d_radio.pt", ROOT / "models/radio.test.npz", radio_train),
 }
-
-# (row label, --criterion, uses the paired torch model)
-CRITERIA = [
-    ("damage (default)", "damage", False),
-    ("damage, --repair none (plain bypass, the default before repair)", "damage", False),
-    ("damage-fast", "damage-fast", False),
-    ("sglp", "sglp", True),
-    ("sglp (no torch: 1-CKA importance)", "sglp", False),
-    ("gradnorm", "gradnorm", True),
-    ("cka-removal", "cka-removal", False),
-    ("block-influence", "block-influence", False),
-    ("last", "last", False),
-    ("random", "random", False),
-]
 
 
 def onnx_accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
@@ -205,14 +190,6 @@ class Healer:
                   batch_size=FT_BATCH, seed=0, teacher_logits=self.teacher_logits)
             self.cache[key] = (time.perf_counter() - start, torch_accuracy(student, *self.test))
         return self.cache[key]
-
-
-REPAIR = "full"
-
-
-def repair_of(label: str) -> str:
-    """The --repair of a row: the default's, except the row that shows the plain bypass."""
-    return "none" if "--repair none" in label else REPAIR
 
 
 def run_model(key: str, *, epochs: int, lr: float, log) -> dict:
@@ -473,7 +450,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet56,resnet110,vit,cnn1d", help="comma-separated: " + ",".join(MODELS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "quality.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.md")
     parser.add_argument("--choose-lr", action="store_true", help="run the learning-rate selection and exit")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     args = parser.parse_args()

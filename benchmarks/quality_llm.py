@@ -30,24 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import CRITERIA, MODELS_DIR, REPAIR, RESULTS_DIR, ROOT, describe, repair_of  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
-from benchmarks.quality import CRITERIA, REPAIR, repair_of  # noqa: E402  (the same rows as the CNN tables)
-from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
-from sglp_onnx.evidence.metrics import measure  # noqa: E402
-from sglp_onnx.graph.runtime import make_session  # noqa: E402
-from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx.files import CalibrationSet  # noqa: E402
+from sglp_onnx.evidence import measure  # noqa: E402
+from sglp_onnx.graph import make_session  # noqa: E402
+from sglp_onnx.surgery import remove_units  # noqa: E402
 from sglp_onnx.repair import repaired_pruned  # noqa: E402
 
 BEGIN, END = "<!-- llm:begin -->", "<!-- llm:end -->"
-MODEL_DIR = ROOT / "models" / "tinyllama_pydoc"
-ONNX = ROOT / "models" / "tinyllama_pydoc.onnx"
-TEST = ROOT / "models" / "pydoc.test.npz"
-RESULTS = ROOT / "benchmarks" / "results"
+MODEL_DIR = MODELS_DIR / "tinyllama_pydoc"
+ONNX = MODELS_DIR / "tinyllama_pydoc.onnx"
+TEST = MODELS_DIR / "pydoc.test.npz"
 FRACTIONS = (0.25, 0.375)  # of the decoder layers
 RANDOM_SEEDS = 3
 CALIB_BATCH = 16
@@ -94,7 +91,7 @@ class Healer:
     def __init__(self, test: dict[str, np.ndarray], log) -> None:
         from models.pydoc_text import fixed_windows, token_stream
         from sglp_onnx.tools.finetune import teacher_outputs
-        from sglp_onnx.paired.hf_model import load_hf_model
+        from sglp_onnx.paired import load_hf_model
 
         windows = fixed_windows(token_stream("train"), test["input_ids"].shape[1])
         pick = np.sort(np.random.default_rng(0).choice(len(windows), size=FT_WINDOWS, replace=False))
@@ -292,7 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning columns")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
-    parser.add_argument("--output", type=Path, default=RESULTS / "quality.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.md")
     args = parser.parse_args()
 
     def log(message: str) -> None:
@@ -309,7 +306,7 @@ def main() -> None:
                      missing=f"{missing} not found" if missing else None)
     write_section(args.output, section)
     if result is not None:
-        (RESULTS / "quality_llm.json").write_text(json.dumps(result, indent=1, default=float))
+        (RESULTS_DIR / "quality_llm.json").write_text(json.dumps(result, indent=1, default=float))
     print(section)
 
 

@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # run as a script
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from benchmarks.large_model import build as build_mlp  # noqa: E402
-from benchmarks.large_model import floor_sentence, run_in, stage_cells  # noqa: E402
+from benchmarks.mlp_model import build as build_mlp  # noqa: E402
+from benchmarks.measured_compress import floor_sentence, run_in, stage_cells  # noqa: E402
 
 SECTIONS = ("resnet50", "mlp", "llm")
 BATCH_SIZE = 64  # the CLI's default
@@ -245,7 +245,7 @@ def main() -> None:
         print(json.dumps(built))
         return
 
-    from benchmarks.machine import describe, publish
+    from benchmarks.common import describe, publish
 
     started = time.perf_counter()
     sections = {}

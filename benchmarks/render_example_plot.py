@@ -17,12 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, ROOT  # noqa: E402
 
 from sglp_onnx import compress  # noqa: E402
 
-DEFAULT_MODEL = ROOT / "models" / "resnet56_digits.onnx"
+DEFAULT_MODEL = MODELS_DIR / "resnet56_digits.onnx"
 DEFAULT_FACTORY = "models.resnet_cifar:resnet56_digits"
 
 

@@ -22,16 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.machine import describe, publish  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, ROOT, describe, publish  # noqa: E402
 
 BEFORE_REPAIR = "fa544c5"  # the last commit whose default did not repair
 REPEATS = 3
 MODELS = {
-    "ResNet-56 (digits), --ratio 0.5": (ROOT / "models" / "resnet56_digits.onnx", ["--ratio", "0.5"]),
-    "tiny Llama, --remove 2": (ROOT / "models" / "tinyllama_pydoc.onnx", ["--remove", "2", "--batch-size", "16"]),
+    "ResNet-56 (digits), --ratio 0.5": (MODELS_DIR / "resnet56_digits.onnx", ["--ratio", "0.5"]),
+    "tiny Llama, --remove 2": (MODELS_DIR / "tinyllama_pydoc.onnx", ["--remove", "2", "--batch-size", "16"]),
 }
 
 
@@ -72,7 +70,7 @@ def main() -> None:
              "Command: `python benchmarks/repair_cost.py` (part of `make bench`). " + __doc__.split("\n\n")[2]
              .replace("\n", " "), "", "| model | variant | median wall time (s) | / default before repair |",
              "|---|---|---:|---:|", *rows]
-    publish(lines, ROOT / "benchmarks" / "results" / "repair_cost.md")
+    publish(lines, RESULTS_DIR / "repair_cost.md")
 
 
 if __name__ == "__main__":

@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, describe, publish  # noqa: E402
 
-from benchmarks.machine import describe, publish  # noqa: E402
 from sglp_onnx import repair  # noqa: E402
-from sglp_onnx.evidence.metrics import measure  # noqa: E402
-from sglp_onnx.files.calibration import CalibrationSet  # noqa: E402
-from sglp_onnx.graph.runtime import set_threads  # noqa: E402
+from sglp_onnx.evidence import measure  # noqa: E402
+from sglp_onnx.files import CalibrationSet  # noqa: E402
+from sglp_onnx.graph import set_threads  # noqa: E402
 from sglp_onnx.pipeline import analyze, compress  # noqa: E402
-from sglp_onnx.surgery.remove import remove_units  # noqa: E402
+from sglp_onnx.surgery import remove_units  # noqa: E402
 
 MODELS = {"ResNet-56 (digits)": ("resnet56_digits", "digits"), "ResNet-110 (digits)": ("resnet110_digits", "digits"),
           "1-D CNN (radio)": ("cnn1d_radio", "radio")}
@@ -47,8 +46,8 @@ def main() -> None:
                  "\n\n")[1].replace("\n", " "), "", header, "|---|---:|---:|" + "---:|" * (len(VARIANTS) + 2)]
     with __import__("tempfile").TemporaryDirectory() as tmp:
         for label, (stem, data) in MODELS.items():
-            path = ROOT / "models" / f"{stem}.onnx"
-            test = np.load(ROOT / "models" / f"{data}.test.npz")
+            path = MODELS_DIR / f"{stem}.onnx"
+            test = np.load(MODELS_DIR / f"{data}.test.npz")
             dataset = CalibrationSet(inputs={"input": test["input"]}, labels=test["labels"])
 
             def accuracy(model) -> str:
@@ -71,7 +70,7 @@ def main() -> None:
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
     lines += ["", "Seconds in brackets: the fit alone (its passes over the selection samples)."]
-    publish(lines, ROOT / "benchmarks" / "results" / "repair_forms.md")
+    publish(lines, RESULTS_DIR / "repair_forms.md")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, ROOT, describe, publish  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 
-from benchmarks.machine import describe, publish  # noqa: E402
-from sglp_onnx.selection.criteria import REGISTRY  # noqa: E402
+from sglp_onnx.selection import REGISTRY  # noqa: E402
 from sglp_onnx.pipeline import compress  # noqa: E402
 
 # name, paired torch factory, weights (None: the factory loads them)
@@ -71,7 +70,7 @@ def run_once(name: str, criterion: str, ratio: float, folder: Path) -> dict:
         options.update(torch_model=factory, torch_weights=None if weights is None else str(ROOT / weights))
     with OrtSampleCounter() as counter:
         start, start_cpu = time.perf_counter(), time.process_time()
-        result = compress(ROOT / "models" / f"{name}.onnx", folder / f"{name}.{criterion}.onnx", force=True,
+        result = compress(MODELS_DIR / f"{name}.onnx", folder / f"{name}.{criterion}.onnx", force=True,
                           **options)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     passes = dict(result.selection.passes)
@@ -97,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per model and criterion (median)")
     parser.add_argument("--ratio", type=float, default=0.3, help="fraction of units to remove")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(CASES))
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "speed.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "speed.md")
     args = parser.parse_args()
 
     load_start = os.getloadavg()[0]
@@ -106,7 +105,7 @@ def main() -> None:
     rows, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            if not (ROOT / "models" / f"{name}.onnx").is_file():
+            if not (MODELS_DIR / f"{name}.onnx").is_file():
                 missing.append(name)
                 continue
             # Warm-up: imports and the first torch/ONNX Runtime calls are not what is compared.

@@ -29,15 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.machine import describe, publish  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, ROOT, describe, publish  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))
-MODEL = ROOT / "models" / "resnet56_digits.onnx"
+MODEL = MODELS_DIR / "resnet56_digits.onnx"
 PAIRED = ["--torch-model", "models.resnet_cifar:resnet56_digits",
-          "--torch-weights", str(ROOT / "models" / "resnet56_digits.pt")]
+          "--torch-weights", str(MODELS_DIR / "resnet56_digits.pt")]
 HEAVY = ("torch", "transformers", "matplotlib")
 LIMIT_SECONDS = 1.5
 GRADNORM_TOLERANCE = 0.20
@@ -77,7 +75,7 @@ def gradnorm_seconds(out: Path, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "startup.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "startup.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r56.pruned.onnx"

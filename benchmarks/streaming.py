@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "cnn1d_radio.onnx"
-CALIB = ROOT / "models" / "cnn1d_radio.calib.npz"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.common import MODELS_DIR, RESULTS_DIR, ROOT, describe, publish, run_child  # noqa: E402
+
+MODEL = MODELS_DIR / "cnn1d_radio.onnx"
+CALIB = MODELS_DIR / "cnn1d_radio.calib.npz"
 TORCH_MODEL = "models.cnn1d:cnn1d_radio"
-TORCH_WEIGHTS = ROOT / "models" / "cnn1d_radio.pt"
+TORCH_WEIGHTS = MODELS_DIR / "cnn1d_radio.pt"
 
 
 def measure(samples: int, *, batch_size: int, torch_model: bool, sequential: bool = False) -> dict:
@@ -83,10 +84,10 @@ def measure_in_subprocess(samples: int, *, batch_size: int, torch_model: bool, s
         command.append("--torch-model")
     if sequential:
         command.append("--sequential")
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {samples} samples failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child(command, cwd=ROOT)
+    if "failed" in result:
+        raise RuntimeError(f"measuring {samples} samples failed:\n{result['stderr']}")
+    return result
 
 
 def main() -> None:
@@ -97,15 +98,12 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="calibrate piece by piece (--sequential)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "streaming.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "streaming.md")
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(measure(args.child, batch_size=args.batch_size, torch_model=args.torch_model,
                                  sequential=args.sequential)))
         return
-
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.machine import describe, publish
 
     rows = []
     for torch_model in (False, True):

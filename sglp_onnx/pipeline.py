@@ -18,12 +18,11 @@ from typing import Sequence
 import onnx
 
 from .errors import InternalError, UserError, ValidationError
-from .evidence.activations import probe_shapes
 from .files.calibration import CalibrationSet, load_calibration, sidecar_path, synthetic_calibration
 from .files.model_files import (atomic_paths, beside, check_name_length, check_output_path, external_bytes,
                                 external_data_folder, files_size, load_model_files, model_files_for, proto_size,
                                 refuse_inputs, write_model_files)
-from .graph.flops import model_params, node_flops, tensors_needed
+from .graph.flops import model_params
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
 from .progress import PAUSE_ENV, Progress, pause_point, stage  # noqa: F401 (PAUSE_ENV: the tests' hook)
@@ -36,11 +35,10 @@ from .surgery.kv_cache import (genai_config_source, genai_config_target, genai_s
                                renumber_kept_cache, updated_genai_config)
 from .surgery.remove import dropped_weight_inputs, remove_units
 from .surgery.validation import validate
-from .units.discovery import PrunableUnit, find_units, probe_targets, with_flops
+from .units.discovery import PrunableUnit, discover
 from .units.patterns import finish as finish_patterns
 from .units.patterns import prepare as prepare_patterns
 
-PROBE_SAMPLES = 2
 # FLOPs fractions `analyze` suggests removal sets for.
 DEFAULT_SUGGESTIONS = (0.10, 0.25, 0.50)
 
@@ -162,26 +160,6 @@ def _load_calibration(model_path: Path, model: onnx.ModelProto, calib: str | Non
     return synthetic_calibration(model, seed=seed)
 
 
-def _discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
-              timings: dict[str, float], sequential: bool = False,
-              progress: Progress | None = None) -> tuple[list[PrunableUnit], int]:
-    with _timed(timings, "discovery", progress):
-        names = probe_targets(model) + tensors_needed(model)
-        feed = calib.first(PROBE_SAMPLES)
-        n_probe = next(iter(feed.values())).shape[0]
-        if sequential:
-            from .evidence.sequential import probe_shapes_sequential
-
-            shapes, dtypes = probe_shapes_sequential(model, feed, names, provider=provider)
-        else:
-            shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
-        units = find_units(model, granularity=granularity, shapes=shapes, dtypes=dtypes)
-        # The probe ran on n_probe samples; FLOPs are reported per sample.
-        per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}
-        units = with_flops(units, per_node)
-    return units, sum(per_node.values())
-
-
 def pair_units_of(model_path: str | os.PathLike, module, arrays: dict, *, granularity: str,
                   provider: str = "cpu") -> dict:
     """The pairing record (a report's `pairing`) of the units of the model at
@@ -194,7 +172,7 @@ def pair_units_of(model_path: str | os.PathLike, module, arrays: dict, *, granul
         source_model, _ = load_model_files(model_path, defer=True)
         model, _ = prepare_patterns(source_model)
         data = check_calibration(arrays, model, source=f"the data checked against {model_path}")
-        units, _ = _discover(model, data, granularity=granularity, provider=provider, timings={})
+        units, _ = discover(model, data, granularity=granularity, provider=provider)
         if not units:
             raise UserError(f"no prunable unit in {model_path}, the model the report was made from")
         check_empty_cache(data, cache_inputs(model, units))
@@ -279,8 +257,9 @@ def _analyze(
 
             output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
     with data.explained("--calib"):  # the first run on the data: guessed sizes fail here
-        units, total_flops = _discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                       timings=timings, sequential=opts.sequential, progress=progress)
+        with _timed(timings, "discovery", progress):
+            units, total_flops = discover(model, data, granularity=opts.granularity, provider=opts.provider,
+                                          sequential=opts.sequential)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "

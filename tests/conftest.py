@@ -12,7 +12,7 @@ import pytest
 # none unless a test asks (test_analyze's progress-line test sets it to 0).
 os.environ["SGLP_ONNX_PROGRESS_SECONDS"] = "1e9"
 
-from test_bad_input import Workspace
+from cli_runs import Workspace
 from tiny_graphs import write_model_and_calibration
 
 

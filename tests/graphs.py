@@ -397,6 +397,18 @@ def example_input(name: str, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *TINY_MODELS[name][1])).astype(np.float32)
 
 
+def write_exported(folder: Path, name: str = "resnet", exporter: str = "legacy", n: int = 12) -> Path:
+    """A copy of the export of `name` as folder/model.onnx, with its sidecar
+    model.calib.npz (`n` samples, with labels); returns the model's path."""
+    import shutil
+
+    _, path = exported(name, exporter)
+    model = folder / "model.onnx"
+    shutil.copy(path, model)
+    np.savez(folder / "model.calib.npz", input=example_input(name, n, seed=3), labels=np.arange(n) % 4)
+    return model
+
+
 def discover(model: onnx.ModelProto, feed: dict[str, np.ndarray] | np.ndarray, *, granularity: str = "layer"):
     """Units as the pipeline finds them: with shapes probed on one batch."""
     from sglp_onnx.evidence.activations import probe_shapes

@@ -3,6 +3,8 @@ mirrors the commands, `--version`, and examples in every command's help."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 
@@ -40,6 +42,32 @@ def test_functions_stay_functions_after_their_modules_are_imported():
 
     assert callable(sglp_onnx.evaluate) and sglp_onnx.evaluate.__name__ == "evaluate"
     assert callable(sglp_onnx.bench) and sglp_onnx.bench.__name__ == "bench"
+
+
+# The stage folders; each __init__ re-exports what other folders may use.
+STAGES = ("files", "graph", "units", "surgery", "evidence", "selection", "paired", "report", "repair", "tools")
+
+
+def test_a_stage_face_costs_nothing_to_import():
+    code = (f"import sys; import {', '.join('sglp_onnx.' + s for s in STAGES)}; "
+            f"print([[m for m in {HEAVY!r} if m in sys.modules], "
+            "sorted(m for m in sys.modules if m.startswith('sglp_onnx.'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([[], sorted({"sglp_onnx.errors", "sglp_onnx.lazy", *(f"sglp_onnx.{s}" for s in STAGES)})])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_face_gives_every_name_it_lists(stage):
+    face = importlib.import_module(f"sglp_onnx.{stage}")
+    modules = {m.name for m in pkgutil.iter_modules(face.__path__)}
+    assert face.__all__ and len(set(face.__all__)) == len(face.__all__)
+    for name in face.__all__:
+        # A name that is also a module's would be replaced by the module once that is imported.
+        assert name not in modules, f"sglp_onnx.{stage}.{name} is also a module"
+        assert getattr(face, name) is getattr(face, name)
+    assert set(face.__all__) <= set(dir(face))
+    with pytest.raises(AttributeError, match=f"sglp_onnx.{stage}' has no attribute 'nothing'"):
+        face.nothing  # noqa: B018
 
 
 def test_unknown_attribute_is_an_attribute_error():

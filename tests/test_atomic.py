@@ -4,12 +4,8 @@ stage leaves no output, report, plot or temporary file, and the input as it was.
 from __future__ import annotations
 
 import os
-import re
-import select
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,37 +16,15 @@ import pytest
 import sglp_onnx.files.model_files as model_files
 import sglp_onnx.pipeline as pipeline
 from sglp_onnx.cli import main
-from sglp_onnx.files.model_files import _interrupts_deferred, atomic_paths, load_model
-from test_bad_input import snapshot
+from sglp_onnx.files.model_files import atomic_paths, interrupts_deferred, load_model
+from cli_runs import CLI, HANG_GUARD, read_until, snapshot
 from tiny_graphs import write_model_and_calibration
-
-CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 
 
 @pytest.fixture
 def work(tmp_path: Path):
     model, calib = write_model_and_calibration(tmp_path)
     return tmp_path, model
-
-
-# Waits end on what the run prints, never on the clock: this bound only stops
-# a hung run, and the pauses (SGLP_ONNX_PAUSE_AT) last as long.
-HANG_GUARD = 600
-
-
-def _read_until(proc: subprocess.Popen, needle: bytes, timeout: float = HANG_GUARD) -> bytes:
-    """stderr of `proc` up to a match of the regex `needle` (tqdm writes no newlines, so read raw)."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    fd = proc.stderr.fileno()
-    while not re.search(needle, seen):
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.poll() is not None:
-            raise AssertionError(f"never saw {needle!r}; stderr so far: {seen.decode(errors='replace')}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            seen += os.read(fd, 65536)
-    return seen
 
 
 def _interrupt(proc: subprocess.Popen, signum: int, seen: bytes) -> tuple[int, str]:
@@ -113,7 +87,7 @@ def test_interrupt_at_each_stage_leaves_nothing(work, point, signame):
     root, model = work
     before = snapshot(root)
     proc = _start(root, model, "--ratio", "0.5", env={pipeline.PAUSE_ENV: f"{point}:{HANG_GUARD}"})
-    seen = _read_until(proc, f"paused at {point}".encode())
+    seen = read_until(proc, f"paused at {point}".encode())
     code, err = _interrupt(proc, signum, seen)
     assert code == EXIT_FOR[signum], err
     assert f"interrupted ({signal.Signals(signum).name}); nothing was written" in err
@@ -128,7 +102,7 @@ def test_interrupted_forced_run_keeps_the_old_files(work):
         (root / name).write_bytes(b"old " + name.encode())
     before = snapshot(root)
     proc = _start(root, model, "--ratio", "0.5", "--force", env={pipeline.PAUSE_ENV: f"rename:{HANG_GUARD}"})
-    seen = _read_until(proc, rb"paused at rename")
+    seen = read_until(proc, rb"paused at rename")
     code, err = _interrupt(proc, signal.SIGTERM, seen)
     assert code == 143, err
     _assert_nothing_written(root, before)
@@ -145,7 +119,7 @@ def test_interrupt_in_the_middle_of_calibration(work, signame):
     before = snapshot(root)
     proc = _start(root, model, "--calib", str(root / "big.npz"), "--batch-size", "4", "--ratio", "0.5",
                   verbose=True, env={pipeline.PAUSE_ENV: f"calibration:{HANG_GUARD}"})
-    seen = _read_until(proc, rb"paused at calibration")
+    seen = read_until(proc, rb"paused at calibration")
     code, err = _interrupt(proc, signum, seen)
     assert code == EXIT_FOR[signum], err
     assert "nothing was written" in err and "Traceback" not in err
@@ -266,7 +240,7 @@ def test_deferred_interrupt_restores_the_handlers():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     ran_to_the_end = False
     with pytest.raises(KeyboardInterrupt):
-        with _interrupts_deferred():
+        with interrupts_deferred():
             signal.raise_signal(signal.SIGINT)  # to this thread: no wait for its delivery
             ran_to_the_end = True
     assert ran_to_the_end

@@ -3,12 +3,10 @@ wrong and what to do, no traceback, nothing written, the input untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,56 +15,10 @@ import pytest
 import torch
 
 from sglp_onnx.cli import main
+from cli_runs import CLI, Workspace, assert_refused, compress_args, run_main, snapshot
 from tiny_graphs import calibration, plain_mlp
 
-CLI = str(Path(sys.executable).with_name("sglp-onnx"))
 N_UNITS = 4  # the residual MLP of tiny_graphs has four blocks
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under `root` (bytecode caches aside) with a hash of its bytes."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
-@dataclass
-class Workspace:
-    root: Path
-    model: Path
-    calib: Path
-    out: Path  # an existing, empty, writable output folder
-
-    @property
-    def output(self) -> Path:
-        return self.out / "pruned.onnx"
-
-
-def assert_refused(ws: Workspace, code: int, err: str, before: dict[str, str], *, says: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert 1 <= len(lines) <= 2, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "internal error" not in err, err
-    assert says.lower() in err.lower(), err
-    after = snapshot(ws.root)
-    assert after == before, f"files changed: {set(after) ^ set(before)}"
-    assert not list(ws.root.rglob(".*.tmp"))
-
-
-def run_main(ws: Workspace, capsys, argv: list[str], *, says: str) -> str:
-    before = snapshot(ws.root)
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert_refused(ws, code, err, before, says=says)
-    return err
-
-
-def compress_args(ws: Workspace, *extra: str, model: Path | None = None) -> list[str]:
-    return ["compress", str(model or ws.model), "-o", str(ws.output), *extra]
 
 
 # -- the model file ---------------------------------------------------------------------------------------------

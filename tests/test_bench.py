@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sglp_onnx.tools.bench import BenchResult, _interleaved, bench, format_results
+from sglp_onnx.tools.bench import BenchResult, bench, format_results, time_interleaved
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from tiny_graphs import calibration, residual_mlp, write_model_and_calibration
@@ -52,7 +52,7 @@ def test_results_per_model_and_batch_size_with_ratios_to_the_first(two_models):
 def test_interleaving_alternates_and_rotates_the_first_model():
     calls: list[str] = []
     runners = [lambda name=name: calls.append(name) for name in "abc"]
-    times, cpu_times = _interleaved(runners, runs=3, warmup=2)
+    times, cpu_times = time_interleaved(runners, runs=3, warmup=2)
     assert calls[:6] == list("aabbcc")  # warm-up: each model on its own
     assert calls[6:] == list("abc" "bca" "cab")
     assert [len(t) for t in times] == [len(t) for t in cpu_times] == [3, 3, 3]

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from sglp_onnx.cli import main
-from test_bad_input import CLI, snapshot
+from cli_runs import CLI, snapshot
 
 PIL = pytest.importorskip("PIL")
 tokenizers = pytest.importorskip("tokenizers")

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sglp_onnx.cli import main
-from test_bad_input import Workspace, run_main
+from cli_runs import Workspace, run_main
 from tiny_graphs import calibration, make_model, residual_mlp
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +10,10 @@ import onnx
 import pytest
 import torch
 
-from graphs import TinyResNet, example_input, exported, rewire, run, seeded, signature
+from graphs import TinyResNet, example_input, exported, rewire, run, seeded, signature, write_exported
 from sglp_onnx.cli import main
 
 UNIT_FIELDS = {"name", "scope", "entry", "exit", "params", "flops", "segment", "importance", "removed"}
-
-
-def _stage(tmp_path: Path, name: str = "resnet", exporter: str = "legacy", n: int = 12) -> Path:
-    """model.onnx and its sidecar model.calib.npz (with labels) in tmp_path."""
-    _, path = exported(name, exporter)
-    model = tmp_path / "model.onnx"
-    shutil.copy(path, model)
-    np.savez(tmp_path / "model.calib.npz", input=example_input(name, n, seed=3), labels=np.arange(n) % 4)
-    return model
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
@@ -46,7 +36,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize(("name", "exporter"), [("resnet", "legacy"), ("transformer", "dynamo")])
 def test_remove_zero_writes_a_model_with_exactly_the_same_outputs(tmp_path, capsys, name, exporter):
-    model = _stage(tmp_path, name, exporter)
+    model = write_exported(tmp_path, name, exporter)
     code, out, err = _cli(capsys, "compress", model, "--remove", 0)
     assert code == 0, err
     pruned = tmp_path / "model.pruned.onnx"
@@ -61,7 +51,7 @@ def test_remove_zero_writes_a_model_with_exactly_the_same_outputs(tmp_path, caps
 
 
 def test_report_fields_and_numbers(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     code, out, err = _cli(capsys, "compress", model, "--remove", 2, "--criterion", "sglp")
     assert code == 0, err
     assert "removed 2 of 5 units" in out
@@ -120,7 +110,7 @@ SELECTIONS = [
 @pytest.mark.parametrize(("name", "exporter", "args"), SELECTIONS,
                          ids=[f"{n}-{e}-{'-'.join(a[1::2])}" for n, e, a in SELECTIONS])
 def test_output_equals_independent_rewiring_of_the_reported_units(tmp_path, capsys, name, exporter, args):
-    model = _stage(tmp_path, name, exporter)
+    model = write_exported(tmp_path, name, exporter)
     # The plain bypass (repaired models: test_repair.py).
     code, _, err = _cli(capsys, "-q", "compress", model, *args, "--repair", "none")
     assert code == 0, err
@@ -136,7 +126,7 @@ def test_output_equals_independent_rewiring_of_the_reported_units(tmp_path, caps
 
 
 def test_existing_output_is_not_overwritten_without_force(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     assert _cli(capsys, "compress", model, "--criterion", "last", "--remove", 1)[0] == 0
     pruned, report = tmp_path / "model.pruned.onnx", tmp_path / "model.pruned.json"
     before = pruned.read_bytes(), report.read_bytes()
@@ -150,7 +140,7 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path, capsys):
 
 
 def test_explicit_output_and_report_paths(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     out, rep = tmp_path / "small.onnx", tmp_path / "r" / "rep.json"
     rep.parent.mkdir()
     code, stdout, _ = _cli(capsys, "compress", model, "-o", out, "--report", rep, "--criterion", "last",
@@ -163,7 +153,7 @@ def test_explicit_output_and_report_paths(tmp_path, capsys):
 
 
 def test_analyze_writes_nothing(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     code, out, _ = _cli(capsys, "analyze", model, "--remove", 2, "--json")
     assert code == 0
     report = json.loads(out)
@@ -172,7 +162,7 @@ def test_analyze_writes_nothing(tmp_path, capsys):
 
 
 def test_paired_torch_model_gives_gradnorm(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     weights = tmp_path / "w.pt"
     torch.save(exported("resnet", "legacy")[0].state_dict(), weights)
     code, _, err = _cli(capsys, "compress", model, "--remove", 2, "--criterion", "sglp", "--torch-model", "graphs:tiny_resnet",
@@ -186,7 +176,7 @@ def test_paired_torch_model_gives_gradnorm(tmp_path, capsys):
 
 
 def test_paired_model_with_other_weights_is_refused(tmp_path, capsys):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     weights = tmp_path / "other.pt"
     torch.save(seeded(TinyResNet, seed=1).state_dict(), weights)
     code, _, err = _cli(capsys, "compress", model, "--remove", 2, "--torch-model", "graphs:tiny_resnet",
@@ -203,7 +193,7 @@ def test_paired_model_with_other_weights_is_refused(tmp_path, capsys):
     (["--segments", "5", "--remove", "1"], "segments"),
 ])
 def test_bad_requests_exit_2_and_write_nothing(tmp_path, capsys, args, message):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     code, _, err = _cli(capsys, "compress", model, *args)
     assert code == 2
     assert message in _one_error_line(err)

@@ -1,6 +1,8 @@
 """The conventions users bring from onnxsim, onnxslim, optimum-cli and polygraphy,
 through the real CLI: --dry-run, several models with -O DIR, --log-level; and
-one convention for segments and unit labels everywhere."""
+one convention for segments and unit labels everywhere. Last, the code's own:
+tests and benchmarks use no private name of the package and import no other
+test module or benchmark."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import pytest
 
 from sglp_onnx.cli import main
 from sglp_onnx.report.summary import segments_line, validate_report
-from test_bad_input import run_main, snapshot
-from test_plots import panels
+from cli_runs import run_main, snapshot
+from figures import panels
 from tiny_graphs import write_model_and_calibration
 
 
@@ -303,3 +305,131 @@ def test_the_report_names_its_input_by_absolute_path(ws, capsys, monkeypatch):
     monkeypatch.chdir(ws.model.parent)
     assert main(["compress", ws.model.name, "-o", str(ws.output), "--remove", "1", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input"] == str(ws.model.resolve())
+
+
+# -- the code's own conventions: tests and benchmarks use the package's public names ------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARK_MODULES = {"common", "measured_compress", "mlp_model"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(source: str) -> list[str]:
+    """Where `source` reaches a `_`-prefixed name of sglp_onnx: imports it
+    (`from sglp_onnx.x import _y`, `import sglp_onnx._x`), reads or assigns it
+    on a name bound to the package (`module._y`, `setattr(module, "_y", ...)`),
+    or names it in a dotted string (`monkeypatch.setattr("sglp_onnx.x._y", ...)`)."""
+    import ast
+
+    tree = ast.parse(source)
+    found: list[str] = []
+    bound: set[str] = set()  # local names for sglp_onnx modules and objects
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "sglp_onnx":
+                    if any(_private(part) for part in alias.name.split(".")):
+                        found.append(f"line {node.lineno}: import {alias.name}")
+                    bound.add(alias.asname or "sglp_onnx")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] == "sglp_onnx":
+                if any(_private(part) for part in node.module.split(".")):
+                    found.append(f"line {node.lineno}: from {node.module} import ...")
+                for alias in node.names:
+                    if _private(alias.name):
+                        found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+                    bound.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            target, name = node.args[0], node.args[1]
+            if (func in ("setattr", "getattr", "delattr", "hasattr") and isinstance(name, ast.Constant)
+                    and isinstance(name.value, str) and _private(name.value)):
+                while isinstance(target, ast.Attribute):
+                    target = target.value
+                if isinstance(target, ast.Name) and target.id in bound:
+                    found.append(f"line {node.lineno}: {ast.unparse(node.func)}(..., {name.value!r})")
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("sglp_onnx.")
+                and any(_private(part) for part in node.value.split("."))):
+            found.append(f"line {node.lineno}: {node.value!r}")
+    return found
+
+
+def sibling_imports(source: str, *, folder: str) -> list[str]:
+    """Imports of another test module (tests/) or of another benchmark's
+    internals (benchmarks/, beyond the modules they share)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if folder == "tests" and any(part.startswith("test_") for part in parts[:2]):
+                found.append(f"line {node.lineno}: {name}")
+            if folder == "benchmarks" and parts[0] == "benchmarks" and len(parts) > 1 \
+                    and parts[1] not in SHARED_BENCHMARK_MODULES:
+                found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+def _code_files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_the_private_name_finder_sees_every_form():
+    bad = '''
+import sglp_onnx.pipeline as pipeline
+import sglp_onnx._hidden
+from sglp_onnx.files.model_files import _interrupts_deferred, load_model
+from sglp_onnx.graph import flops
+pipeline._timed = None
+flops._count(1)
+load_model._cache
+monkeypatch.setattr(pipeline, "_validation_reference", None)
+monkeypatch.setattr("sglp_onnx.pipeline._discover", None)
+'''
+    found = private_uses(bad)
+    assert len(found) == 7, found
+    for name in ("_hidden", "_interrupts_deferred", "pipeline._timed", "flops._count", "load_model._cache",
+                 "'_validation_reference'", "pipeline._discover"):
+        assert any(name in line for line in found), name
+    fine = '''
+import sglp_onnx
+from sglp_onnx import compress
+import numpy as np
+sglp_onnx.__version__, compress.__doc__, np._NoValue, "sglp_onnx.pipeline.to_json"
+'''
+    assert private_uses(fine) == []
+    assert sibling_imports("from test_bad_input import snapshot\nimport tests.test_x", folder="tests") == [
+        "line 1: test_bad_input", "line 2: tests.test_x"]
+    assert sibling_imports("from benchmarks.large_model import run_in\nfrom benchmarks.common import ROOT",
+                           folder="benchmarks") == ["line 1: benchmarks.large_model"]
+
+
+@pytest.mark.parametrize("folder", ["tests", "benchmarks"])
+def test_tests_and_benchmarks_use_no_private_name_of_the_package(folder):
+    found = {str(p.relative_to(ROOT)): uses for p in _code_files(folder) if (uses := private_uses(p.read_text()))}
+    assert not found, f"a `_` name of sglp_onnx is used; make it public or use the public API: {found}"
+
+
+@pytest.mark.parametrize("folder", ["tests", "benchmarks"])
+def test_no_test_module_imports_another_and_no_benchmark_another_benchmark(folder):
+    found = {str(p.relative_to(ROOT)): uses for p in _code_files(folder)
+             if (uses := sibling_imports(p.read_text(), folder=folder))}
+    assert not found, ("shared test helpers go in conftest.py or a helper module (graphs.py, cli_runs.py, ...); "
+                       f"shared benchmark code in benchmarks/common.py: {found}")

@@ -117,7 +117,7 @@ def test_demo_model_default_compress_then_finetune_with_json_redirected(tmp_path
     the shell's ft.json is the report's default path, which must not be refused as existing."""
     import subprocess
 
-    from test_bad_input import CLI
+    from cli_runs import CLI
 
     root = Path(__file__).resolve().parent.parent
     pruned = tmp_path / "r56.onnx"

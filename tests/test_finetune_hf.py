@@ -23,7 +23,7 @@ from sglp_onnx.tools.finetune import delete_layers, finetune, rename_cache_tenso
 from sglp_onnx.paired.hf_model import load_hf_model
 from sglp_onnx.pipeline import compress
 from sglp_onnx.graph.runtime import make_session
-from test_transformers import hf_greedy, onnx_greedy
+from tiny_transformers import hf_greedy, onnx_greedy
 
 VOCAB = 64
 LAYERS = 4

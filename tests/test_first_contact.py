@@ -20,11 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 import sglp_onnx.pipeline as pipeline
 import sglp_onnx.graph.runtime as runtime
 from sglp_onnx.progress import RESUME_ENV
-from graphs import exported
+from graphs import exported, write_exported
 from sglp_onnx.cli import main
-from test_atomic import _read_until
-from test_bad_input import CLI, assert_refused, compress_args, run_main, snapshot
-from test_cli_core import _stage
+from cli_runs import CLI, assert_refused, compress_args, read_until, run_main, snapshot
 from tiny_graphs import calibration, make_model, residual_mlp
 
 USER_CODE = '''
@@ -175,7 +173,7 @@ def test_a_file_that_appears_during_the_run_is_never_replaced(ws):
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", pipeline.PAUSE_ENV: "rename:600",
              RESUME_ENV: str(resume)},
     )
-    seen = _read_until(proc, b"paused at rename", timeout=600)
+    seen = read_until(proc, b"paused at rename", timeout=600)
     report.write_text("the other run's report")
     resume.touch()
     _, rest = proc.communicate(timeout=600)
@@ -199,7 +197,7 @@ def test_with_force_a_file_that_appeared_is_replaced(ws, capsys):
 
 
 def test_a_printing_factory_does_not_corrupt_json(tmp_path, capsys, user_code):
-    model = _stage(tmp_path)
+    model = write_exported(tmp_path)
     weights = tmp_path / "w.pt"
     torch.save(exported("resnet", "legacy")[0].state_dict(), weights)
     capsys.readouterr()
@@ -404,10 +402,11 @@ def test_json_into_the_default_report_path_is_not_refused(ws, capsys):
 
 
 @pytest.fixture
-def thread_setting(monkeypatch):
-    monkeypatch.setitem(runtime._settings, "threads", None)
+def thread_setting():
     torch_threads = torch.get_num_threads()
+    runtime.set_threads(None)
     yield
+    runtime.set_threads(None)  # --threads 3 must not reach the tests that follow
     torch.set_num_threads(torch_threads)
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sglp_onnx.files.calibration import CalibrationSet
 from sglp_onnx.graph.flops import node_flops, tensors_needed
-from sglp_onnx.pipeline import _discover
+from sglp_onnx.units import discover
 from sglp_onnx.evidence.activations import probe_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -153,12 +153,13 @@ def test_matmul_with_vector_on_the_right():
 
 
 def test_attention_counts_the_past_kv_cache():
-    from sglp_onnx.graph.flops import _count
-
     node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"])
     b, h, t, past, d = 1, 4, 1, 9, 8
-    flops = _count(node, [(b, h, t, d), (b, h, t, d), (b, h, t, d), None, (b, h, past, d), (b, h, past, d)],
-                   (b, h, t, d))
+    new, cached = (b, h, t, d), (b, h, past, d)
+    inputs = {"q": new, "k": new, "v": new, "pk": cached, "pv": cached}
+    model = one_node_model(node, {k: np.zeros(v, np.float32) for k, v in inputs.items()}, {}, opset=23)
+    # The shapes a probe would report, given directly (nothing runs).
+    flops = sum(node_flops(model, {**inputs, "y": new}).values())
     expected, _ = torch_flops(lambda: F.scaled_dot_product_attention(
         torch.zeros(b, h, t, d), torch.zeros(b, h, t + past, d), torch.zeros(b, h, t + past, d)))
     assert flops == expected
@@ -170,8 +171,7 @@ def assert_model_flops_match(onnx_model: onnx.ModelProto, feed: dict[str, np.nda
                              torch_model: nn.Module, torch_args: tuple, *, min_units: int) -> None:
     """Total FLOPs per sample, and each unit's FLOPs against the torch module it came from."""
     n = next(iter(feed.values())).shape[0]
-    units, total = _discover(onnx_model, CalibrationSet(inputs=feed), granularity="layer",
-                             provider="cpu", timings={})
+    units, total = discover(onnx_model, CalibrationSet(inputs=feed), granularity="layer", provider="cpu")
     expected_total, per_module = torch_flops(torch_model, *torch_args)
     assert total == pytest.approx(expected_total / n, rel=TOLERANCE)
     matched = 0

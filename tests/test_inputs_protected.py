@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sglp_onnx.cli import main
-from test_bad_input import Workspace, run_main, snapshot
+from cli_runs import Workspace, run_main, snapshot
 from tiny_graphs import residual_mlp
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from test_bad_input import Workspace, run_main
+from cli_runs import Workspace, run_main
 from tiny_graphs import residual_mlp
 
 CLI = str(Path(sys.executable).with_name("sglp-onnx"))

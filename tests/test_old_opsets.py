@@ -16,7 +16,7 @@ from sglp_onnx.pipeline import compress
 
 # The TorchScript exporter warns about every traced branch of the HF code.
 pytestmark = pytest.mark.filterwarnings("ignore")
-from test_transformers import CONFIGS, LAYERS, delete_layers, hf_logits, inputs_for, removed_layers, session
+from tiny_transformers import CONFIGS, LAYERS, delete_layers, hf_logits, inputs_for, removed_layers, session
 
 
 class _Logits(torch.nn.Module):

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from sglp_onnx.cli import main
 from sglp_onnx.files.model_files import name_max
-from test_bad_input import Workspace, run_main
+from cli_runs import Workspace, run_main
 from tiny_graphs import calibration, residual_mlp
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from figures import panels
 from radio_reports import analyze_report, compress_report
 from sglp_onnx.report.plots import GID_REMOVED_BAR, GID_REMOVED_COLS, GID_REMOVED_ROWS, plot_report
 
@@ -17,16 +18,6 @@ def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()[:24]
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
     return struct.unpack(">II", data[16:24])
-
-
-def panels(fig) -> dict[str, object]:
-    """Panel letter -> axes, from the '(a) ...' titles."""
-    found = {}
-    for ax in fig.axes:
-        title = ax.get_title(loc="left")
-        if title.startswith("("):
-            found[title[1]] = ax
-    return found
 
 
 def marker_count(ax, gid: str) -> int:

@@ -49,7 +49,7 @@ from torch import nn
 from graphs import plain_bypass
 
 from sglp_onnx import validate_report
-from test_transformers import delete_layers
+from tiny_transformers import delete_layers
 
 # The exporters warn about every traced branch of the HF code.
 pytestmark = pytest.mark.filterwarnings("ignore")

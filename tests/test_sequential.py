@@ -18,7 +18,7 @@ from sglp_onnx.files.calibration import CalibrationSet, load_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from sglp_onnx.evidence.calibration_pass import collect_evidence
-from sglp_onnx.pipeline import _discover
+from sglp_onnx.units import discover
 from sglp_onnx.evidence.activations import stream
 from sglp_onnx.evidence.sequential import split_at, stream_sequential
 from tiny_graphs import _weight, make_model, residual_mlp, write_model_and_calibration
@@ -134,14 +134,14 @@ def test_unsorted_graph_is_refused():
 def test_cnn1d_sequential_evidence_equals_one_shot():
     model = onnx.load(str(MODELS / "cnn1d_radio.onnx"))
     calib = load_calibration(MODELS / "cnn1d_radio.calib.npz", model, max_samples=96)
-    units, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={})
+    units, _ = discover(model, calib, granularity="layer", provider="cpu")
     one = collect_evidence(model, calib, units, batch_size=32)
     seq = collect_evidence(model, calib, units, batch_size=32, sequential=True)
     assert seq.n_samples == one.n_samples == 96 and seq.batches == one.batches == 3
     np.testing.assert_allclose(seq.cka, one.cka, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(seq.entry_exit_cka, one.entry_exit_cka, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(seq.block_influence, one.block_influence, rtol=1e-6, atol=1e-9)
-    units_seq, _ = _discover(model, calib, granularity="layer", provider="cpu", timings={}, sequential=True)
+    units_seq, _ = discover(model, calib, granularity="layer", provider="cpu", sequential=True)
     assert [(u.entry, u.exit, u.flops) for u in units_seq] == [(u.entry, u.exit, u.flops) for u in units]
 
 
@@ -198,9 +198,12 @@ def test_validation_compares_with_the_calibration_pass_outputs(tmp_path, monkeyp
 
     import sglp_onnx.pipeline as pipeline
 
+    def without_reference(*args, reference=None, **kwargs):  # validation runs the original itself, as before
+        return validation.validate(*args, **kwargs)
+
     model, _ = write_model_and_calibration(tmp_path, n_blocks=5, n_samples=24)
-    with monkeypatch.context() as patch:  # the reference from a session on the original, as before
-        patch.setattr(pipeline, "_validation_reference", lambda *args, **kwargs: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "validate", without_reference)
         plain = compress(model, tmp_path / "plain.onnx", remove=2, criterion="sglp", repair="none")
     opened: list[int] = []
     make = validation.make_session

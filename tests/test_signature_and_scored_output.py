@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from sglp_onnx.cli import main
 from sglp_onnx.surgery.validation import validate
 from sglp_onnx.errors import ValidationError
-from test_bad_input import Workspace, run_main
+from cli_runs import Workspace, run_main
 from tiny_graphs import calibration, residual_mlp
 
 OVERRIDABLE = ("blocks.3.w1", "blocks.0.w2", "head.w")

@@ -18,7 +18,7 @@ from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from sglp_onnx.tools.export.torch_export import load_torch_model
 from sglp_onnx.files.model_files import check_external_data_paths, load_model
-from test_bad_input import snapshot
+from cli_runs import snapshot
 from tiny_graphs import calibration, residual_mlp
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sglp_onnx"

@@ -178,7 +178,7 @@ def saved_with_external_data(model: onnx.ModelProto) -> Iterator[Path]:
 
 
 # Offsets of external tensors are page aligned so that ONNX Runtime can map them.
-_DATA_ALIGNMENT = 4096
+DATA_ALIGNMENT = 4096
 
 
 def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, *, location: str,
@@ -226,7 +226,7 @@ def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path
 
 
 def _aligned(data) -> int:
-    data.write(b"\0" * (-data.tell() % _DATA_ALIGNMENT))
+    data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
     return data.tell()
 
 
@@ -557,7 +557,7 @@ def _final_mode(target: Path) -> int:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done, then act on them.
 
     Python runs signal handlers in the main thread only, so swapping the
@@ -656,7 +656,7 @@ def atomic_paths(*targets: str | os.PathLike, overwrite: bool = True) -> Iterato
         # SIGINT/SIGTERM until every file is in place, then let it through
         # marked so that the caller does not claim nothing was written.
         try:
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 if overwrite:
                     for tmp, target in zip(temps, targets_p):
                         os.replace(tmp, target)

@@ -17,12 +17,12 @@ recover most of what the removal cost.
   model's own entries, and the report's records.
 """
 
-from .cuts import Cut, channel_axis, cuts_of
-from .fit import FORMS, LinearFit
-from .graph import with_repairs
-from .plan import DEFAULT_REPAIR, REPAIR_CHOICES, Repair, fit_repairs, repair_records
-from .stage import RepairOutcome, repair_removal, repaired_pruned
+from ..lazy import lazy_exports
 
-__all__ = ["Cut", "channel_axis", "cuts_of", "FORMS", "LinearFit", "with_repairs", "DEFAULT_REPAIR",
-           "REPAIR_CHOICES", "Repair", "fit_repairs", "repair_records", "RepairOutcome", "repair_removal",
-           "repaired_pruned"]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "cuts": ["Cut", "channel_axis", "cuts_of"],
+    "fit": ["FORMS", "LinearFit", "apply_fitted", "as_rows"],
+    "graph": ["add_runtime_maps", "runtime_map_inputs", "stored", "strip_repairs", "with_repairs"],
+    "plan": ["DEFAULT_REPAIR", "REPAIR_CHOICES", "Repair", "fit_repairs", "repair_records"],
+    "stage": ["RepairOutcome", "repair_removal", "repaired_pruned"],
+})

@@ -128,7 +128,7 @@ def _bench(paths: list[Path], sizes: list[int], source: str, arrays: dict[str, n
         feeds = [_batch(dataset, batch_size) for dataset in datasets]
         runners = [_runner(session, feed, provider) for session, feed in zip(sessions, feeds)]
         with input_model_errors("a model"):
-            times, cpu_times = _interleaved(runners, runs=runs, warmup=warmup)
+            times, cpu_times = time_interleaved(runners, runs=runs, warmup=warmup)
         first_p50_ms = float(np.percentile(times[0], 50)) * 1e3
         for path, (params, flops, size), seconds, cpu in zip(paths, static, times, cpu_times):
             ms = np.asarray(seconds) * 1e3
@@ -232,7 +232,7 @@ def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], provider
     return run
 
 
-def _interleaved(runners: list[Callable[[], None]], *, runs: int,
+def time_interleaved(runners: list[Callable[[], None]], *, runs: int,
                  warmup: int) -> tuple[list[list[float]], list[list[float]]]:
     """Wall and calling-thread CPU seconds per run of each runner.
 

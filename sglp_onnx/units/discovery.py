@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import onnx
 
 from ..errors import UserError
 from ..options import GRANULARITIES
-from ..graph.flops import packed_weights, quantization_roles
+from ..graph.flops import node_flops, packed_weights, quantization_roles, tensors_needed
 from ..graph.index import GraphIndex, declared_dims
 from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, is_onnx
 from .patterns import Join, applicable
+
+if TYPE_CHECKING:
+    from ..files.calibration import CalibrationSet
 
 
 
@@ -464,3 +467,31 @@ def layer_index_of(name: str) -> int | None:
 def with_flops(units: Sequence[PrunableUnit], flops: Mapping[str, int]) -> list[PrunableUnit]:
     """Units with `flops` set from per-node FLOPs (keyed by node name)."""
     return [replace(u, flops=sum(flops.get(n, 0) for n in u.nodes)) for u in units]
+
+
+# Samples of the calibration set the discovery probe runs on.
+PROBE_SAMPLES = 2
+
+
+def discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
+             sequential: bool = False) -> tuple[list[PrunableUnit], int]:
+    """The prunable units of `model` with their FLOPs per sample, and the
+    model's total FLOPs per sample, from one probe run on the first
+    `PROBE_SAMPLES` calibration samples (piece by piece with `sequential`)."""
+    names = probe_targets(model) + tensors_needed(model)
+    feed = calib.first(PROBE_SAMPLES)
+    n_probe = next(iter(feed.values())).shape[0]
+    # The probes run ONNX Runtime: imported here, so that reading units (the
+    # report does) and finding them in a graph do not load it.
+    if sequential:
+        from ..evidence.sequential import probe_shapes_sequential
+
+        shapes, dtypes = probe_shapes_sequential(model, feed, names, provider=provider)
+    else:
+        from ..evidence.activations import probe_shapes
+
+        shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
+    units = find_units(model, granularity=granularity, shapes=shapes, dtypes=dtypes)
+    # The probe ran on n_probe samples; FLOPs are reported per sample.
+    per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}
+    return with_flops(units, per_node), sum(per_node.values())
