@@ -115,3 +115,19 @@ def test_repair_none_writes_the_plain_bypass(tmp_path, capsys):
     assert report["repair"] is None
     names = {i.name for i in onnx.load(str(tmp_path / "model.pruned.onnx")).graph.initializer}
     assert not any(n.startswith("sglp_repair") for n in names)
+
+
+def test_a_prefix_session_runs_only_what_the_asked_tensors_need_and_computes_them_alike():
+    from sglp_onnx.graph.runtime import prefix_model, prefix_session, session_with_outputs
+    from tiny_graphs import calibration, residual_mlp
+
+    model = residual_mlp(4, 8)
+    names = [n.output[0] for n in model.graph.node]
+    early = names[len(names) // 3]
+    prefix = prefix_model(model, [early])
+    assert prefix is not None and len(prefix.graph.node) < len(model.graph.node)
+    assert [o.name for o in prefix.graph.output] == [early]
+    feed = {k: v for k, v in calibration(8, 8).items() if k in {i.name for i in model.graph.input}}
+    whole = session_with_outputs(model, [early]).run([early], feed)[0]
+    np.testing.assert_array_equal(prefix_session(model, [early]).run([early], feed)[0], whole)
+    assert prefix_model(model, [model.graph.output[0].name]) is None  # nothing to drop: the model itself

@@ -366,6 +366,10 @@ class MinibatchCKA:
         return 0 if self._carry is None else self._carry[0].shape[0]
 
 
+# Values (rows x features) MeanCosineDistance converts to float64 at a time: 32 MiB.
+COSINE_BLOCK_VALUES = 4 * 2**20
+
+
 class MeanCosineDistance:
     """Mean of 1 - cos(input, output) per unit over all samples (or tokens).
 
@@ -398,11 +402,15 @@ class MeanCosineDistance:
         if len(inputs) != self.n_units or len(outputs) != self.n_units:
             raise ValueError(f"expected {self.n_units} inputs and outputs, got {len(inputs)} and {len(outputs)}")
         for i, (x, y) in enumerate(zip(inputs, outputs)):
-            x = np.asarray(x, dtype=np.float64)
-            y = np.asarray(y, dtype=np.float64)
+            x, y = np.asarray(x), np.asarray(y)
             if x.ndim != 2 or x.shape != y.shape:
                 raise ValueError(f"unit {i}: input and output must be 2-D of one shape, got {x.shape} and {y.shape}")
-            self._sums[i] += self._distances(x, y).sum()
+            # A few rows at a time: float64 copies of a whole batch of wide
+            # CNN features would be several times the batch itself.
+            step = max(1, COSINE_BLOCK_VALUES // max(x.shape[1], 1))
+            for start in range(0, x.shape[0], step):
+                rows = slice(start, start + step)
+                self._sums[i] += self._distances(x[rows].astype(np.float64), y[rows].astype(np.float64)).sum()
             self._counts[i] += x.shape[0]
 
     def _distances(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
