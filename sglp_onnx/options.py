@@ -23,6 +23,9 @@ DEFAULT_RATIO = 0.25
 # scale and bias, or none; the default is what won `make bench-quality`.
 REPAIR_FORMS = ("full", "diagonal", "none")
 DEFAULT_REPAIR = "full"
+# --activation-budget: with the interpreter and its libraries (about 0.4 GiB)
+# and the weights, a ResNet-50 at batch 64 then peaks within 2x its weights + 1.2 GiB.
+DEFAULT_ACTIVATION_BUDGET = "768M"
 
 
 def _option(flag: str, help: str, *, kind: type | str = str, choices: tuple[str, ...] | None = None,
@@ -79,7 +82,7 @@ class SelectionOptions:
         "--activation-budget", "Activations any stage holds at once (calibration pass, damage search, fidelity, "
                                "repair fits, gradients): batches are cut into smaller runs to stay within it, so "
                                "peak memory is about the weights plus this. A size such as 512M or 2G.",
-        metavar="SIZE", default="1G")
+        metavar="SIZE", default=DEFAULT_ACTIVATION_BUDGET)
     max_calib_samples: int | None = _option("--max-calib-samples", "Use at most N calibration samples.", kind=int,
                                             cli=False)
 

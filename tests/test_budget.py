@@ -27,8 +27,8 @@ def test_bad_sizes_are_refused(text):
 
 def test_rows_fit_the_budget_and_never_fall_below_one():
     budget = ActivationBudget(1000, {"a": 100, "b": 50})
-    assert budget.held(["a", "b"], working=0) == 150
-    assert budget.held(["a"], copies={"b": 2}, working=1) == 300
+    assert budget.held(["a", "b"], working=0) == 300  # returned tensors: ONNX Runtime's buffer and numpy's copy
+    assert budget.held(["a"], copies={"b": 2}, working=1) == 400
     assert budget.rows(150, 64) == 6 and budget.rows(10, 64) == 64 and budget.rows(5000, 64) == 1
     assert budget.rows(150, 64, share=0.5) == 3
 

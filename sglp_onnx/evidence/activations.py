@@ -15,7 +15,7 @@ import onnx
 
 from ..files.calibration import CalibrationSet
 from ..graph.runtime import session_with_outputs
-from .budget import WORKING_TENSORS, bytes_per_sample, rows_within
+from .budget import RETURNED_COPIES, WORKING_TENSORS, bytes_per_sample, rows_within
 
 NUMPY_TO_ONNX = {
     np.dtype(np.float32): onnx.TensorProto.FLOAT,
@@ -127,5 +127,5 @@ def stream(
 def pass_rows(sizes: dict[str, int], budget: int, requested: int) -> int:
     """Samples per run of a pass that returns every tensor of `sizes` (bytes per
     sample) within `budget` bytes, ONNX Runtime's working buffers included."""
-    held = sum(sizes.values()) + WORKING_TENSORS * max(sizes.values(), default=0)
+    held = RETURNED_COPIES * sum(sizes.values()) + WORKING_TENSORS * max(sizes.values(), default=0)
     return rows_within(budget, held, requested)

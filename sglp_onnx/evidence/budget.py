@@ -20,13 +20,16 @@ import numpy as np
 
 from ..errors import UserError
 
-DEFAULT_BUDGET = "1G"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # ONNX Runtime's working buffers beside what a run returns, in largest tensors per sample.
 WORKING_TENSORS = 3
 # Copies of the scored output a fidelity or damage run holds: the original's,
-# the pruned network's and the meter's temporaries (log-probabilities, products).
-METER_COPIES = 6
+# the pruned network's and the original's log-probabilities in float64 (the
+# meters' other temporaries are bounded blocks, fidelity.BLOCK_VALUES).
+METER_COPIES = 4
+# A tensor a run returns is held twice while the run ends: ONNX Runtime's
+# buffer and the numpy array it is copied into.
+RETURNED_COPIES = 2
 # A torch forward and backward keeps about this many copies of the unit exits per sample.
 BACKWARD_COPIES = 4
 
@@ -75,7 +78,7 @@ class ActivationBudget:
              working: float = WORKING_TENSORS) -> int:
         """Bytes per sample of `tensors` once each, plus `copies` {tensor: count},
         plus `working` largest tensors (ONNX Runtime's buffers, numpy's temporaries)."""
-        total = sum(self.sizes.get(t, 0) for t in dict.fromkeys(tensors))
+        total = RETURNED_COPIES * sum(self.sizes.get(t, 0) for t in dict.fromkeys(tensors))
         total += sum(self.sizes.get(t, 0) * n for t, n in (copies or {}).items())
         return int(total + working * self.largest)
 

@@ -138,6 +138,10 @@ def _log_distribution(x: np.ndarray, form: str) -> np.ndarray:
     return log_softmax(x)
 
 
+# Values a meter converts to float64 at a time (16 MiB per temporary).
+BLOCK_VALUES = 2**21
+
+
 class FidelityMeter:
     """Accumulates one removal set's score against the original, batch by batch."""
 
@@ -154,29 +158,47 @@ class FidelityMeter:
     def _rows(self, value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return as_samples(value, token_level=self.token_level, token_mask=mask)
 
-    def update(self, reference: np.ndarray, pruned: np.ndarray, mask: np.ndarray | None = None) -> None:
-        ref, got = _finite(reference), _finite(pruned)
-        if self.effective == "kl" and not (ref.ndim == 2 or (ref.ndim == 3 and self.token_level)) \
-                or self.effective == "kl" and ref.shape[-1] < 2:
+    def update(self, reference: np.ndarray, pruned: np.ndarray, mask: np.ndarray | None = None,
+               prepared: dict | None = None) -> None:
+        """Add one batch. Rows go through in blocks of at most BLOCK_VALUES
+        values, so the float64 temporaries stay small whatever the batch and
+        the vocabulary. `prepared`: a dict the caller keeps per batch and
+        passes to every meter scored against the same `reference`: the
+        reference's log-distribution is computed once there, not per meter."""
+        reference, pruned = np.asarray(reference), np.asarray(pruned)
+        if self.effective == "kl" and not (reference.ndim == 2 or (reference.ndim == 3 and self.token_level)) \
+                or self.effective == "kl" and reference.shape[-1] < 2:
             self.effective = "relative"  # not one distribution per row: compare as a tensor
         if self.effective == "relative":
-            self.err2 += float(((got - ref) ** 2).sum())
-            self.ref2 += float((ref ** 2).sum())
-            self.rows += ref.shape[0] if ref.ndim else 1
+            flat_ref, flat_got = reference.reshape(-1), pruned.reshape(-1)
+            for a in range(0, flat_ref.size, BLOCK_VALUES):
+                ref, got = _finite(flat_ref[a:a + BLOCK_VALUES]), _finite(flat_got[a:a + BLOCK_VALUES])
+                self.err2 += float(((got - ref) ** 2).sum())
+                self.ref2 += float((ref ** 2).sum())
+            self.rows += reference.shape[0] if reference.ndim else 1
             return
-        ref, got = self._rows(ref, mask), self._rows(got, mask)
-        self.rows += len(ref)
-        if self.effective == "kl":
-            form = self.kind.form
-            logp, logq = _log_distribution(ref, form), _log_distribution(got, form)
-            self.total += float((np.exp(logp) * (logp - logq)).sum())
-            self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        else:
-            dot = (ref * got).sum(-1)
-            norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-            same = np.isclose(norms, 0.0) & np.isclose(np.abs(ref).sum(-1) + np.abs(got).sum(-1), 0.0)
-            cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-            self.total += float(np.where(same, 0.0, 1.0 - cos).sum())
+        ref_rows, got_rows = self._rows(reference, mask), self._rows(pruned, mask)
+        self.rows += len(ref_rows)
+        step = max(1, BLOCK_VALUES // max(ref_rows.shape[-1], 1))
+        for block, a in enumerate(range(0, len(ref_rows), step)):
+            ref, got = _finite(ref_rows[a:a + step]), _finite(got_rows[a:a + step])
+            if self.effective == "kl":
+                form = self.kind.form
+                if prepared is None or block not in prepared:
+                    logp = _log_distribution(ref, form)
+                    if prepared is not None:
+                        prepared[block] = logp
+                else:
+                    logp = prepared[block]
+                logq = _log_distribution(got, form)
+                self.total += float((np.exp(logp) * (logp - logq)).sum())
+                self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            else:
+                dot = (ref * got).sum(-1)
+                norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
+                same = np.isclose(norms, 0.0) & np.isclose(np.abs(ref).sum(-1) + np.abs(got).sum(-1), 0.0)
+                cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+                self.total += float(np.where(same, 0.0, 1.0 - cos).sum())
 
     @property
     def score(self) -> float:
@@ -218,9 +240,10 @@ def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: in
     for feed, _ in data.batches(batch_size):
         reference = runner.run(feed, set())[kind.output]
         mask = feed.get(mask_name) if mask_name else None
+        prepared: dict = {}
         for s, meter in meters.items():
             value = reference if not s else runner.run(feed, s)[kind.output]
-            meter.update(reference, value, mask)
+            meter.update(reference, value, mask, prepared)
     return [meters[s].record() for s in sets]
 
 

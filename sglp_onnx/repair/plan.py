@@ -99,8 +99,12 @@ class _Reference:
         self.bytes = 0
 
     def start(self, cut: Cut) -> None:
-        """Before the batches of `cut`'s fit."""
-        if self.kept is None and self.names != [cut.entry, cut.exit]:
+        """Before the batches of a later cut's fit: the first pass is over, so
+        either every batch is kept (the session goes: the cut's own session
+        will hold the weights) or this cut's entry and exit are recomputed."""
+        if self.kept is not None:
+            self.session = None
+        elif self.names != [cut.entry, cut.exit]:
             self.names, self.session = [cut.entry, cut.exit], None
 
     def get(self, b: int, feed: dict) -> dict[str, np.ndarray]:

@@ -66,7 +66,7 @@ class Context:
     # None: chosen by `fidelity.output_kind`).
     fidelity_output: str | None = None
     # Bytes of activations a stage may hold at once (`--activation-budget`, evidence.budget).
-    budget: int = 2**30
+    budget: int = 768 * 2**20
     _evidence: Evidence | None = None
     _sizes: dict[str, int] | None = None
     _gradnorm: np.ndarray | None = None

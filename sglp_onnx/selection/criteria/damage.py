@@ -182,9 +182,10 @@ class DamageSearch:
                     self.batched = False
                     return self.score(removed, [k for rest in groups[g:] for k in rest], meters, start, stop, label)
                 mask = self.mask(feed)
+                prepared: dict = {}
                 for k in group:
                     value = values[k] if values is not None else runner.run_extension(feed, removed, k, current)
-                    meters[k].update(reference, value[target], mask)
+                    meters[k].update(reference, value[target], mask, prepared)
             runner.release_suffixes()
 
     def _cost(self, k: int, score: float) -> float:
@@ -262,8 +263,9 @@ def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
     for _, feed in search.pieces(0, search.samples.n, f"damage: {len(sets)} removal sets"):
         reference = search.runner.run(feed, set())[target]
         mask = search.mask(feed)
+        prepared: dict = {}
         for s, meter in zip(sets, meters):
-            meter.update(reference, search.runner.run(feed, set(s))[target], mask)
+            meter.update(reference, search.runner.run(feed, set(s))[target], mask, prepared)
 
     def cost(i: int) -> tuple[float, tuple[int, ...]]:
         score = meters[i].score

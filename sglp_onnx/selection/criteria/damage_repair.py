@@ -165,11 +165,12 @@ class RepairedSearch(DamageSearch):
             original = self._original_run(a, feed)
             current = self._current(a, feed, removed)
             mask = self.mask(feed)
+            prepared: dict = {}
             for k in alive:
                 cut = self.merged[k]
                 value = apply_fitted(current[units[cut.units[0]].entry], *self.maps[k], self.specs[cut.units[0]][0])
                 out = self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)[target]
-                meters[k].update(original[target], out, mask)
+                meters[k].update(original[target], out, mask, prepared)
 
     def chosen(self, removed: set[int]) -> None:
         best = self.order[-1]
