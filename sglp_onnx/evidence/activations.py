@@ -65,6 +65,8 @@ def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray |
         if token_mask is not None and token_mask.ndim == 2 and token_mask.shape[0] == array.shape[0] \
                 and token_mask.shape[1] >= array.shape[1]:
             keep = token_mask[:, token_mask.shape[1] - array.shape[1]:].astype(bool)
+            if keep.all():  # nothing padded: a view, not a copy
+                return array.reshape(array.shape[0] * array.shape[1], -1)
             return array[keep].reshape(-1, int(np.prod(array.shape[2:])))
         return array.reshape(array.shape[0] * array.shape[1], -1)
     return array.reshape(array.shape[0], -1)

@@ -124,12 +124,23 @@ def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
                                f"{first!r}: no head, distribution or normalisation before it")
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
+def _finite(x: np.ndarray, keep: type | None = None) -> np.ndarray:
+    """`x` in float64 with non-finite values replaced; `keep`: a dtype that a
+    finite `x` already in it keeps (no copy)."""
+    if keep is not None and x.dtype == keep and np.isfinite(x).all():
+        return x
     x = np.asarray(x, dtype=np.float64)
     if np.isfinite(x).all():
         return x
     big = np.finfo(np.float64).max / 4
     return np.nan_to_num(x, nan=0.0, posinf=big, neginf=-big)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log sum_v exp(x_v) per row, in float64; the exp of values <= 0 is summed
+    in x's own precision (float32 logits: half the time of float64)."""
+    top = x.max(-1, keepdims=True)
+    return top[..., 0].astype(np.float64) + np.log(np.exp(x - top).sum(-1), dtype=np.float64)
 
 
 def _log_distribution(x: np.ndarray, form: str) -> np.ndarray:
@@ -181,19 +192,36 @@ class FidelityMeter:
         self.rows += len(ref_rows)
         step = max(1, BLOCK_VALUES // max(ref_rows.shape[-1], 1))
         for block, a in enumerate(range(0, len(ref_rows), step)):
-            ref, got = _finite(ref_rows[a:a + step]), _finite(got_rows[a:a + step])
+            ref, got = _finite(ref_rows[a:a + step]), got_rows[a:a + step]
             if self.effective == "kl":
+                got = _finite(got, keep=np.float32)
+                # KL(p || q) = sum p log p - sum p log q per row; the first sum,
+                # p and the argmax come from the reference alone (once per batch).
+                # For logits x (or log-probabilities) log q = x - logsumexp(x)
+                # and the p_v sum to 1: KL = p.x_ref - lse(x_ref) - p.x + lse(x),
+                # each term computed alike for both sides (identical outputs
+                # give exactly 0).
                 form = self.kind.form
                 if prepared is None or block not in prepared:
                     logp = _log_distribution(ref, form)
+                    probs = np.exp(logp)
+                    own = _finite(ref_rows[a:a + step], keep=np.float32)
+                    entry = (probs, (probs * logp).sum(-1) if form == "probabilities"
+                             else (probs * own).sum(-1) - _logsumexp(own), ref.argmax(-1))
                     if prepared is not None:
-                        prepared[block] = logp
+                        prepared[block] = entry
                 else:
-                    logp = prepared[block]
-                logq = _log_distribution(got, form)
-                self.total += float((np.exp(logp) * (logp - logq)).sum())
-                self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+                    entry = prepared[block]
+                probs, own_term, ref_top = entry
+                if form == "probabilities":
+                    got = _finite(got)
+                    cross = (probs * np.log(np.clip(got, 1e-30, None))).sum(-1)
+                else:
+                    cross = (probs * got).sum(-1) - _logsumexp(got)
+                self.total += float((own_term - cross).sum())
+                self.agree += int((ref_top == got.argmax(-1)).sum())
             else:
+                got = _finite(got)
                 dot = (ref * got).sum(-1)
                 norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
                 same = np.isclose(norms, 0.0) & np.isclose(np.abs(ref).sum(-1) + np.abs(got).sum(-1), 0.0)
