@@ -117,6 +117,33 @@ def check_standalone(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, pro
     return {"checker": True, "runs": True, "finite": True}
 
 
+def _check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto, removed_inputs: set[str],
+                     removed_outputs: set[str]) -> tuple[dict, dict]:
+    """The pruned model's inputs and outputs: exactly the original's, in order,
+    minus the KV-cache entries of removed layers (the report's removed_*)."""
+    in_orig, out_orig = _signature(original)
+    in_new, out_new = _signature(pruned)
+    expected_in = {k: v for k, v in in_orig.items() if k not in removed_inputs}
+    expected_out = {k: v for k, v in out_orig.items() if k not in removed_outputs}
+    if in_new != expected_in or list(in_new) != [k for k in in_orig if k not in removed_inputs] \
+            or list(out_new) != [k for k in out_orig if k not in removed_outputs] or out_new != expected_out:
+        raise ValidationError(
+            f"signature changed: inputs {sorted(in_new)} vs {sorted(expected_in)}, "
+            f"outputs {list(out_new)} vs {list(expected_out)}"
+        )
+    return in_new, out_new
+
+
+def _closeness(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
+    """(largest absolute difference, top-1 agreement) of two float outputs of one shape; None where not defined."""
+    if a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
+        return None, None
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both overflowed
+        diff = float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
+    agreement = float(np.mean(a.argmax(-1) == b.argmax(-1))) if a.ndim >= 2 else None
+    return (diff if np.isfinite(diff) else None), agreement
+
+
 def validate(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
@@ -150,17 +177,7 @@ def validate(
         raise ValidationError("the pruned model's opset or IR version differs from the input's")
     result.opset_ir_kept = True
 
-    in_orig, out_orig = _signature(original)
-    in_new, out_new = _signature(pruned)
-    # Exactly the original's, minus the KV-cache entries of removed layers (the report's removed_*).
-    expected_in = {k: v for k, v in in_orig.items() if k not in removed_inputs}
-    expected_out = {k: v for k, v in out_orig.items() if k not in removed_outputs}
-    if in_new != expected_in or list(in_new) != [k for k in in_orig if k not in removed_inputs] \
-            or list(out_new) != [k for k in out_orig if k not in removed_outputs] or out_new != expected_out:
-        raise ValidationError(
-            f"signature changed: inputs {sorted(in_new)} vs {sorted(expected_in)}, "
-            f"outputs {list(out_new)} vs {list(expected_out)}"
-        )
+    in_new, out_new = _check_signature(original, pruned, removed_inputs, removed_outputs)
     result.signature = True
     result.removed_inputs = sorted(removed_inputs)
     result.removed_outputs = sorted(removed_outputs)
@@ -187,13 +204,7 @@ def validate(
     result.finite = True
 
     first = scored_output if scored_output in new_values else next(iter(out_new))
-    a, b = new_values[first], ref_values[first]
-    if a.shape == b.shape and np.issubdtype(a.dtype, np.floating):
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both overflowed
-            diff = float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
-        result.max_abs_output_diff = diff if np.isfinite(diff) else None
-        if a.ndim >= 2:
-            result.top1_agreement = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    result.max_abs_output_diff, result.top1_agreement = _closeness(new_values[first], ref_values[first])
     if nothing_removed:
         exact = all(np.array_equal(new_values[k], ref_values[k]) for k in new_values)
         if not exact:

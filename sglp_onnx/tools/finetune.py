@@ -296,6 +296,21 @@ def check_training_options(*, epochs: int, lr: float, batch_size: int, seed: int
         raise UserError(f"--temperature must be a positive number, got {temperature!r}")
 
 
+def _batch_loss(logits: torch.Tensor, teacher_batch: torch.Tensor | None, feed: dict, labels, causal: bool, *,
+                distill_weight: float, temperature: float) -> torch.Tensor:
+    """`train`'s loss on one batch: cross-entropy with the labels (next tokens;
+    the teacher's top-1 without labels), mixed with distillation from the teacher."""
+    rows, targets = _loss_rows(logits, feed, causal)
+    if targets is None:
+        targets = (torch.from_numpy(labels.reshape(-1)).long() if labels is not None
+                   else _loss_rows(teacher_batch, feed, causal)[0].argmax(-1))
+    loss = torch.nn.functional.cross_entropy(rows, targets)
+    if distill_weight > 0 and teacher_batch is not None:
+        teacher_rows = _loss_rows(teacher_batch, feed, causal)[0]
+        loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(rows, teacher_rows, temperature)
+    return loss
+
+
 def train(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
@@ -357,15 +372,8 @@ def train(
             elif teacher is not None and (distill_weight > 0 or labels is None):
                 with torch.no_grad():
                     teacher_batch = _torch_logits(teacher, feed, input_order)
-            logits = _torch_logits(student, feed, input_order)
-            rows, targets = _loss_rows(logits, feed, causal)
-            if targets is None:
-                targets = (torch.from_numpy(labels.reshape(-1)).long() if labels is not None
-                           else _loss_rows(teacher_batch, feed, causal)[0].argmax(-1))
-            loss = torch.nn.functional.cross_entropy(rows, targets)
-            if distill_weight > 0 and teacher_batch is not None:
-                teacher_rows = _loss_rows(teacher_batch, feed, causal)[0]
-                loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(rows, teacher_rows, temperature)
+            loss = _batch_loss(_torch_logits(student, feed, input_order), teacher_batch, feed, labels, causal,
+                               distill_weight=distill_weight, temperature=temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

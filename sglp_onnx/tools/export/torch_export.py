@@ -113,6 +113,24 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _export_keywords(model: torch.nn.Module, n_inputs: int, input_names: list[str], output_names: list[str], *,
+                     exporter: str, opset: int | None, dynamic_batch: bool) -> dict:
+    """`torch.onnx.export`'s keywords for `exporter`."""
+    kwargs: dict = {"input_names": input_names, "output_names": output_names, "opset_version": opset}
+    if exporter == "dynamo":
+        kwargs["dynamo"] = True
+        # One self-contained file unless the weights cannot fit in a protobuf.
+        kwargs["external_data"] = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        if dynamic_batch:
+            batch = torch.export.Dim(BATCH_DIM)
+            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in range(n_inputs))
+    else:
+        kwargs["dynamo"] = False
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {name: {0: BATCH_DIM} for name in input_names + output_names}
+    return kwargs
+
+
 def export_torch(
     model: torch.nn.Module,
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
@@ -160,19 +178,8 @@ def export_torch(
     if not path.parent.is_dir():
         raise UserError(f"output folder does not exist: {path.parent}")
 
-    kwargs: dict = {"input_names": input_names, "output_names": output_names, "opset_version": opset}
-    if exporter == "dynamo":
-        kwargs["dynamo"] = True
-        # One self-contained file unless the weights cannot fit in a protobuf.
-        kwargs["external_data"] = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        if dynamic_batch:
-            batch = torch.export.Dim(BATCH_DIM)
-            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in example_inputs)
-    else:
-        kwargs["dynamo"] = False
-        if dynamic_batch:
-            kwargs["dynamic_axes"] = {name: {0: BATCH_DIM} for name in input_names + output_names}
-
+    kwargs = _export_keywords(model, len(example_inputs), input_names, output_names, exporter=exporter,
+                              opset=opset, dynamic_batch=dynamic_batch)
     # Per module, so a submodule the caller froze in eval mode stays that way.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

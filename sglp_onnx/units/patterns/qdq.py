@@ -302,15 +302,19 @@ def requantize_biases(model: onnx.ModelProto) -> None:
                                   numpy_helper.from_array(wanted, copy.input[1])])
         node.input[2] = copy.output[0]
         added.append((node, copy))
-    if not added:
-        return
+    if added:
+        _insert_before(graph, added)
+
+
+def _insert_before(graph: onnx.GraphProto, added: list[tuple[onnx.NodeProto, onnx.NodeProto]]) -> None:
+    """Each (node, new bias DQ) pair: the DQ placed just before its node; the
+    bias DQs no op reads any more go, with what only they read."""
     before = {id(node): copy for node, copy in added}
     nodes = []
     for node in graph.node:
         if id(node) in before:
             nodes.append(before[id(node)])
         nodes.append(node)
-    # The bias DQs no op reads any more go, with what only they read.
     still_read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     dead = [n for n in nodes if is_onnx(n, "DequantizeLinear") and n.output[0] not in still_read]
     nodes = [n for n in nodes if all(n is not d for d in dead)]
