@@ -196,14 +196,14 @@ def test_validation_compares_with_the_calibration_pass_outputs(tmp_path, monkeyp
     import sglp_onnx.surgery.validation as validation
     from sglp_onnx.pipeline import compress
 
-    import sglp_onnx.pipeline as pipeline
+    validate = validation.validate
 
     def without_reference(*args, reference=None, **kwargs):  # validation runs the original itself, as before
-        return validation.validate(*args, **kwargs)
+        return validate(*args, **kwargs)
 
     model, _ = write_model_and_calibration(tmp_path, n_blocks=5, n_samples=24)
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "validate", without_reference)
+        patch.setattr(validation, "validate", without_reference)
         plain = compress(model, tmp_path / "plain.onnx", remove=2, criterion="sglp", repair="none")
     opened: list[int] = []
     make = validation.make_session

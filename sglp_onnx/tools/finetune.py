@@ -460,96 +460,12 @@ class FinetuneResult:
         return "\n".join(lines)
 
 
-def finetune(
-    pruned_path: str | os.PathLike,
-    *,
-    torch_model: str,
-    train_data: str | os.PathLike,
-    epochs: int,
-    torch_weights: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    report: str | os.PathLike | None = None,
-    eval_data: str | os.PathLike | None = None,
-    lr: float = DEFAULT_LR,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
-    distill_weight: float = DEFAULT_DISTILL_WEIGHT,
-    temperature: float = DEFAULT_TEMPERATURE,
-    exporter: str = "dynamo",
-    provider: str = "cpu",
-    force: bool = False,
-    write_report: bool = True,
-    progress: Progress | None = None,
-) -> FinetuneResult:
-    """Heal a pruned model by fine-tuning its torch counterpart; write the result as ONNX.
-
-    Reads the pruning report (`report`, default PRUNED.json beside the pruned
-    model), replaces every removed unit's torch module(s) in the paired model
-    by a skip (for `hf:DIR` causal LMs: deletes the removed decoder layers,
-    see `delete_layers`, and exports with `export_hf`, the KV cache renamed
-    to the pruned model's layer numbers), checks that this reproduces the pruned ONNX model, trains it
-    (see `train`) on `train_data` (an .npz named like calibration files, with
-    `labels` for classifiers), exports it with the pruned model's input and
-    output names and opset, checks it (onnx.checker, ONNX Runtime, same
-    signature, finite outputs) and writes it (default PRUNED.finetuned.onnx)
-    with a JSON report beside it (unless not `write_report`: `--json` prints it
-    instead), atomically. `eval_data` adds metrics of the
-    pruned model before and after fine-tuning.
-    """
-    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
-                           temperature=temperature)
-    timings: dict[str, float] = {}
-    stages = Stages(progress, timings)
-    pruned_path = Path(pruned_path)
-    out = Path(output) if output is not None else default_output(pruned_path)
-    report_out = _json_beside(out)
-    from ..paired.hf_model import HF_PREFIX, is_hf_spec
-
-    # Every file the run reads: no output may be one of them, --force or not.
-    inputs = [pruned_path, Path(train_data), Path(report) if report is not None else _json_beside(pruned_path)]
-    inputs += [Path(p) for p in (eval_data, torch_weights) if p is not None]
-    if is_hf_spec(torch_model) and Path(torch_model[len(HF_PREFIX):]).is_dir():
-        inputs += [p for p in Path(torch_model[len(HF_PREFIX):]).iterdir() if p.is_file()]
-    check_output_path(out, force=force, what="output", inputs=inputs)
-    if write_report:
-        check_output_path(report_out, force=force, what="report", inputs=inputs)
-    if exporter not in ("dynamo", "legacy"):
-        raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
-    stages.start("load")
-    pruned, pruned_files = load_model_files(pruned_path)
-    for what, path in (("output", out), ("report", report_out)):
-        refuse_inputs(path, what=what, inputs=pruned_files)  # its external data files
-    plan = read_plan(pruned_path, report)
-    repair = plan.report.get("repair")
-    if repair and repair.get("applied"):
-        # Fine-tuning heals the plain bypass: the closed-form maps are the no-training alternative.
-        from ..repair.graph import strip_repairs
-
-        pruned = strip_repairs(pruned, repair["cuts"])
-    data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
-    order = [s.name for s in model_inputs(pruned)]
-
-    from ..files.calibration import is_cache_input
-    from ..paired.pairing import load_paired_model
-    from .export.torch_export import export_torch
-
-    hf = is_hf_spec(torch_model)
-    cache_names: set[str] = set()
-    if hf:
-        specs = model_inputs(pruned)
-        cache_names = {s.name for s in specs if is_cache_input(s, specs)}
-    # The same loader (and refusals) as compress's pairing.
-    teacher = load_paired_model(torch_model, None if torch_weights is None else str(torch_weights))
-    paired_here = plan.modules is None
-    if paired_here:
-        stages.start("pairing")
-        plan = pair_plan(plan, teacher, load_npz(train_data), provider)
-        stages.start("load")
-    # The torch model runs whole sequences: the ONNX feed without its (empty) past KV cache.
+def _student(teacher, plan: RemovalPlan, pruned: onnx.ModelProto, pruned_path: Path, data: CalibrationSet,
+             order: list[str], cache_names: set[str], *, hf: bool, torch_model: str, provider: str):
+    """The torch model without the removed units (layers deleted for `hf`,
+    modules skipped otherwise), checked to reproduce the pruned ONNX model:
+    (student, the kept layers' cache numbers, the relative error, the probe feed)."""
     torch_order = [name for name in order if name not in cache_names]
-    torch_data = data if not cache_names else CalibrationSet(
-        inputs={k: v for k, v in data.inputs.items() if k not in cache_names}, labels=data.labels,
-        source=data.source)
     probe_feed = data.first(VALIDATION_SAMPLES)
     torch_probe = {k: v for k, v in probe_feed.items() if k not in cache_names}
     cache_numbers: list[int] = []
@@ -575,6 +491,198 @@ def finetune(
             f"in {torch_model} does "
             f"not reproduce {pruned_path} (relative error {error:.3g}); is --torch-model (and --torch-weights) "
             f"the model {plan.report_path} was made from?")
+    return student, cache_numbers, error, probe_feed
+
+
+def _export_student(student, pruned: onnx.ModelProto, exported: Path, order: list[str], probe_feed: dict,
+                    cache_numbers: list[int], *, hf: bool, exporter: str) -> onnx.ModelProto:
+    """The fine-tuned model as ONNX with the pruned model's names and opset (the KV cache renumbered as it was)."""
+    from .export.torch_export import export_torch
+
+    opset = next((o.version for o in pruned.opset_import if o.domain in ONNX_DOMAINS), None)
+    if hf:
+        from .export.hf import export_hf
+
+        # A fresh export numbers the cache 0..n-1; the pruned model keeps the kept layers' numbers.
+        with_cache = any(name.startswith("past_key_values.") for name in order)
+        new = export_hf(student, exported, with_cache=with_cache, exporter=exporter, opset=opset)
+        if with_cache:
+            rename_cache_tensors(new, cache_numbers)
+            save_model(new, exported)
+        return new
+    example = tuple(torch.from_numpy(np.ascontiguousarray(probe_feed[name][:2])) for name in order)
+    return export_torch(student, example, exported, input_names=order,
+                        output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
+
+
+def _checked(pruned: onnx.ModelProto, new: onnx.ModelProto, feed: dict, provider: str) -> dict:
+    """The fine-tuned model's validation record: the pruned model's signature, then `_validate`."""
+    check_signature(pruned, new)
+    validation = _validate(new, feed, provider)
+    validation["signature"] = True
+    return validation
+
+
+def _write(new: onnx.ModelProto, out: Path, report_out: Path | None, rep: dict, *, force: bool,
+           inputs: list[Path], stages: Stages) -> None:
+    """The fine-tuned model (and its report) written all or nothing."""
+    model_paths = model_files_for(new, out, force=force, inputs=inputs)
+    reports = [report_out] if report_out is not None else []
+    with atomic_paths(*model_paths, *reports, overwrite=force) as temps:
+        write_model_files(new, model_paths, temps)
+        stages.stop()
+        if report_out is not None:
+            temps[len(model_paths)].write_text(to_json(rep))
+
+
+def _cache_names(pruned: onnx.ModelProto) -> set[str]:
+    """The pruned model's past KV-cache inputs (an hf:DIR decoder's)."""
+    from ..files.calibration import is_cache_input
+
+    specs = model_inputs(pruned)
+    return {s.name for s in specs if is_cache_input(s, specs)}
+
+
+def _teacher(torch_model: str, torch_weights, plan: RemovalPlan, train_data, provider: str, stages: Stages):
+    """The paired torch model, loaded as compress's pairing loads it (same
+    refusals), and the plan paired here when the pruning report had no pairing:
+    (teacher, plan, paired here)."""
+    from ..paired.pairing import load_paired_model
+
+    teacher = load_paired_model(torch_model, None if torch_weights is None else str(torch_weights))
+    paired_here = plan.modules is None
+    if paired_here:
+        stages.start("pairing")
+        plan = pair_plan(plan, teacher, load_npz(train_data), provider)
+        stages.start("load")
+    return teacher, plan, paired_here
+
+
+def _read_files(pruned_path: Path, train_data, report, eval_data, torch_weights, torch_model: str) -> list[Path]:
+    """Every file the run reads: no output may be one of them, --force or not."""
+    from ..paired.hf_model import HF_PREFIX, is_hf_spec
+
+    inputs = [pruned_path, Path(train_data), Path(report) if report is not None else _json_beside(pruned_path)]
+    inputs += [Path(p) for p in (eval_data, torch_weights) if p is not None]
+    if is_hf_spec(torch_model) and Path(torch_model[len(HF_PREFIX):]).is_dir():
+        inputs += [p for p in Path(torch_model[len(HF_PREFIX):]).iterdir() if p.is_file()]
+    return inputs
+
+
+def _check_outputs(out: Path, report_out: Path | None, inputs: list[Path], *, force: bool, exporter: str) -> None:
+    """Before any work: the outputs can be written and are none of the inputs; the exporter is known."""
+    check_output_path(out, force=force, what="output", inputs=inputs)
+    if report_out is not None:
+        check_output_path(report_out, force=force, what="report", inputs=inputs)
+    if exporter not in ("dynamo", "legacy"):
+        raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
+
+
+def _load_pruned(pruned_path: Path, report, out: Path, report_out: Path):
+    """The pruned model (without its repair maps: fine-tuning heals the plain
+    bypass, the closed-form maps are the no-training alternative), its files,
+    its removal plan and the report's repair record."""
+    pruned, pruned_files = load_model_files(pruned_path)
+    for what, path in (("output", out), ("report", report_out)):
+        refuse_inputs(path, what=what, inputs=pruned_files)  # its external data files
+    plan = read_plan(pruned_path, report)
+    repair = plan.report.get("repair")
+    if repair and repair.get("applied"):
+        from ..repair.graph import strip_repairs
+
+        pruned = strip_repairs(pruned, repair["cuts"])
+    return pruned, pruned_files, plan, repair
+
+
+def _evaluation(pruned_path: Path, exported: Path, out: Path, eval_data, *, provider: str, batch_size: int) -> dict:
+    """`--eval-data`: the pruned model's metrics before and after fine-tuning."""
+    from ..evidence.metrics import evaluate
+
+    before, after = evaluate([pruned_path, exported], eval_data, provider=provider, batch_size=batch_size)
+    evaluation = {"data": str(eval_data), "before": before.to_dict(), "after": after.to_dict()}
+    evaluation["after"]["model"] = str(out)
+    return evaluation
+
+
+def _finetune_record(*, pruned_path: Path, out: Path, plan: RemovalPlan, torch_model: str, torch_weights,
+                     paired_here: bool, repair, hf: bool, cache_numbers: list[int], error: float, training: dict,
+                     metrics: dict, evaluation, validation: dict, exporter: str, timings: dict) -> dict:
+    """The fine-tuning report (written beside the output, or printed by --json)."""
+    epoch_loss = training.pop("epoch_loss")
+    return {
+        "tool": tool_info(),
+        "input": str(pruned_path),
+        "output": str(out),
+        "pruning_report": str(plan.report_path),
+        "torch_model": torch_model,
+        "torch_weights": None if torch_weights is None else str(torch_weights),
+        "pairing": "made by finetune (the pruning report had none)" if paired_here else "the pruning report's",
+        "removed_units": plan.units,
+        "skipped_modules": plan.modules,
+        # The pruned model's repair maps are not trained: fine-tuning heals the plain bypass.
+        "repair_maps_dropped": bool(repair and repair.get("applied")),
+        "layer_removal": "deleted" if hf else "skipped",
+        "cache_layers": cache_numbers if hf else None,
+        "skip_reproduces_pruned_relative_error": error,
+        "training": {
+            **training,
+            "loss": "(1 - w) * CE(labels) + w * T^2 * KL(softmax(teacher/T) || softmax(student/T))",
+            "optimizer": "AdamW, no weight decay, cosine decay to 0",
+            "epoch_loss": epoch_loss,
+        },
+        "train_metrics": metrics,
+        "eval": evaluation,
+        "validation": validation,
+        "exporter": exporter,
+        "timings": timings,
+    }
+
+
+def finetune(
+    pruned_path: str | os.PathLike, *, torch_model: str, train_data: str | os.PathLike, epochs: int,
+    torch_weights: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None, lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, distill_weight: float = DEFAULT_DISTILL_WEIGHT,
+    temperature: float = DEFAULT_TEMPERATURE, exporter: str = "dynamo", provider: str = "cpu", force: bool = False,
+    write_report: bool = True, progress: Progress | None = None,
+) -> FinetuneResult:
+    """Heal a pruned model by fine-tuning its torch counterpart; write the result as ONNX.
+
+    Reads the pruning report (`report`, default PRUNED.json beside the pruned model), replaces every removed
+    unit's torch module(s) in the paired model by a skip (for `hf:DIR` causal LMs: deletes the removed decoder
+    layers, see `delete_layers`, and exports with `export_hf`, the KV cache renamed to the pruned model's layer
+    numbers), checks that this reproduces the pruned ONNX model, trains it (see `train`) on `train_data` (an
+    .npz named like calibration files, with `labels` for classifiers), exports it with the pruned model's input
+    and output names and opset, checks it (onnx.checker, ONNX Runtime, same signature, finite outputs) and
+    writes it (default PRUNED.finetuned.onnx) with a JSON report beside it (unless not `write_report`: `--json`
+    prints it instead), atomically. `eval_data` adds metrics of the pruned model before and after fine-tuning.
+    """
+    check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                           temperature=temperature)
+    timings: dict[str, float] = {}
+    stages = Stages(progress, timings)
+    pruned_path = Path(pruned_path)
+    out = Path(output) if output is not None else default_output(pruned_path)
+    report_out = _json_beside(out)
+    from ..paired.hf_model import is_hf_spec
+
+    inputs = _read_files(pruned_path, train_data, report, eval_data, torch_weights, torch_model)
+    _check_outputs(out, report_out if write_report else None, inputs, force=force, exporter=exporter)
+    stages.start("load")
+    pruned, pruned_files, plan, repair = _load_pruned(pruned_path, report, out, report_out)
+    data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
+    order = [s.name for s in model_inputs(pruned)]
+
+    hf = is_hf_spec(torch_model)
+    cache_names = _cache_names(pruned) if hf else set()
+    teacher, plan, paired_here = _teacher(torch_model, torch_weights, plan, train_data, provider, stages)
+    student, cache_numbers, error, probe_feed = _student(teacher, plan, pruned, pruned_path, data, order, cache_names,
+                                                         hf=hf, torch_model=torch_model, provider=provider)
+    torch_order = [name for name in order if name not in cache_names]
+    # The torch model runs whole sequences: the ONNX feed without its (empty) past KV cache.
+    torch_data = data if not cache_names else CalibrationSet(
+        inputs={k: v for k, v in data.inputs.items() if k not in cache_names}, labels=data.labels,
+        source=data.source)
 
     stages.start("train")
     before = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
@@ -582,74 +690,28 @@ def finetune(
                     distill_weight=distill_weight, temperature=temperature, progress=progress)
     after = task_metrics(student, torch_data, torch_order, batch_size=batch_size)
 
-    opset = next((o.version for o in pruned.opset_import if o.domain in ONNX_DOMAINS), None)
-    example = tuple(torch.from_numpy(np.ascontiguousarray(probe_feed[name][:2])) for name in order)
     with tempfile.TemporaryDirectory(prefix="sglp-finetune-") as tmp:
         stages.start("export")
         exported = Path(tmp) / out.name
-        if hf:
-            from .export.hf import export_hf
-
-            # A fresh export numbers the cache 0..n-1; the pruned model keeps the kept layers' numbers.
-            with_cache = any(name.startswith("past_key_values.") for name in order)
-            new = export_hf(student, exported, with_cache=with_cache, exporter=exporter, opset=opset)
-            if with_cache:
-                rename_cache_tensors(new, cache_numbers)
-                save_model(new, exported)
-        else:
-            new = export_torch(student, example, exported, input_names=order,
-                               output_names=[o.name for o in pruned.graph.output], exporter=exporter, opset=opset)
+        new = _export_student(student, pruned, exported, order, probe_feed, cache_numbers, hf=hf, exporter=exporter)
         stages.start("validation")
-        check_signature(pruned, new)
-        validation = _validate(new, probe_feed, provider)
-        validation["signature"] = True
+        validation = _checked(pruned, new, probe_feed, provider)
         stages.stop()
         evaluation = None
         if eval_data is not None:
-            from ..evidence.metrics import evaluate
-
             stages.start("eval")
-            before_eval, after_eval = evaluate([pruned_path, exported], eval_data, provider=provider,
-                                               batch_size=batch_size)
-            evaluation = {"data": str(eval_data), "before": before_eval.to_dict(), "after": after_eval.to_dict()}
-            evaluation["after"]["model"] = str(out)
+            evaluation = _evaluation(pruned_path, exported, out, eval_data, provider=provider, batch_size=batch_size)
             stages.stop()
 
-        rep = {
-            "tool": tool_info(),
-            "input": str(pruned_path),
-            "output": str(out),
-            "pruning_report": str(plan.report_path),
-            "torch_model": torch_model,
-            "torch_weights": None if torch_weights is None else str(torch_weights),
-            "pairing": "made by finetune (the pruning report had none)" if paired_here else "the pruning report's",
-            "removed_units": plan.units,
-            "skipped_modules": plan.modules,
-            # The pruned model's repair maps are not trained: fine-tuning heals the plain bypass.
-            "repair_maps_dropped": bool(repair and repair.get("applied")),
-            "layer_removal": "deleted" if hf else "skipped",
-            "cache_layers": cache_numbers if hf else None,
-            "skip_reproduces_pruned_relative_error": error,
-            "training": {
-                "data": str(train_data), "samples": data.n_samples, "epochs": epochs, "lr": lr,
-                "batch_size": batch_size, "seed": seed, "distill_weight": distill_weight,
-                "temperature": temperature,
-                "loss": "(1 - w) * CE(labels) + w * T^2 * KL(softmax(teacher/T) || softmax(student/T))",
-                "optimizer": "AdamW, no weight decay, cosine decay to 0",
-                "epoch_loss": history,
-            },
-            "train_metrics": {"before": before, "after": after},
-            "eval": evaluation,
-            "validation": validation,
-            "exporter": exporter,
-            "timings": timings,
-        }
+        rep = _finetune_record(
+            pruned_path=pruned_path, out=out, plan=plan, torch_model=torch_model, torch_weights=torch_weights,
+            paired_here=paired_here, repair=repair, hf=hf, cache_numbers=cache_numbers, error=error,
+            training={"data": str(train_data), "samples": data.n_samples, "epochs": epochs, "lr": lr,
+                      "batch_size": batch_size, "seed": seed, "distill_weight": distill_weight,
+                      "temperature": temperature, "epoch_loss": history},
+            metrics={"before": before, "after": after}, evaluation=evaluation, validation=validation,
+            exporter=exporter, timings=timings)
         stages.start("write")
-        model_paths = model_files_for(new, out, force=force, inputs=inputs + pruned_files)
-        reports = [report_out] if write_report else []
-        with atomic_paths(*model_paths, *reports, overwrite=force) as temps:
-            write_model_files(new, model_paths, temps)
-            stages.stop()
-            if write_report:
-                temps[len(model_paths)].write_text(to_json(rep))
+        _write(new, out, report_out if write_report else None, rep, force=force, inputs=inputs + pruned_files,
+               stages=stages)
     return FinetuneResult(output=out, report_path=report_out if write_report else None, report=rep, model=student)
