@@ -310,7 +310,8 @@ class _Greedy(Criterion):
             f"{self.name}: {_rule(search)}" + (f"; each candidate scored with its {ctx.repair} repair map fitted "
                                                "on the selection samples" if search.repaired else ""),
             *search.notes,
-            f"{self.name} greedy order (score after each removal){limited}: "
+            f"{self.name} greedy order (score after each removal: a mean over the samples its step read for "
+            f"the unit, fewer where the halving ended early){limited}: "
             + ", ".join(f"{ctx.units[k].name} {s:.4g}" for k, s in zip(order, search.scores)),
             search.passes_note(self.name),
         ]
