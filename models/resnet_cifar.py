@@ -18,6 +18,15 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+def shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """A residual block's skip path: the identity, or a 1x1 conv + BN projection
+    where the block changes the shape ("option B" of the ResNet paper)."""
+    if stride != 1 or in_channels != out_channels:
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                             nn.BatchNorm2d(out_channels))
+    return nn.Identity()
+
+
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
 
@@ -32,13 +41,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = shortcut(in_channels, out_channels, stride)
 
     @property
     def has_projection(self) -> bool:

@@ -294,15 +294,17 @@ def session_with_outputs(
         return InputSession(make_session(exposed, provider, **kwargs))
 
 
-def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto | None:
-    """A model computing only `names` from the graph inputs: the nodes they
-    need, nothing after (ONNX Runtime runs every node of a session whatever
-    outputs are asked for). None when a needed node has a subgraph (its
-    outer-scope reads are not followed) or when nothing would be dropped."""
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output if out}
+def needed_nodes(graph: onnx.GraphProto, names: Sequence[str], *, stop: str | None = None,
+                 producer: dict[str, onnx.NodeProto] | None = None
+                 ) -> tuple[dict[int, onnx.NodeProto], set[str]] | None:
+    """The nodes (by id) that compute `names`, walking back no further than
+    tensor `stop` (fed instead), and every tensor they or `names` name; None
+    when one of them has a subgraph (its outer-scope reads are not followed).
+    `producer`: tensor -> node of `graph`, when the caller has it already."""
+    if producer is None:
+        producer = {out: node for node in graph.node for out in node.output if out}
     needed: dict[int, onnx.NodeProto] = {}
-    frontier = list(dict.fromkeys(names))
+    frontier = [t for t in dict.fromkeys(names) if t != stop]
     seen = set(frontier)
     while frontier:
         node = producer.get(frontier.pop())
@@ -312,11 +314,22 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             return None
         needed[id(node)] = node
         for t in node.input:
-            if t and t not in seen:
+            if t and t != stop and t not in seen:
                 seen.add(t)
                 frontier.append(t)
-    if len(needed) == len(graph.node):
+    return needed, seen
+
+
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto | None:
+    """A model computing only `names` from the graph inputs: the nodes they
+    need, nothing after (ONNX Runtime runs every node of a session whatever
+    outputs are asked for). None when a needed node has a subgraph (its
+    outer-scope reads are not followed) or when nothing would be dropped."""
+    graph = model.graph
+    walked = needed_nodes(graph, names)
+    if walked is None or len(walked[0]) == len(graph.node):
         return None
+    needed, seen = walked
     nodes = [node for node in graph.node if id(node) in needed]  # the graph's order: topological
     prefix = onnx.helper.make_graph(
         nodes, f"{graph.name}_prefix", [i for i in graph.input if i.name in seen],

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UserError
 from ..files.model_files import initializer_bytes
-from ..graph.runtime import make_session, session_with_outputs
+from ..graph.runtime import make_session, needed_nodes, session_with_outputs
 from ..units.discovery import PrunableUnit
 
 GATE_PREFIX = "sglp_skip."
@@ -185,20 +185,10 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
     shared: dict[str, onnx.ValueInfoProto] = {}
     for k, (start, dtype) in starts.items():
         prefix = f"{COPY_PREFIX}{k}/"
-        needed: dict[int, onnx.NodeProto] = {}
-        frontier = [t for t in outputs if t != start]
-        seen = set(frontier)
-        while frontier:
-            node = producer.get(frontier.pop())
-            if node is None or id(node) in needed:
-                continue
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                return None
-            needed[id(node)] = node
-            for t in node.input:
-                if t and t != start and t not in seen:
-                    seen.add(t)
-                    frontier.append(t)
+        walked = needed_nodes(graph, outputs, stop=start, producer=producer)
+        if walked is None:
+            return None
+        needed = walked[0]
         local = {out for node in needed.values() for out in node.output if out} | {start}
 
         def rename(t: str) -> str:

@@ -86,8 +86,7 @@ class DamageSearch:
         self.rows = self.samples.rows(rows)
         self.bounds = self.samples.rounds(self.first_round(), self.rows)
         self.cache_bytes = budget.bytes // 4
-        self._references: dict[int, np.ndarray] = {}
-        self._reference_bytes = 0
+        self._references = RunCache(self.cache_bytes)  # the original's scored output, per piece
 
     repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
 
@@ -123,20 +122,21 @@ class DamageSearch:
             return left
         return sorted(sorted(left, key=lambda k: (self.latest[k], -k))[:CONTENDERS])
 
+    def share(self, feed: dict) -> float:
+        """The fraction of the selection samples in `feed`: what one full run of it counts as passes."""
+        return len(next(iter(feed.values()))) / self.samples.n
+
+    def full_run(self, feed: dict, removed: set[int], **kwargs) -> dict[str, np.ndarray]:
+        """The gated graph's run with `removed` bypassed, counted as passes."""
+        self.full_passes += self.share(feed)
+        return self.runner.run(feed, removed, **kwargs)
+
     def reference(self, start: int, feed: dict, current: dict, removed: set[int]) -> np.ndarray:
         """The original's scored output on the piece of samples from `start` on,
         kept while the kept ones fit a quarter of the budget."""
-        if start in self._references:
-            return self._references[start]
-        if removed:
-            value = self.runner.run(feed, set())[self.kind.output]
-            self.full_passes += len(next(iter(feed.values()))) / self.samples.n
-        else:
-            value = current[self.kind.output]
-        if self._reference_bytes + value.nbytes <= self.cache_bytes:
-            self._references[start] = value
-            self._reference_bytes += value.nbytes
-        return value
+        target = self.kind.output
+        return self._references.get(start, lambda: self.full_run(feed, set())[target] if removed
+                                    else current[target])
 
     def step(self) -> None:
         removed = set(self.order)
@@ -174,8 +174,7 @@ class DamageSearch:
             else runner.suffix_groups(alive)
         for g, group in enumerate(groups):
             for a, feed in self.pieces(start, stop, label):
-                current = runner.run(feed, removed, entries=True)
-                self.full_passes += len(next(iter(feed.values()))) / self.samples.n
+                current = self.full_run(feed, removed, entries=True)
                 reference = self.reference(a, feed, current, removed)
                 values = runner.run_extensions(feed, removed, group, current) if self.batched else None
                 if self.batched and values is None:  # not here after all: one suffix session per candidate
@@ -215,6 +214,30 @@ class DamageSearch:
                 f"{self.samples.n} selection samples for {len(self.order)} greedy steps ({self.full_passes:.1f} "
                 f"full, {self.partial_passes:.1f} partial: from the bypassed unit on){halving}; runs of "
                 f"{self.rows} samples")
+
+
+class RunCache:
+    """Runs (an array, or a dict of them) kept by their piece's first sample
+    while together they fit `limit` bytes; a run that does not fit is
+    recomputed on every use."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: dict[int, object] = {}
+        self.bytes = 0
+
+    def get(self, start: int, compute):
+        if start in self.kept:
+            return self.kept[start]
+        value = compute()
+        size = value.nbytes if isinstance(value, np.ndarray) else sum(v.nbytes for v in value.values())
+        if self.bytes + size <= self.limit:
+            self.kept[start] = value
+            self.bytes += size
+        return value
+
+    def clear(self) -> None:
+        self.kept, self.bytes = {}, 0
 
 
 class SampleOrder:

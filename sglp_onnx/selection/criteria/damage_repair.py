@@ -11,7 +11,7 @@ map's output, gives the score. One gated session serves every step: its
 bypasses read runtime linear maps (`repair.graph.add_runtime_maps`) fed
 with S's maps and identities elsewhere. Costs per step: two full passes
 (fit, then score; the second reuses the first's activations while they fit
-a quarter of the activation budget) and the plain greedy's partial passes.
+an eighth of the activation budget) and the plain greedy's partial passes.
 
 Used where every unit's entry is a float tensor and the model is small
 enough for one suffix session per candidate (`GatedRunner.suffix_groups`);
@@ -30,7 +30,7 @@ from ...repair.fit import LinearFit, apply_fitted, as_rows
 from ...repair.graph import add_runtime_maps, runtime_map_inputs, stored
 from ...surgery.gating import SUFFIX_BUDGET_BYTES, GatedRunner
 from .base import Context
-from .damage import DamageSearch
+from .damage import DamageSearch, RunCache
 
 SEARCH_ROWS_PER_CHANNEL = 16
 
@@ -74,10 +74,10 @@ class RepairedSearch(DamageSearch):
         super().__init__(ctx, candidates=candidates)
         self.maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a step's candidate -> its cut's map
         self.merged: dict = {}
-        self._original: dict[int, dict] = {}  # piece start -> the original's exits and output, kept while small
-        self._original_bytes = 0
-        self._kept: dict[int, dict] = {}  # piece start -> this step's current run, kept while small
-        self._kept_bytes = 0
+        # Beside the runs (half the budget) and the scored output's references (a quarter), the
+        # original's entries, exits and output, and this step's current run, an eighth each, per piece.
+        self._original = RunCache(self.cache_bytes // 2)
+        self._kept = RunCache(self.cache_bytes // 2)
         self._identities()
 
     def also_held(self) -> list[str]:
@@ -107,34 +107,15 @@ class RepairedSearch(DamageSearch):
         for k, (_, _, _, channels) in self.specs.items():
             self._feed_map(k, np.eye(channels), np.zeros(channels))
 
-    def _rows_of(self, feed: dict) -> float:
-        return len(next(iter(feed.values()))) / self.samples.n
-
     def _original_run(self, start: int, feed: dict) -> dict[str, np.ndarray]:
         """The original network's exposed tensors for the piece from `start` (all gates off)."""
-        if start in self._original:
-            return self._original[start]
-        values = self.runner.run(feed, set(), entries=True)
-        self.full_passes += self._rows_of(feed)
-        size = sum(v.nbytes for v in values.values())
-        if self._original_bytes + size <= self.cache_bytes:
-            self._original[start] = values
-            self._original_bytes += size
-        return values
+        return self._original.get(start, lambda: self.full_run(feed, set(), entries=True))
 
     def _current(self, start: int, feed: dict, removed: set[int]) -> dict[str, np.ndarray]:
         """This step's network (S bypassed, S's maps fed) for the piece from `start`."""
         if not removed:
             return self._original_run(start, feed)
-        if start in self._kept:
-            return self._kept[start]
-        values = self.runner.run(feed, removed, entries=True)
-        self.full_passes += self._rows_of(feed)
-        size = sum(v.nbytes for v in values.values())
-        if self._kept_bytes + size <= self.cache_bytes:
-            self._kept[start] = values
-            self._kept_bytes += size
-        return values
+        return self._kept.get(start, lambda: self.full_run(feed, removed, entries=True))
 
     def step(self) -> None:
         # Overflowing activations make non-finite maps and scores: scored as such (fidelity.py), never warned.
@@ -144,7 +125,7 @@ class RepairedSearch(DamageSearch):
     def prepare(self, removed: set[int], candidates: list[int]) -> None:
         """Every candidate's cut map, fitted on all the selection samples."""
         units = self.ctx.units
-        self._kept, self._kept_bytes = {}, 0
+        self._kept.clear()
         self.merged = {k: next(c for c in cuts_of(units, removed | {k}) if k in c.units) for k in candidates}
         fits = {k: self._fit(self.specs[self.merged[k].units[0]][3]) for k in candidates}
         for a, feed in self.pieces(0, self.samples.n, f"damage step {len(self.order) + 1}: repair fits"):
@@ -162,15 +143,16 @@ class RepairedSearch(DamageSearch):
         units = self.ctx.units
         target = self.kind.output
         for a, feed in self.pieces(start, stop, f"{label}: scores"):
-            original = self._original_run(a, feed)
             current = self._current(a, feed, removed)
+            # Only the original's scored output: kept per piece where all its exposed tensors would not be.
+            reference = self.reference(a, feed, current, removed)
             mask = self.mask(feed)
             prepared: dict = {}
             for k in alive:
                 cut = self.merged[k]
                 value = apply_fitted(current[units[cut.units[0]].entry], *self.maps[k], self.specs[cut.units[0]][0])
                 out = self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)[target]
-                meters[k].update(original[target], out, mask, prepared)
+                meters[k].update(reference, out, mask, prepared)
 
     def chosen(self, removed: set[int]) -> None:
         best = self.order[-1]
@@ -178,4 +160,4 @@ class RepairedSearch(DamageSearch):
             channels = self.specs[k][3]
             self._feed_map(k, np.eye(channels), np.zeros(channels))
         self._feed_map(self.merged[best].units[-1], *self.maps[best])
-        self._kept, self._kept_bytes = {}, 0
+        self._kept.clear()
