@@ -26,7 +26,8 @@ TORCH_MODEL = "models.cnn1d:cnn1d_radio"
 TORCH_WEIGHTS = MODELS_DIR / "cnn1d_radio.pt"
 
 
-def measure(samples: int, *, batch_size: int, torch_model: bool, sequential: bool = False) -> dict:
+def measure(samples: int, *, batch_size: int, torch_model: bool, sequential: bool = False,
+            activation_budget: str | None = None) -> dict:
     """One `analyze` run over `samples` calibration samples (the sidecar's repeated) in this process."""
     import numpy as np
 
@@ -44,6 +45,8 @@ def measure(samples: int, *, batch_size: int, torch_model: bool, sequential: boo
             options.update(torch_model=TORCH_MODEL, torch_weights=TORCH_WEIGHTS)
         if sequential:
             options["sequential"] = True
+        if activation_budget is not None:
+            options["activation_budget"] = activation_budget
         runs = _count_session_runs()
         start, start_cpu = time.perf_counter(), time.process_time()
         result = analyze(MODEL, **options)
@@ -78,8 +81,11 @@ def _count_session_runs() -> list[int]:
     return count
 
 
-def measure_in_subprocess(samples: int, *, batch_size: int, torch_model: bool, sequential: bool = False) -> dict:
+def measure_in_subprocess(samples: int, *, batch_size: int, torch_model: bool, sequential: bool = False,
+                          activation_budget: str | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarks.streaming", "--child", str(samples), "--batch-size", str(batch_size)]
+    if activation_budget is not None:
+        command += ["--activation-budget", activation_budget]
     if torch_model:
         command.append("--torch-model")
     if sequential:
@@ -96,13 +102,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--torch-model", action="store_true", help="also run GradNorm on the paired torch model")
     parser.add_argument("--sequential", action="store_true", help="calibrate piece by piece (--sequential)")
+    parser.add_argument("--activation-budget", help="compress's --activation-budget (default: its default)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "streaming.md")
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(measure(args.child, batch_size=args.batch_size, torch_model=args.torch_model,
-                                 sequential=args.sequential)))
+                                 sequential=args.sequential, activation_budget=args.activation_budget)))
         return
 
     rows = []

@@ -3,6 +3,10 @@ activations fit it, with the same measurements where they are exact sums."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,3 +104,13 @@ def test_the_greedy_scores_by_successive_halving_for_fewer_passes(tmp_path):
     assert "successive halving over 32, 64, 128, 256 samples" in notes, notes
     # Every candidate of a step on every sample would be 6 + 5 partial passes.
     assert halved.selection.passes["forward_partial"] < 6 + 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("environment, expected", [({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False")])
+def test_measuring_sessions_return_freed_buffers_unless_the_user_set_the_threshold(environment, expected):
+    # In a fresh process: the setting is process-wide and made once, with the first measuring session.
+    code = "from sglp_onnx.graph.runtime import return_freed_buffers as r; print(r(), r())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | environment
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == [expected, expected]

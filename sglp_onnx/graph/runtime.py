@@ -34,7 +34,7 @@ SESSION_FILE_THRESHOLD = 512 * 2**20
 
 # Process-wide settings, set once by the CLI (--threads, -v) or the API's
 # `threads` keyword; every session reads them.
-_settings = {"threads": None, "verbose": False}
+_settings = {"threads": None, "verbose": False, "heap": None}
 
 
 def set_threads(threads: int | None) -> None:
@@ -172,6 +172,38 @@ def provider_chain(provider: str) -> list[str]:
         raise UserError(f"--provider must be one of {', '.join(PROVIDER_CHAINS)}, got {provider!r}") from None
 
 
+# Buffers of at least this size are mapped apart and unmapped when freed (glibc's
+# M_MMAP_THRESHOLD, -3 in mallopt): see `return_freed_buffers`.
+MMAP_THRESHOLD_BYTES = 2**20
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_buffers() -> bool:
+    """Make freed activation buffers go back to the system at once, for the
+    rest of the process (glibc only; True when set here).
+
+    Without an arena ONNX Runtime allocates every activation with malloc.
+    glibc raises its mmap threshold to the largest buffer freed so far (up to
+    32 MiB), after which such buffers come from the heap, which fragments and
+    is rarely returned: measured on ResNet-50 at 224x224, a 768M activation
+    budget peaked at 1.85 GiB of RSS with the adaptive threshold and 1.38 GiB
+    with a fixed 1 MiB one. A threshold the user set in the environment
+    (MALLOC_MMAP_THRESHOLD_) is left as it is.
+    """
+    if _settings.get("heap") is not None:
+        return _settings["heap"]
+    _settings["heap"] = False
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None)
+            _settings["heap"] = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+            pass
+    return _settings["heap"]
+
+
 def make_session(
     model: onnx.ModelProto | str | os.PathLike,
     provider: str = "cpu",
@@ -195,6 +227,8 @@ def make_session(
     `set_verbose(True)`.
     """
     chain = provider_chain(provider)
+    if not arena:
+        return_freed_buffers()
     options = ort.SessionOptions()
     # 3 = errors, 4 = fatal only: a failing node is logged (in colour) before it
     # is raised, and the CLI reports the exception as one line.
