@@ -26,8 +26,8 @@ class HeldOut:
     def records(self, *removal_sets, network=None) -> list[dict]:
         """Held-out fidelity records of `removal_sets` of the input, or of
         `network` = (model, units) (the input with repair maps added)."""
-        from ..surgery.gating import GatedRunner
         from .fidelity import measure_sets, measure_sets_sequential
+        from .gated_runner import GatedRunner
 
         ctx = self.ctx
         net_model, net_units = network or (self.model, self.units)

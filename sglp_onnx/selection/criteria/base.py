@@ -82,9 +82,9 @@ class Context:
         return self._output_kind
 
     def runner(self):
-        """The gated graph's runner for the scored output (gating.GatedRunner), built once."""
+        """The gated graph's runner for the scored output (gated_runner.GatedRunner), built once."""
         if self._runner is None:
-            from ...surgery.gating import GatedRunner
+            from ...evidence.gated_runner import GatedRunner
 
             self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
         return self._runner

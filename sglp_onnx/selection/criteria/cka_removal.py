@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...surgery.gating import GatedRunner, ReferenceOutputs
+from ...evidence.gated_runner import GatedRunner, ReferenceOutputs
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
 from ...evidence.activations import as_samples
 from ...evidence.similarity import MinibatchCKA
