@@ -59,8 +59,6 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
         n_remove, selection, notes = select_for_budget(
             chosen, ctx, units, total_flops, opts, only_measure=only_measure,
             loss_of=lambda removed: held.loss_of(removed, form=opts.repair, fit_data=data, progress=progress))
-    # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
-    timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
     suggestions = None
     if suggest:
         with timed(timings, "suggestions", progress):

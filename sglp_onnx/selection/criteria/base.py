@@ -18,6 +18,7 @@ from ...files.calibration import CalibrationSet
 from ...errors import UserError
 from ...evidence.budget import BACKWARD_COPIES, METER_COPIES, ActivationBudget
 from ...evidence.calibration_pass import Evidence, collect_evidence
+from ...progress import clocked
 from ...units.discovery import PrunableUnit
 
 
@@ -96,16 +97,14 @@ class Context:
                             "beside the model")
 
     def evidence(self) -> Evidence:
+        """The calibration pass's evidence, computed on first use (its seconds: `timings["calibration"]`)."""
         if self._evidence is None:
             self.require_calibration("this criterion")
-            import time
-
-            start = time.perf_counter()
             progress = (lambda it: self.progress(it, "calibration")) if self.progress else None
-            self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
-                                              provider=self.provider, progress=progress,
-                                              sequential=self.sequential, budget=self.budget)
-            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
+            with clocked(self.timings, "calibration"):
+                self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
+                                                  provider=self.provider, progress=progress,
+                                                  sequential=self.sequential, budget=self.budget)
         return self._evidence
 
     def activation_budget(self) -> ActivationBudget:
@@ -172,11 +171,8 @@ class Context:
             raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
                             "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
         if self._gradnorm is None:
-            import time
-
-            start = time.perf_counter()
-            self._gradnorm = self.gradnorm_fn()
-            self.timings["gradnorm"] = self.timings.get("gradnorm", 0.0) + time.perf_counter() - start
+            with clocked(self.timings, "gradnorm"):
+                self._gradnorm = self.gradnorm_fn()
         return self._gradnorm
 
 
