@@ -18,6 +18,7 @@ from ...files.calibration import CalibrationSet
 from ...errors import UserError
 from ...evidence.budget import BACKWARD_COPIES, METER_COPIES, ActivationBudget
 from ...evidence.calibration_pass import Evidence, collect_evidence
+from ...evidence.executor import Executor
 from ...progress import clocked
 from ...units.discovery import PrunableUnit
 
@@ -56,8 +57,9 @@ class Context:
     # Per-criterion state that must survive repeated select() calls on this
     # context (`--target-flops` asks for n = 1, 2, ...), keyed by criterion name.
     cache: dict[str, object] = field(default_factory=dict)
-    # Run the calibration pass piece by piece (`--sequential`, see sequential.py).
-    sequential: bool = False
+    # How the calibration pass and the held-out fidelity run the model (whole,
+    # or piecewise with `--sequential`); the gated runner always runs it whole.
+    executor: Executor = Executor.WHOLE
     # The budget is in FLOPs (`--target-flops`): measured-damage criteria
     # then rank by damage per FLOP removed.
     flops_budget: bool = False
@@ -104,7 +106,7 @@ class Context:
             with clocked(self.timings, "calibration"):
                 self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
                                                   provider=self.provider, progress=progress,
-                                                  sequential=self.sequential, budget=self.budget)
+                                                  executor=self.executor, budget=self.budget)
         return self._evidence
 
     def activation_budget(self) -> ActivationBudget:
