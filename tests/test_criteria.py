@@ -12,7 +12,8 @@ import pytest
 
 import criteria_models as cm
 from sglp_onnx.cli import main
-from sglp_onnx.selection.criteria import Context, get_criterion
+from sglp_onnx.evidence import Context
+from sglp_onnx.selection.criteria import get_criterion
 from sglp_onnx.selection.criteria.cka_removal import GreedyCKA, final_representation
 from sglp_onnx.surgery.gating import gated_model
 from sglp_onnx.errors import UserError

@@ -13,7 +13,7 @@ import onnx
 class HeldOut:
     """Fidelity records on `data` (the held-out samples, else the selection
     samples) of removal sets of `model`'s `units`, measured through `ctx`
-    (`selection.criteria.Context`: its executor, runner, output kind and batch rows)."""
+    (`context.Context`: its executor, runner, output kind and batch rows)."""
 
     ctx: object
     model: onnx.ModelProto

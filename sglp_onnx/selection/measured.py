@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..evidence import Executor
+from ..evidence import Context, Executor
 from ..evidence.budget import parse_size
 from ..evidence.held_out import HeldOut
 from ..progress import Progress, timed
 from ..report.build import fidelity_records, repair_notes
 from .budget import select_for_budget, suggest_removals
-from .criteria import Context, Criterion, Selection
+from .criteria import Criterion, Selection
 
 
 @dataclass
