@@ -28,7 +28,8 @@ def main() -> None:
     from sglp_onnx.evidence import output_kind
     from sglp_onnx.files import load_calibration, load_model
     from sglp_onnx.graph import make_session
-    from sglp_onnx.surgery.gating import GatedRunner, batched_suffix_model, suffix_model
+    from sglp_onnx.evidence import GatedRunner
+    from sglp_onnx.surgery import batched_suffix_model, suffix_model
     from sglp_onnx.units import discover
 
     model = load_model(MODEL)

@@ -16,6 +16,7 @@ from typing import Sequence
 import onnx
 
 from .errors import UserError
+from .evidence.executor import Executor
 from .files.calibration import CalibrationSet, choose_calibration
 from .files.model_files import atomic_paths, check_output_path, external_bytes, external_data_folder, files_size, \
     load_model_files, proto_size, refuse_inputs, write_model_files
@@ -101,7 +102,7 @@ def _analyze(model_path: str | os.PathLike, *, suggest: Sequence[float] | None =
             output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
     with data.explained("--calib"), timed(timings, "discovery", progress):  # guessed sizes fail on the first run
         units, total_flops = discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                      sequential=opts.sequential)
+                                      executor=Executor.of(opts.sequential))
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "
@@ -135,7 +136,7 @@ def _measure(analysis: Analysis, chosen, opts: SelectionOptions, paired: PairedM
     """Measure, select, suggest, repair: fills `analysis`'s selection, report, repair and validation rows."""
     m = measure_and_select(analysis.model, analysis.units, analysis.calib, held_out, analysis.total_flops, chosen,
                            opts, paired, suggest=suggest, only_measure=only_measure, timings=analysis.timings,
-                           progress=progress)
+                           progress=progress, executor=Executor.of(opts.sequential))
     units, data = analysis.units, analysis.calib
     report = analysis_report(
         **report_of, options=replace(opts, ratio=None) if only_measure else opts, n_remove=m.n_remove,
@@ -197,7 +198,8 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
         pruned = finish_patterns(remove_units(base, [base_units[i] for i in analysis.selection.removed]),
                                  analysis.rewrites)
     with timed(timings, "validation", progress):
-        result, feed = validate_pruned(analysis, pruned, sequential=opts.sequential, provider=opts.provider)
+        result, feed = validate_pruned(analysis, pruned, executor=Executor.of(opts.sequential),
+                                       provider=opts.provider)
     if renumber_cache:
         with timed(timings, "validation", progress):
             renumber_kept_cache(pruned, rep, feed, provider=opts.provider)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 Progress = Callable[[Iterator, str], Iterator]
@@ -105,25 +105,24 @@ class LineProgress:
 
 class Stages:
     """A run's stages one after another: `start(name)` ends the previous one
-    (its seconds go to `timings[name]`) and shows the new one; `stop()` ends
-    the last."""
+    (its seconds go to `timings[name]`, as `clocked` counts them) and shows
+    the new one; `stop()` ends the last."""
 
     def __init__(self, progress: Progress | None, timings: dict[str, float]) -> None:
         self.progress, self.timings = progress, timings
-        self._current: tuple[str, float, object] | None = None
+        self._current: ExitStack | None = None
 
     def start(self, name: str) -> None:
         self.stop()
-        shown = stage(self.progress, name)
-        shown.__enter__()
-        self._current = (name, time.perf_counter(), shown)
+        current = ExitStack()
+        current.enter_context(clocked(self.timings, name))
+        current.enter_context(stage(self.progress, name))
+        self._current = current
 
     def stop(self) -> None:
         if self._current is not None:
-            name, began, shown = self._current
-            self._current = None
-            shown.__exit__(None, None, None)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
+            current, self._current = self._current, None
+            current.close()
 
 
 # Test hook: SGLP_ONNX_PAUSE_AT=POINT[:SECONDS] stops at the start of a stage
@@ -158,11 +157,24 @@ def pause_point(point: str) -> None:
 def timed(timings: dict[str, float], name: str, progress: Progress | None = None) -> Iterator[None]:
     """Stage `name` of a run: a test may pause at its start (`pause_point`),
     `progress` shows it while it runs, and its seconds are added to
-    `timings[name]` (a stage entered twice adds up)."""
+    `timings[name]` (`clocked`)."""
     pause_point(name)
-    start = time.perf_counter()
+    with clocked(timings, name), stage(progress, name):
+        yield
+
+
+@contextmanager
+def clocked(timings: dict[str, float], name: str) -> Iterator[None]:
+    """The one clock of a run's stages: the block's seconds are added to
+    `timings[name]` (a stage entered twice adds up), less the seconds that
+    stages clocked inside it added to `timings` (the calibration pass a
+    criterion runs is calibration time, not selection time)."""
+    def others() -> float:
+        return sum(v for k, v in timings.items() if k != name)
+
+    start, before = time.perf_counter(), others()
     try:
-        with stage(progress, name):
-            yield
+        yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        inner = others() - before
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start - inner

@@ -12,7 +12,8 @@ import pytest
 
 import criteria_models as cm
 from sglp_onnx.cli import main
-from sglp_onnx.selection.criteria import Context, get_criterion
+from sglp_onnx.evidence import Context
+from sglp_onnx.selection.criteria import get_criterion
 from sglp_onnx.selection.criteria.cka_removal import GreedyCKA, final_representation
 from sglp_onnx.surgery.gating import gated_model
 from sglp_onnx.errors import UserError
@@ -283,12 +284,12 @@ def test_unreachable_target_flops_is_a_user_error(folder):
 
 
 def test_reference_outputs_too_large_to_keep_are_recomputed_to_the_same_order(folder, monkeypatch):
-    import sglp_onnx.surgery.gating as gating
+    import sglp_onnx.evidence.gated_runner as gated_runner
 
     analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
     L = len(analysis.units)
     kept = get_criterion("cka-removal").select(context(analysis), L - 1)
-    monkeypatch.setattr(gating, "REFERENCE_CACHE_BYTES", 0)
+    monkeypatch.setattr(gated_runner, "REFERENCE_CACHE_BYTES", 0)
     recomputed = get_criterion("cka-removal").select(context(analysis), L - 1)
     assert recomputed.removed == kept.removed
     # Every step after the first runs the original network again for its reference.

@@ -227,12 +227,12 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
     sessions closed between groups, with the same scores and the same order."""
     import weakref
 
-    import sglp_onnx.surgery.gating as gating
+    import sglp_onnx.evidence.gated_runner as gated_runner
 
     free = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     live: list[weakref.ref] = []
     peak = 0
-    make = gating.make_session
+    make = gated_runner.make_session
 
     def counting(model, provider="cpu", **kwargs):
         nonlocal peak
@@ -242,9 +242,9 @@ def test_greedy_search_in_groups_under_a_weight_budget_scores_the_same(mlp, monk
         peak = max(peak, sum(r() is not None for r in live))
         return session
 
-    monkeypatch.setattr(gating, "batched_suffix_model", lambda *args: None)  # one suffix session per candidate
-    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
-    monkeypatch.setattr(gating, "make_session", counting)
+    monkeypatch.setattr(gated_runner, "batched_suffix_model", lambda *args: None)  # one suffix session per candidate
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gated_runner, "make_session", counting)
     grouped = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     assert grouped.removed == free.removed
     np.testing.assert_allclose(grouped.importance, free.importance, rtol=1e-6, atol=1e-12)
@@ -257,18 +257,19 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
     """Where one suffix session per candidate would not fit the weight budget,
     the candidates run side by side in one session (the weights once, one run
     per batch, kept across steps), with the scores of one session each."""
+    import sglp_onnx.evidence.gated_runner as gated_runner
     import sglp_onnx.surgery.gating as gating
 
     separate = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     made: list[int] = []
-    make = gating.make_session
+    make = gated_runner.make_session
 
     def counting(model, provider="cpu", **kwargs):
         made.append(sum(i.name.startswith(gating.COPY_PREFIX) for i in model.graph.input))
         return make(model, provider, **kwargs)
 
-    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
-    monkeypatch.setattr(gating, "make_session", counting)
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gated_runner, "make_session", counting)
     batched = analyze(mlp, criterion="damage-greedy", remove=3, suggest=None, repair="none").selection
     assert len([n for n in made if n]) == 1  # one side-by-side session, kept for the three steps
     assert batched.removed == separate.removed
@@ -294,6 +295,7 @@ def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):
     gone (without waiting for the collector) when the pruned model's opens."""
     import weakref
 
+    import sglp_onnx.evidence.gated_runner as gated_runner
     import sglp_onnx.graph.runtime as runtime
     import sglp_onnx.surgery.gating as gating
     import sglp_onnx.surgery.validation as validation
@@ -317,7 +319,7 @@ def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):
     import gc
 
     monkeypatch.setattr(runtime, "make_session", recording)
-    monkeypatch.setattr(gating, "make_session", recording)
+    monkeypatch.setattr(gated_runner, "make_session", recording)
     monkeypatch.setattr(validation, "make_session", validating)
     gc.disable()
     try:

@@ -457,9 +457,9 @@ def test_default_options_with_the_candidates_side_by_side(staged, capsys, tmp_pa
     """The optimizer leaves nodes without names (Casts of the mask): the
     candidates' copies in one session must still get unique names. The copies
     are used for a large model; a budget of 0 makes this small one "large"."""
-    from sglp_onnx.surgery import gating
+    from sglp_onnx.evidence import gated_runner
 
-    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
     source = staged[arch][kind]
     assert any(not n.name for n in onnx.load(str(source)).graph.node) or arch == "gpt2"
     out = tmp_path / f"{arch}.{kind}.pruned.onnx"

@@ -644,10 +644,10 @@ def test_every_format_prunes_with_the_default_options(staged, capsys, monkeypatc
     the candidates side by side in one session on large ones; a weight budget
     of 0 makes these tiny models take the large models' path too."""
     from sglp_onnx.cli import main
-    from sglp_onnx.surgery import gating
+    from sglp_onnx.evidence import gated_runner
 
     if side_by_side:
-        monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+        monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
     torch_model, path = format_model(staged, name)
     arch = name.partition(".")[0]
     calib, feed = model_feed(arch)

@@ -41,7 +41,7 @@ from torch import nn
 from sglp_onnx.cli import main
 from sglp_onnx.evidence.activations import probe_shapes
 from sglp_onnx.graph.flops import tensors_needed
-from sglp_onnx.surgery.gating import GatedRunner
+from sglp_onnx.evidence.gated_runner import GatedRunner
 from sglp_onnx.surgery.remove import remove_units
 from sglp_onnx.units import patterns
 from sglp_onnx.units.discovery import find_units, probe_targets
@@ -297,9 +297,9 @@ def test_compress_equals_the_float_model_pruned_then_quantized(models, name, arg
 def test_default_options_with_the_candidates_side_by_side(models, monkeypatch, name):
     """Every option at its default, the candidates' suffixes in one session
     (what large models get; a weight budget of 0 makes this one "large")."""
-    from sglp_onnx.surgery import gating
+    from sglp_onnx.evidence import gated_runner
 
-    monkeypatch.setattr(gating, "SUFFIX_BUDGET_BYTES", 0)
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
     code, report, out = compress(models, name, "--batch-size", "64")  # (the default, for a distinct output name)
     assert code == 0
     assert len(report["removed"]) == 1 and report["criterion"] == "damage"

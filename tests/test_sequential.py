@@ -17,6 +17,7 @@ import sglp_onnx.evidence.sequential as sequential
 from sglp_onnx.files.calibration import CalibrationSet, load_calibration
 from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
+from sglp_onnx.evidence import Executor
 from sglp_onnx.evidence.calibration_pass import collect_evidence
 from sglp_onnx.units import discover
 from sglp_onnx.evidence.activations import stream
@@ -136,12 +137,12 @@ def test_cnn1d_sequential_evidence_equals_one_shot():
     calib = load_calibration(MODELS / "cnn1d_radio.calib.npz", model, max_samples=96)
     units, _ = discover(model, calib, granularity="layer", provider="cpu")
     one = collect_evidence(model, calib, units, batch_size=32)
-    seq = collect_evidence(model, calib, units, batch_size=32, sequential=True)
+    seq = collect_evidence(model, calib, units, batch_size=32, executor=Executor.PIECEWISE)
     assert seq.n_samples == one.n_samples == 96 and seq.batches == one.batches == 3
     np.testing.assert_allclose(seq.cka, one.cka, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(seq.entry_exit_cka, one.entry_exit_cka, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(seq.block_influence, one.block_influence, rtol=1e-6, atol=1e-9)
-    units_seq, _ = discover(model, calib, granularity="layer", provider="cpu", sequential=True)
+    units_seq, _ = discover(model, calib, granularity="layer", provider="cpu", executor=Executor.PIECEWISE)
     assert [(u.entry, u.exit, u.flops) for u in units_seq] == [(u.entry, u.exit, u.flops) for u in units]
 
 

@@ -13,7 +13,8 @@ import onnx
 
 from ..files.calibration import CalibrationSet
 from ..progress import pause_point
-from .activations import pass_rows, stream
+from .activations import pass_rows
+from .executor import Executor
 from .similarity import MeanCosineDistance, MinibatchCKA
 from ..units.discovery import PrunableUnit
 
@@ -32,7 +33,7 @@ class Evidence:
     # original's outputs that validation compares the pruned model with.
     first_outputs: dict[str, np.ndarray] | None = None
     # Bytes per sample of every tensor the pass exposed and of the graph
-    # outputs (measured on one sample; empty with `sequential`), and the
+    # outputs (measured on one sample; empty when run piecewise), and the
     # samples per run the activation budget allowed (`batch_size` or fewer).
     sizes: dict[str, int] = field(default_factory=dict)
     rows: int | None = None
@@ -46,11 +47,11 @@ def collect_evidence(
     batch_size: int,
     provider: str = "cpu",
     progress: Callable[[Iterator], Iterator] | None = None,
-    sequential: bool = False,
+    executor: Executor = Executor.WHOLE,
     budget: int | None = None,
 ) -> Evidence:
-    """One pass over `calib`; with `sequential`, the graph runs piece by piece
-    (cut at unit exits, see `sequential.stream_sequential`) with the same result.
+    """One pass over `calib`; `Executor.PIECEWISE` runs the graph piece by
+    piece (cut at unit exits, see `sequential.stream_sequential`) with the same result.
     `budget` (bytes) caps what one run holds (`activations.pass_rows`): a
     smaller run is a smaller CKA minibatch, so it is set only where needed."""
     exits = [u.exit for u in units]
@@ -62,14 +63,8 @@ def collect_evidence(
     n_batches = 0
     first_outputs = None
     sizes: dict[str, int] = {}
-    if sequential:
-        from .sequential import stream_sequential
-
-        batches = stream_sequential(model, calib, tracked, boundaries=exits, batch_size=batch_size,
-                                    provider=provider, progress=progress)
-    else:
-        batches = stream(model, calib, tracked, batch_size=batch_size, provider=provider, progress=progress,
-                         budget=budget, sizes=sizes)
+    batches = executor.stream(model, calib, tracked, boundaries=exits, batch_size=batch_size, provider=provider,
+                              progress=progress, budget=budget, sizes=sizes)
     for batch in batches:
         rows = {name: batch.samples(name, calib) for name in tracked}
         cka.update([rows[name] for name in tracked])

@@ -13,25 +13,24 @@ import onnx
 class HeldOut:
     """Fidelity records on `data` (the held-out samples, else the selection
     samples) of removal sets of `model`'s `units`, measured through `ctx`
-    (`selection.criteria.Context`: its runner, output kind and batch rows)."""
+    (`context.Context`: its executor, runner, output kind and batch rows)."""
 
     ctx: object
     model: onnx.ModelProto
     units: list
     data: object
-    sequential: bool
     batch_size: int
     provider: str
 
     def records(self, *removal_sets, network=None) -> list[dict]:
         """Held-out fidelity records of `removal_sets` of the input, or of
         `network` = (model, units) (the input with repair maps added)."""
-        from ..surgery.gating import GatedRunner
         from .fidelity import measure_sets, measure_sets_sequential
+        from .gated_runner import GatedRunner
 
         ctx = self.ctx
         net_model, net_units = network or (self.model, self.units)
-        if self.sequential:
+        if ctx.executor.piecewise:
             return measure_sets_sequential(net_model, net_units, ctx.output_kind(), self.data, removal_sets,
                                            batch_size=self.batch_size, provider=self.provider)
         runner = ctx.runner() if network is None else GatedRunner(net_model, net_units, [ctx.output_kind().output],
@@ -53,7 +52,7 @@ class HeldOut:
         """What --max-loss reads: the held-out record of the model compress
         would write (repaired where `form` repairs and the repair helps)."""
         plain = self.records(removed)[0]
-        if form == "none" or self.sequential or not removed:
+        if form == "none" or self.ctx.executor.piecewise or not removed:
             return plain
         outcome = self.repaired(removed, plain, form=form, fit_data=fit_data, progress=progress)
         return outcome.fidelity if outcome.applied else plain

@@ -8,9 +8,10 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..errors import UserError
+from ..evidence import Context
 from ..units.discovery import PrunableUnit
 from .allocation import removal_count
-from .criteria import Context, Criterion, Selection
+from .criteria import Criterion, Selection
 
 
 def budget_to_count(criterion, ctx: Context, units: Sequence[PrunableUnit], total_flops: int, *,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..evidence import Context, Executor
 from ..evidence.budget import parse_size
 from ..evidence.held_out import HeldOut
 from ..progress import Progress, timed
 from ..report.build import fidelity_records, repair_notes
 from .budget import select_for_budget, suggest_removals
-from .criteria import Context, Criterion, Selection
+from .criteria import Criterion, Selection
 
 
 @dataclass
@@ -35,12 +36,13 @@ class Measured:
 
 def measure_and_select(model, units, data, held_out, total_flops: int, chosen: Criterion, opts, paired, *,
                        suggest, only_measure: bool, timings: dict[str, float],
-                       progress: Progress | None) -> Measured:
+                       progress: Progress | None, executor: Executor) -> Measured:
     """Choose with `chosen` on `data` (the selection samples) for the budget
     of `opts` (`options.SelectionOptions`), suggest removal sets for the
     FLOPs fractions `suggest`, and measure each on `held_out` (else `data`),
     repaired where --repair helps; `paired` (`paired.PairedModel`) gives
-    gradient criteria their gradients."""
+    gradient criteria their gradients. `executor` runs the calibration pass
+    and the held-out fidelity (piecewise: `--sequential`, no repair)."""
     loss_note = f"GradNorm loss: {paired.loss_description(data)}" if paired is not None else None
 
     def gradnorm_fn():
@@ -49,18 +51,16 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
 
     ctx = Context(model=model, units=units, calib=data, batch_size=opts.batch_size, provider=opts.provider,
                   seed=opts.seed, segments=opts.segments, gradnorm_fn=gradnorm_fn if paired else None,
-                  progress=progress, timings=timings, sequential=opts.sequential,
+                  progress=progress, timings=timings, executor=executor,
                   flops_budget=opts.target_flops is not None,
-                  repair="none" if opts.sequential else opts.repair, fidelity_output=opts.fidelity_output,
+                  repair="none" if executor.piecewise else opts.repair, fidelity_output=opts.fidelity_output,
                   budget=parse_size(opts.activation_budget))
-    held = HeldOut(ctx, model, units, held_out if held_out is not None else data, sequential=opts.sequential,
-                   batch_size=opts.batch_size, provider=opts.provider)
+    held = HeldOut(ctx, model, units, held_out if held_out is not None else data, batch_size=opts.batch_size,
+                   provider=opts.provider)
     with timed(timings, "selection", progress):
         n_remove, selection, notes = select_for_budget(
             chosen, ctx, units, total_flops, opts, only_measure=only_measure,
             loss_of=lambda removed: held.loss_of(removed, form=opts.repair, fit_data=data, progress=progress))
-    # Stages timed inside the criterion (calibration, gradnorm) are not selection time.
-    timings["selection"] -= timings.get("calibration", 0.0) + timings.get("gradnorm", 0.0)
     suggestions = None
     if suggest:
         with timed(timings, "suggestions", progress):
@@ -76,14 +76,14 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
     evidence = ctx.evidence_if_computed
     # Validation compares the first run of the calibration pass, or a run that fits the budget.
     validation_rows = evidence.rows if evidence is not None and evidence.rows else \
-        (ctx.output_rows() if not opts.sequential else opts.batch_size)
+        (ctx.output_rows() if not executor.piecewise else opts.batch_size)
     notes = list(selection.notes) + notes
     runner_used = ctx.runner_used
     kind = ctx.output_kind()
     ctx.release()
     # Repair: fitted on the selection samples, kept where the held-out fidelity improves.
     outcomes = [None] * len(sets)
-    if opts.repair != "none" and opts.sequential and selection.removed:
+    if opts.repair != "none" and executor.piecewise and selection.removed:
         notes.append(f"--repair {opts.repair} was not applied: fitting the maps runs the whole model, which "
                      "--sequential avoids; run without --sequential where the model fits in memory")
     elif opts.repair != "none":
@@ -94,7 +94,7 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
     repair = outcomes[0]
     if repair is not None:
         notes += repair_notes(repair, units)
-    if opts.sequential and runner_used:
+    if executor.piecewise and runner_used:
         notes.append(f"--criterion {opts.criterion} ran the whole model (its gated graph) to measure damage: "
                      "--sequential kept only the calibration pass, the fidelity and the validation to one piece "
                      "at a time; for a model larger than memory use --criterion sglp")

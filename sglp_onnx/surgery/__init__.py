@@ -4,7 +4,7 @@ removal itself, KV-cache bookkeeping, and the validation gate."""
 from ..lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "gating": ["GatedRunner", "ReferenceOutputs", "SUFFIX_BUDGET_BYTES"],
+    "gating": ["batched_suffix_model", "gate_graph", "gated_model", "suffix_model"],
     "remove": ["dropped_weight_inputs", "remove_units"],
     "kv_cache": [
         "CACHE_NAME", "genai_config_for_output", "genai_config_source", "genai_config_target", "genai_support_files", "kv_cache_record",

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError, ValidationError
+from ..evidence.executor import Executor
 from ..graph.index import declared_dims
 from ..files.model_files import checkable
 from ..graph.runtime import make_session
@@ -214,21 +215,21 @@ def validate(
 
 
 def validation_reference(model: onnx.ModelProto, units, removed: list[int], feed: dict[str, np.ndarray], *,
-                         rewritten: bool, first_outputs: dict | None, sequential: bool,
+                         rewritten: bool, first_outputs: dict | None, executor: Executor,
                          provider: str) -> dict | None:
     """The original's outputs on the validation batch without a session on the
     whole original: from the calibration pass (`first_outputs`), which ran
-    that very batch first; with `sequential` and no calibration pass, piece by
-    piece. None (validation then runs the original itself) when nothing was
-    removed (the output must be bit-identical to the input's, so both come
-    from plain sessions), when the patterns `rewritten` the file, or without
-    `sequential` and a calibration pass."""
+    that very batch first; with a piecewise `executor` and no calibration
+    pass, piece by piece. None (validation then runs the original itself)
+    when nothing was removed (the output must be bit-identical to the
+    input's, so both come from plain sessions), when the patterns `rewritten`
+    the file, or with neither a piecewise executor nor a calibration pass."""
     if not removed or rewritten:
         return None
     rows = next(iter(feed.values())).shape[0]
     if first_outputs is not None and all(v.ndim and v.shape[0] == rows for v in first_outputs.values()):
         return first_outputs
-    if not sequential:
+    if not executor.piecewise:
         return None
     from ..evidence.sequential import probe_sequential, residual_boundaries
 
@@ -236,7 +237,7 @@ def validation_reference(model: onnx.ModelProto, units, removed: list[int], feed
                             boundaries=[u.exit for u in units] + residual_boundaries(model))
 
 
-def validate_pruned(analysis, pruned: onnx.ModelProto, *, sequential: bool, provider: str):
+def validate_pruned(analysis, pruned: onnx.ModelProto, *, executor: Executor, provider: str):
     """`validate` the `pruned` model of an `analysis` (`pipeline.Analysis`)
     against its input on the validation batch, and return the result and that
     batch; a failure is a bug (InternalError): nothing is written."""
@@ -250,7 +251,7 @@ def validate_pruned(analysis, pruned: onnx.ModelProto, *, sequential: bool, prov
     original = analysis.source_model or analysis.model
     reference = validation_reference(analysis.model, analysis.units, analysis.selection.removed, feed,
                                      rewritten=analysis.source_model is not None,
-                                     first_outputs=analysis.first_outputs, sequential=sequential,
+                                     first_outputs=analysis.first_outputs, executor=executor,
                                      provider=provider)
     try:
         return validate(

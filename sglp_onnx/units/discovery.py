@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import onnx
 
 from ..errors import UserError
+from ..evidence.executor import Executor
 from ..options import GRANULARITIES
 from ..graph.flops import node_flops, packed_weights, quantization_roles, tensors_needed
 from ..graph.index import GraphIndex, declared_dims
@@ -474,23 +475,17 @@ PROBE_SAMPLES = 2
 
 
 def discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
-             sequential: bool = False) -> tuple[list[PrunableUnit], int]:
+             executor: Executor = Executor.WHOLE) -> tuple[list[PrunableUnit], int]:
     """The prunable units of `model` with their FLOPs per sample, and the
     model's total FLOPs per sample, from one probe run on the first
-    `PROBE_SAMPLES` calibration samples (piece by piece with `sequential`)."""
+    `PROBE_SAMPLES` calibration samples, run by `executor` (piece by piece:
+    `Executor.PIECEWISE`)."""
     names = probe_targets(model) + tensors_needed(model)
     feed = calib.first(PROBE_SAMPLES)
     n_probe = next(iter(feed.values())).shape[0]
-    # The probes run ONNX Runtime: imported here, so that reading units (the
-    # report does) and finding them in a graph do not load it.
-    if sequential:
-        from ..evidence.sequential import probe_shapes_sequential
-
-        shapes, dtypes = probe_shapes_sequential(model, feed, names, provider=provider)
-    else:
-        from ..evidence.activations import probe_shapes
-
-        shapes, dtypes = probe_shapes(model, feed, names, provider=provider)
+    # The probes run ONNX Runtime, which `executor` imports only now: reading
+    # units (the report does) and finding them in a graph do not load it.
+    shapes, dtypes = executor.probe_shapes(model, feed, names, provider=provider)
     units = find_units(model, granularity=granularity, shapes=shapes, dtypes=dtypes)
     # The probe ran on n_probe samples; FLOPs are reported per sample.
     per_node = {k: v // n_probe for k, v in node_flops(model, shapes).items()}

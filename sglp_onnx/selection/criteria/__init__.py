@@ -5,7 +5,8 @@ import importlib
 import pkgutil
 
 from ...errors import UserError
-from .base import REGISTRY, Context, Criterion, Selection, register
+from ...evidence import Context  # re-exported: what every Criterion.select reads
+from .base import REGISTRY, Criterion, Selection, register
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":

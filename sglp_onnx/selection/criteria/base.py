@@ -1,24 +1,18 @@
 """The criterion interface: a criterion picks which units to remove.
 
 A criterion is one small class registered under its `--criterion` name. It
-reads what it needs from a `Context`, which computes the calibration pass,
-GradNorm and other evidence lazily and at most once.
+reads what it needs from the run's measuring `Context` (`evidence.context`),
+which computes the calibration pass, GradNorm and other evidence lazily and
+at most once.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import ClassVar, Sequence
 
-import numpy as np
-import onnx
-
-from ...files.calibration import CalibrationSet
-from ...errors import UserError
-from ...evidence.budget import BACKWARD_COPIES, METER_COPIES, ActivationBudget
-from ...evidence.calibration_pass import Evidence, collect_evidence
-from ...units.discovery import PrunableUnit
+from ...evidence import Context
 
 
 @dataclass
@@ -35,149 +29,6 @@ class Selection:
     # Passes over the calibration set the choice cost, e.g. {"forward": 1,
     # "backward": 1}; a partial pass (a suffix of the network) counts as one.
     passes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class Context:
-    """Everything a criterion may need; expensive parts are computed on first use."""
-
-    model: onnx.ModelProto
-    units: Sequence[PrunableUnit]
-    calib: CalibrationSet | None
-    batch_size: int = 64
-    provider: str = "cpu"
-    seed: int = 0
-    segments: int | None = None
-    # Returns GradNorm per unit, or None when no paired torch model was given.
-    gradnorm_fn: Callable[[], np.ndarray] | None = None
-    progress: Callable[[Iterator, str], Iterator] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    # Per-criterion state that must survive repeated select() calls on this
-    # context (`--target-flops` asks for n = 1, 2, ...), keyed by criterion name.
-    cache: dict[str, object] = field(default_factory=dict)
-    # Run the calibration pass piece by piece (`--sequential`, see sequential.py).
-    sequential: bool = False
-    # The budget is in FLOPs (`--target-flops`): measured-damage criteria
-    # then rank by damage per FLOP removed.
-    flops_budget: bool = False
-    # The repair form (`--repair`): measured-damage criteria score candidates repaired unless "none".
-    repair: str = "none"
-    # The graph output fidelity and measured damage score (`--fidelity-output`;
-    # None: chosen by `fidelity.output_kind`).
-    fidelity_output: str | None = None
-    # Bytes of activations a stage may hold at once (`--activation-budget`, evidence.budget).
-    budget: int = 768 * 2**20
-    _evidence: Evidence | None = None
-    _sizes: dict[str, int] | None = None
-    _gradnorm: np.ndarray | None = None
-    _runner: object | None = None
-    _output_kind: object | None = None
-
-    def output_kind(self):
-        """Which output is scored and how (fidelity.output_kind), computed once."""
-        if self._output_kind is None:
-            from ...evidence.fidelity import output_kind
-
-            self._output_kind = output_kind(self.model, self.fidelity_output)
-        return self._output_kind
-
-    def runner(self):
-        """The gated graph's runner for the scored output (gating.GatedRunner), built once."""
-        if self._runner is None:
-            from ...surgery.gating import GatedRunner
-
-            self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
-        return self._runner
-
-    def require_calibration(self, who: str) -> None:
-        """The one refusal of a criterion run without calibration data."""
-        if self.calib is None:
-            raise UserError(f"{who} needs calibration data: pass --calib CALIB.npz or put MODEL.calib.npz "
-                            "beside the model")
-
-    def evidence(self) -> Evidence:
-        if self._evidence is None:
-            self.require_calibration("this criterion")
-            import time
-
-            start = time.perf_counter()
-            progress = (lambda it: self.progress(it, "calibration")) if self.progress else None
-            self._evidence = collect_evidence(self.model, self.calib, self.units, batch_size=self.batch_size,
-                                              provider=self.provider, progress=progress,
-                                              sequential=self.sequential, budget=self.budget)
-            self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - start
-        return self._evidence
-
-    def activation_budget(self) -> ActivationBudget:
-        """The budget with the bytes per sample of every unit entry and exit
-        and of the graph outputs: the calibration pass's when it ran, else
-        measured on one sample."""
-        if self._evidence is not None and self._evidence.sizes:
-            return ActivationBudget(self.budget, self._evidence.sizes)
-        if self._sizes is None:
-            from ...evidence.activations import probe
-            from ...evidence.budget import bytes_per_sample
-
-            names = list(dict.fromkeys([u.entry for u in self.units] + [u.exit for u in self.units]))
-            feed = self.calib.first(1)
-            self._sizes = bytes_per_sample(probe(self.model, feed, names, provider=self.provider),
-                                           next(iter(feed.values())).shape[0])
-        return ActivationBudget(self.budget, self._sizes)
-
-    def rows(self, tensors: Sequence[str] = (), *, copies: dict[str, float] | None = None) -> int:
-        """Samples per run for a stage holding `tensors` and `copies` of others
-        (`ActivationBudget.held`) within the budget: `batch_size` or fewer."""
-        if self.calib is None:
-            return self.batch_size
-        budget = self.activation_budget()
-        return budget.rows(budget.held(tensors, copies=copies), self.batch_size)
-
-    def gradient_rows(self) -> int:
-        """Samples per torch forward and backward (GradNorm, gradients summed: exact)."""
-        exits = {u.exit: BACKWARD_COPIES for u in self.units}
-        return self.rows(copies={**exits, self.output_kind().output: METER_COPIES})
-
-    def output_rows(self) -> int:
-        """Samples per run for fidelity and validation: the original's and a
-        pruned network's scored output, and the meter's temporaries."""
-        return self.rows(copies={self.output_kind().output: METER_COPIES})
-
-    def release(self) -> None:
-        """Close the gated graph's sessions and drop the criteria's state (a
-        damage search holds the context: a cycle the collector frees late),
-        so that the next stage's sessions do not sit beside them."""
-        self._runner = None
-        self.cache.clear()
-
-    @property
-    def runner_used(self) -> bool:
-        """True once a criterion ran the whole gated graph (`runner`)."""
-        return self._runner is not None
-
-    @property
-    def evidence_if_computed(self) -> Evidence | None:
-        """The calibration pass's evidence when a criterion needed it, else None (no pass is run)."""
-        return self._evidence
-
-    @property
-    def gradnorm_computed(self) -> bool:
-        return self._gradnorm is not None
-
-    @property
-    def has_torch_model(self) -> bool:
-        return self.gradnorm_fn is not None
-
-    def gradnorm(self, criterion: str) -> np.ndarray:
-        if self.gradnorm_fn is None:
-            raise UserError(f"--criterion {criterion} needs gradients: pass the paired torch model with "
-                            "--torch-model MODULE:FACTORY (and --torch-weights FILE)")
-        if self._gradnorm is None:
-            import time
-
-            start = time.perf_counter()
-            self._gradnorm = self.gradnorm_fn()
-            self.timings["gradnorm"] = self.timings.get("gradnorm", 0.0) + time.perf_counter() - start
-        return self._gradnorm
 
 
 class Criterion(ABC):

@@ -1,7 +1,8 @@
 """ShortGPT's block influence (Men et al. 2024): BI = 1 - cos(unit input,
 unit output) averaged over samples or tokens; the lowest-BI units go."""
 
-from .base import Context, Criterion, Selection, lowest, register
+from ...evidence import Context
+from .base import Criterion, Selection, lowest, register
 
 
 @register

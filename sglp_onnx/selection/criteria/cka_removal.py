@@ -19,12 +19,13 @@ import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...surgery.gating import GatedRunner, ReferenceOutputs
+from ...evidence.gated_runner import GatedRunner, ReferenceOutputs
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
 from ...evidence.activations import as_samples
 from ...evidence.similarity import MinibatchCKA
 from ...graph.ops import CONV_OPS, LINEAR_OPS
-from .base import Context, Criterion, Selection, register
+from ...evidence import Context
+from .base import Criterion, Selection, register
 
 # Ops that can be the classifier or LM head: the tensor they read (besides
 # their weights) is the network's final representation.

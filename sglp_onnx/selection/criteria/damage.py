@@ -27,7 +27,8 @@ import numpy as np
 from ...errors import UserError
 from ...evidence.budget import METER_COPIES
 from ...evidence.fidelity import FidelityMeter
-from .base import Context, Criterion, Selection, register
+from ...evidence import Context
+from .base import Criterion, Selection, register
 
 EXHAUSTIVE_LIMIT = 128
 FAST_CANDIDATES = 6

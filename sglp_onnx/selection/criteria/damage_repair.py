@@ -28,8 +28,8 @@ from ...graph.index import GraphIndex
 from ...repair.cuts import channel_axis, cuts_of
 from ...repair.fit import LinearFit, apply_fitted, as_rows
 from ...repair.graph import add_runtime_maps, runtime_map_inputs, stored
-from ...surgery.gating import SUFFIX_BUDGET_BYTES, GatedRunner
-from .base import Context
+from ...evidence.gated_runner import SUFFIX_BUDGET_BYTES, GatedRunner
+from ...evidence import Context
 from .damage import DamageSearch, RunCache
 
 SEARCH_ROWS_PER_CHANNEL = 16

@@ -1,6 +1,7 @@
 """Ablation of SGLP: GradNorm ranking over the whole network, no segments."""
 
-from .base import Context, Criterion, Selection, lowest, register
+from ...evidence import Context
+from .base import Criterion, Selection, lowest, register
 
 
 @register

@@ -1,6 +1,7 @@
 """Baseline: remove the last N units."""
 
-from .base import Context, Criterion, Selection, register
+from ...evidence import Context
+from .base import Criterion, Selection, register
 
 
 @register

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from .base import Context, Criterion, Selection, register
+from ...evidence import Context
+from .base import Criterion, Selection, register
 
 
 @register

@@ -9,7 +9,8 @@ the representation, measured in the same calibration pass (see README).
 from ..allocation import allocate, choose_removals
 from ...errors import UserError
 from ..segmentation import choose_k, fisher_segments, loss_curve, segments_of
-from .base import Context, Criterion, Selection, register
+from ...evidence import Context
+from .base import Criterion, Selection, register
 
 
 @register

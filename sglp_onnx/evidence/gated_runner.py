@@ -1,0 +1,223 @@
+"""Running removal sets without writing them: the runners of the gated graph.
+
+`GatedRunner` holds ONNX Runtime sessions on the gated graph that
+`surgery.gating` builds (one gated copy of the model, a suffix session per
+candidate unit, or the candidates side by side) and runs the original
+network, any removal set, and single-unit extensions of one;
+`ReferenceOutputs` keeps the original network's value of a target across
+the steps of a greedy search. Measured-damage and similarity criteria, and
+the fidelity in every report, run their candidates through these.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from ..files.model_files import initializer_bytes
+from ..graph.runtime import make_session, session_with_outputs
+from ..surgery.gating import COPY_PREFIX, batched_suffix_model, gated_model, suffix_model
+from ..units.discovery import PrunableUnit
+
+# The original network's value of a scored tensor is kept across greedy steps up to this size.
+REFERENCE_CACHE_BYTES = 256 * 2**20
+# Suffix sessions alive at once hold at most this many bytes of weights, or the
+# model's own weights when larger: with the full session, twice the weights.
+# Above it the candidates run side by side in one session that reads the
+# weights once (`run_extensions`): a ResNet-50's twelve suffix sessions would
+# hold 0.6 GiB of weights and as much again packed, beside its 0.1 GiB.
+SUFFIX_BUDGET_BYTES = 128 * 2**20
+
+
+class GatedRunner:
+    """Runs the original network, any removal set, and single-unit extensions of one.
+
+    `targets` are the tensors the caller scores (a representation, the first
+    graph output). A full run returns them and, with `entries`, every unit's
+    entry: what a suffix run of a candidate unit starts from.
+    """
+
+    def __init__(self, model: onnx.ModelProto, units: Sequence[PrunableUnit], targets: Sequence[str], *,
+                 provider: str = "cpu", transform=None, also_expose: Sequence[str] = ()) -> None:
+        self.units = list(units)
+        self.targets = list(dict.fromkeys(targets))
+        self.provider = provider
+        self.gated, self.gates = gated_model(model, self.units)
+        # `transform(gated)` edits the gated graph in place before any session
+        # (runtime repair maps: repair.graph.add_runtime_maps); the inputs it
+        # adds are fed from `extra_feed` on every run.
+        if transform is not None:
+            transform(self.gated)
+        self.extra_feed: dict[str, np.ndarray] = {}
+        self.exposed = self.targets + [n for n in dict.fromkeys([u.entry for u in self.units] + list(also_expose))
+                                       if n not in self.targets]
+        self.full = session_with_outputs(self.gated, self.exposed, provider)
+        self.full_inputs = {i.name for i in self.full.get_inputs()}
+        self._suffix: dict[int, tuple[object, set[str]]] = {}
+        self._suffix_sizes: dict[int, int] = {}
+        self._batched_key: tuple[int, ...] | None = None
+        self._batched: tuple[object, set[str]] | None = None
+        self.weights = initializer_bytes(model)
+        self.budget = max(SUFFIX_BUDGET_BYTES, self.weights)
+
+    def gate_feed(self, removed: set[int] | frozenset[int]) -> dict[str, np.ndarray]:
+        return {g: np.array(k in removed) for k, g in enumerate(self.gates)}
+
+    def run(self, feed: dict[str, np.ndarray], removed, *, entries: bool = False) -> dict[str, np.ndarray]:
+        """Targets (and unit entries) of the network with `removed` bypassed."""
+        names = self.exposed if entries else self.targets
+        run_feed = {**{k: v for k, v in {**feed, **self.extra_feed}.items() if k in self.full_inputs},
+                    **self.gate_feed(set(removed))}
+        return dict(zip(names, self.full.run(names, run_feed)))
+
+    def _suffix_session(self, unit: int, dtype: np.dtype):
+        if unit not in self._suffix:
+            model = suffix_model(self.gated, self.units[unit].exit, dtype, self.targets)
+            self._suffix_sizes[unit] = initializer_bytes(model)
+            session = make_session(model, self.provider)
+            self._suffix[unit] = (session, {i.name for i in session.get_inputs()})
+        return self._suffix[unit]
+
+    def run_extensions(self, feed: dict[str, np.ndarray], removed, candidates: Sequence[int],
+                       current: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]] | None:
+        """`run_extension` for every candidate in one session run of a
+        `batched_suffix_model`: the weights loaded once, where one suffix
+        session per candidate would not fit the weight budget (a large model).
+        None where one session per candidate is the better choice (on CPU the
+        side-by-side run takes as long as the separate ones, and ONNX
+        Runtime optimizes the big graph more slowly than the small ones) or
+        where the graph does not allow it. The session is built for a
+        superset of the candidates and kept across greedy steps while the
+        candidates are at least half of its copies."""
+        if self.fits_apart(candidates):
+            return None
+        built = self._batched_key
+        if built is None or not set(candidates) <= set(built) or 2 * len(candidates) < len(built):
+            self._batched = None  # release the previous session first
+            dtype = onnx.helper.np_dtype_to_tensor_dtype
+            starts = {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
+            model = batched_suffix_model(self.gated, starts, self.targets, self.gates)
+            self._batched_key = tuple(candidates)
+            if model is not None:
+                # The copies share weights: packing them ahead of time would
+                # hold them twice while the session is made.
+                session = make_session(model, self.provider, prepack=False)
+                self._batched = (session, {i.name for i in session.get_inputs()})
+        if self._batched is None:
+            return None
+        session, inputs = self._batched
+        run_feed = {name: value for name, value in {**feed, **self.extra_feed}.items() if name in inputs}
+        for k in self._batched_key:  # copies of units removed since are computed and ignored
+            prefix = f"{COPY_PREFIX}{k}/"
+            for gate, value in self.gate_feed(set(removed) | {k}).items():
+                if prefix + gate in inputs:
+                    run_feed[prefix + gate] = value
+            run_feed[prefix + self.units[k].exit] = current[self.units[k].entry]
+        names = [f"{COPY_PREFIX}{k}/{t}" for k in candidates for t in self.targets]
+        values = iter(session.run(names, run_feed))
+        return {k: {t: next(values) for t in self.targets} for k in candidates}
+
+    def _suffix_size(self, unit: int) -> int:
+        if unit not in self._suffix_sizes:
+            # The dtype only types the new input; the weights are what is counted.
+            model = suffix_model(self.gated, self.units[unit].exit, np.float32, self.targets)
+            self._suffix_sizes[unit] = initializer_bytes(model)
+        return self._suffix_sizes[unit]
+
+    def batchable(self) -> bool:
+        """True when `run_extensions` can put candidates side by side (no node has a subgraph)."""
+        return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                       for node in self.gated.graph.node for a in node.attribute)
+
+    def fits_apart(self, units: Sequence[int]) -> bool:
+        """True when one suffix session per unit of `units` fits the weight budget together."""
+        return len(units) * self.weights <= self.budget
+
+    def suffix_groups(self, units: Sequence[int]) -> list[list[int]]:
+        """`units` in consecutive groups whose suffix sessions together hold at
+        most the runner's weight budget (a unit alone always makes a group);
+        one group unless the model is large."""
+        if self.fits_apart(units):
+            return [list(units)] if units else []
+        groups: list[list[int]] = []
+        used = self.budget
+        for unit in units:
+            size = self._suffix_size(unit)
+            if groups and used + size <= self.budget:
+                groups[-1].append(unit)
+                used += size
+            else:
+                groups.append([unit])
+                used = size
+        return groups
+
+    def release_suffixes(self) -> None:
+        """Close the suffix sessions unless every unit's would fit the budget together."""
+        if not self.fits_apart(self.units):
+            self._suffix.clear()
+
+    def run_extension(self, feed: dict[str, np.ndarray], removed, unit: int,
+                      current: dict[str, np.ndarray], value: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Targets with `removed | {unit}` bypassed, from `current` (a full run of
+        `removed` with entries): a partial pass from `unit` on. `value`, when
+        given, is what the network reads at `unit`'s exit instead of its entry
+        (a repair map's output)."""
+        entry_value = current[self.units[unit].entry] if value is None else value
+        session, inputs = self._suffix_session(unit, entry_value.dtype)
+        # The unit's own gate stays in the suffix for its companions (the
+        # entry's scale and zero point): it must be set with the entry fed.
+        run_feed = {**feed, **self.extra_feed, **self.gate_feed(set(removed) | {unit}),
+                    self.units[unit].exit: entry_value}
+        values = session.run(self.targets, {k: v for k, v in run_feed.items() if k in inputs})
+        return dict(zip(self.targets, values))
+
+
+class ReferenceOutputs:
+    """The original network's value of one target, batch by batch, across the
+    steps of a greedy search over the same calibration batches.
+
+    The first step (nothing removed yet) computes it anyway; it is kept in
+    memory up to `limit` bytes, and recomputed in later steps when larger.
+    `transform(value, feed)` turns a run's value into what is compared (rows
+    of a representation, say). Use: `start(removed)` before a step's batches,
+    `get(b, feed, current)` per batch (`current`: the step's full run), `end()`.
+    """
+
+    def __init__(self, runner: GatedRunner, target: str, *, transform=None, limit: int | None = None) -> None:
+        self.runner, self.target = runner, target
+        self.limit = REFERENCE_CACHE_BYTES if limit is None else limit
+        self.transform = transform or (lambda value, feed: value)
+        self._kept: list[np.ndarray] | None = None
+        self._keeping: list[np.ndarray] | None = None
+        self._bytes = 0
+        self._removed: set[int] = set()
+        self.recomputed = False
+
+    def start(self, removed: set[int]) -> None:
+        self._removed = set(removed)
+        self._keeping = [] if self._kept is None and not removed else None
+        self._bytes = 0
+        self.recomputed = False
+
+    def get(self, b: int, feed: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> np.ndarray:
+        if not self._removed:
+            reference = self.transform(current[self.target], feed)
+        elif self._kept is not None:
+            return self._kept[b]
+        else:
+            reference = self.transform(self.runner.run(feed, set())[self.target], feed)
+            self.recomputed = True
+        if self._keeping is not None:
+            self._bytes += reference.nbytes
+            if self._bytes <= self.limit:
+                self._keeping.append(reference)
+            else:  # too large to keep: recomputed in later steps instead
+                self._keeping = None
+        return reference
+
+    def end(self) -> None:
+        if self._keeping is not None:
+            self._kept = self._keeping
+            self._keeping = None
