@@ -28,17 +28,14 @@ from ..graph.ops import ONNX_DOMAINS
 from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
 from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, load_model_files,
                                  model_files_for, refuse_inputs, save_model, write_model_files)
+from ..options import (DEFAULT_DISTILL_WEIGHT, DEFAULT_LR, DEFAULT_TEMPERATURE, ExportOptions, RuntimeOptions,
+                       TrainingOptions)
 from ..progress import Progress, Stages
 from ..report.summary import to_json, tool_info
 from ..graph.runtime import input_model_errors, make_session
 
-# Hinton, Vinyals, Dean, "Distilling the knowledge in a neural network" (2015):
-# soft targets at temperature T, the KL term scaled by T^2 so that its
-# gradients keep their size when T changes.
-DEFAULT_TEMPERATURE = 2.0
-DEFAULT_DISTILL_WEIGHT = 0.5
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH_SIZE = 64
+# The training defaults are `options.TrainingOptions`' (DEFAULT_LR, DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE).
+DEFAULT_BATCH_SIZE = TrainingOptions.batch_size
 VALIDATION_SAMPLES = 8
 # The teacher's outputs over the training set are kept in memory up to this size.
 TEACHER_CACHE_BYTES = 256 * 2**20
@@ -277,23 +274,10 @@ def teacher_outputs(teacher: torch.nn.Module, data: CalibrationSet, input_order:
 
 def check_training_options(*, epochs: int, lr: float, batch_size: int, seed: int, distill_weight: float,
                            temperature: float) -> None:
-    """Refuse a training option that cannot work (NaN included), before any work."""
-    def whole(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-    if not whole(epochs) or epochs < 1:
-        raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}")
-    if not whole(batch_size) or batch_size < 1:
-        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    if not whole(seed) or seed < 0:
-        raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
-    # Written as `not (x in range)` so that NaN is refused too.
-    if not (0.0 < lr < math.inf):
-        raise UserError(f"--lr must be a positive number, got {lr!r}")
-    if not (0.0 <= distill_weight <= 1.0):
-        raise UserError(f"--distill-weight must be in [0, 1], got {distill_weight!r}")
-    if not (0.0 < temperature < math.inf):
-        raise UserError(f"--temperature must be a positive number, got {temperature!r}")
+    """Refuse a training option that cannot work (NaN included), before any
+    work: the checks of `options.TrainingOptions`' fields."""
+    TrainingOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                    temperature=temperature).checked()
 
 
 def _batch_loss(logits: torch.Tensor, teacher_batch: torch.Tensor | None, feed: dict, labels, causal: bool, *,
@@ -569,13 +553,11 @@ def _read_files(pruned_path: Path, train_data, report, eval_data, torch_weights,
     return inputs
 
 
-def _check_outputs(out: Path, report_out: Path | None, inputs: list[Path], *, force: bool, exporter: str) -> None:
-    """Before any work: the outputs can be written and are none of the inputs; the exporter is known."""
+def _check_outputs(out: Path, report_out: Path | None, inputs: list[Path], *, force: bool) -> None:
+    """Before any work: the outputs can be written and are none of the inputs."""
     check_output_path(out, force=force, what="output", inputs=inputs)
     if report_out is not None:
         check_output_path(report_out, force=force, what="report", inputs=inputs)
-    if exporter not in ("dynamo", "legacy"):
-        raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
 
 
 def _load_pruned(pruned_path: Path, report, out: Path, report_out: Path):
@@ -659,6 +641,8 @@ def finetune(
     """
     check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
                            temperature=temperature)
+    ExportOptions(exporter=exporter).checked()
+    RuntimeOptions(provider=provider).checked()
     timings: dict[str, float] = {}
     stages = Stages(progress, timings)
     pruned_path = Path(pruned_path)
@@ -667,7 +651,7 @@ def finetune(
     from ..paired.hf_model import is_hf_spec
 
     inputs = _read_files(pruned_path, train_data, report, eval_data, torch_weights, torch_model)
-    _check_outputs(out, report_out if write_report else None, inputs, force=force, exporter=exporter)
+    _check_outputs(out, report_out if write_report else None, inputs, force=force)
     stages.start("load")
     pruned, pruned_files, plan, repair = _load_pruned(pruned_path, report, out, report_out)
     data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
