@@ -610,9 +610,9 @@ def _stdout_is_report(model: str, output: str | None) -> bool:
     """Whether stdout is redirected to the file finetune's report would be
     written to (`finetune -o ft.onnx --json > ft.json`): the shell made that
     file, so it would be refused as existing; the report then goes to stdout only."""
-    from .tools.finetune import _json_beside, default_output
+    from .files.output_plan import finetune_plan
 
-    report = _json_beside(Path(output) if output is not None else default_output(Path(model)))
+    report = finetune_plan(Path(model), output, inputs=[]).report
     try:
         if not report.is_file():
             return False
