@@ -25,7 +25,8 @@ import click
 
 from . import __version__
 from .errors import UserError
-from .options import DEFAULT_CRITERION, PROVIDERS, SelectionOptions
+from .options import (DEFAULT_CRITERION, CalibOptions, ExportOptions, OutputOptions, RuntimeOptions,
+                      SelectionOptions, TrainingOptions)
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -115,14 +116,7 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) 
     if value is not None:
         from .graph.runtime import set_threads
 
-        set_threads(value)
-
-
-def _threads_option(f):
-    return click.option(
-        "--threads", type=click.IntRange(min=1), expose_value=False, callback=_set_threads,
-        help="Threads for ONNX Runtime (intra-op; inter-op 1) and torch. Default: 1 on a machine with at most "
-             "2 cores, else the libraries choose.")(f)
+        set_threads(value)  # refuses what the field's check refuses, with the same line
 
 
 def _plot_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -193,17 +187,24 @@ class _LazyHelpOption(click.Option):
         return super().get_help_record(ctx)
 
 
-def _click_option(spec: dataclasses.Field):
-    """The click option for one `SelectionOptions` field, from its metadata."""
+# The options made at parse time from a flag's value: --plot's suffix is
+# checked before any work; --threads applies to the whole process.
+_PARSED = {"plot": {"callback": _plot_path},
+           "threads": {"callback": _set_threads, "expose_value": False}}
+
+
+def _click_option(spec: dataclasses.Field, command: str, *, many: str | None = None):
+    """The click option for one field of the `options` dataclasses, from its
+    metadata, as `command` shows it; `many`: repeatable, into that parameter."""
     meta = spec.metadata
-    kwargs: dict = {"help": meta["help"]}
+    kwargs: dict = {"help": meta["helps"].get(command, meta["help"]), **_PARSED.get(spec.name, {})}
     kind = meta["kind"]
     if kind is bool:
         kwargs["is_flag"] = True
     elif meta["choices"]:
         kwargs["type"] = click.Choice(list(meta["choices"]))
-    elif kind == "file":
-        kwargs["type"] = click.Path(dir_okay=False)
+    elif kind in ("file", "file-or-dash"):
+        kwargs["type"] = click.Path(dir_okay=False, allow_dash=kind == "file-or-dash")
     elif kind == "path":
         kwargs["type"] = click.Path()
     elif kind == "criterion":
@@ -212,18 +213,35 @@ def _click_option(spec: dataclasses.Field):
         kwargs["type"] = kind
     if meta["metavar"]:
         kwargs["metavar"] = meta["metavar"]
-    if spec.default is not None and kind is not bool:
+    if command in meta["required"]:
+        kwargs["required"] = True
+    if many is not None:
+        kwargs["multiple"] = True
+    elif spec.default is not None and kind is not bool:
         kwargs.update(default=spec.default, show_default=True)
-    return click.option(meta["flag"], spec.name, **kwargs)
+    names = (meta["short"], meta["flag"]) if meta["short"] else (meta["flag"],)
+    return click.option(*names, many or spec.name, **kwargs)
 
 
-def _selection_options(f):
-    """The flags of `options.SelectionOptions`, then --json, -q/-v and --threads."""
-    options = [_click_option(spec) for spec in dataclasses.fields(SelectionOptions) if spec.metadata["cli"]]
-    options.append(click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout."))
-    for option in reversed(options):
-        f = option(f)
-    return _verbosity_options(_threads_option(f))
+def _flags(command: str, options: type, *names: str, many: str | None = None):
+    """The flags of `options`' fields `names` (default: every field with a
+    flag), in that order, as `command` shows them; `many`: see `_click_option`."""
+    specs = {spec.name: spec for spec in dataclasses.fields(options)}
+    chosen = [specs[name] for name in names] if names else [s for s in specs.values() if s.metadata["cli"]]
+
+    def add(f):
+        for spec in reversed(chosen):
+            f = _click_option(spec, command, many=many)(f)
+        return f
+    return add
+
+
+def _selection_options(command: str):
+    """The flags of `options.SelectionOptions`, then --json, --threads and -q/-v."""
+    def add(f):
+        f = _flags(command, SelectionOptions)(_flags(command, OutputOptions, "as_json")(f))
+        return _verbosity_options(_flags(command, RuntimeOptions, "threads")(f))
+    return add
 
 
 def _api_options(kwargs: dict, state: _State) -> dict:
@@ -234,18 +252,12 @@ def _api_options(kwargs: dict, state: _State) -> dict:
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: MODEL.pruned.onnx.")
+@_flags("compress", OutputOptions, "output")
 @click.option("-O", "--output-dir", type=click.Path(file_okay=False),
               help="Write each MODEL's MODEL.pruned.onnx and report into DIR (created if missing); for several "
                    "models in one call.")
-@_selection_options
-@click.option("--report", type=click.Path(dir_okay=False, allow_dash=True),
-              help="JSON report; '-' prints it to stdout instead. Default: OUTPUT with .json, or stdout with --json.")
-@click.option("--plot", type=click.Path(dir_okay=False), callback=_plot_path,
-              help="Write the CKA heatmap and importances; .png, .svg or .pdf by the suffix.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
-@click.option("--dry-run", is_flag=True,
-              help="Choose the units, measure the fidelity and validate the pruned model in memory; write nothing.")
+@_selection_options("compress")
+@_flags("compress", OutputOptions, "report", "plot", "force", "dry_run")
 @click.option("--renumber-cache", is_flag=True,
               help="Rename the kept KV-cache inputs/outputs to consecutive layer numbers "
                    "(past_key_values.0..n-1, present.0..n-1), as onnxruntime-genai expects. "
@@ -353,12 +365,10 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@_selection_options
+@_selection_options("analyze")
 @click.option("--suggest", default="0.1,0.25,0.5", show_default=True, callback=_fractions, metavar="F1,F2,...",
               help="FLOPs fractions to suggest removal sets for ('none': no suggestions).")
-@click.option("--plot", type=click.Path(dir_okay=False), callback=_plot_path,
-              help="Write the CKA heatmap and importances; .png, .svg or .pdf by the suffix.")
-@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+@_flags("analyze", OutputOptions, "plot", "force")
 @click.pass_obj
 def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...] | None, plot: str | None,
             force: bool, **kwargs) -> None:
@@ -389,10 +399,9 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help=".npz with the model inputs and optional 'labels'.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@_threads_option
+@_flags("eval", RuntimeOptions, "batch_size", "provider")
+@_flags("eval", OutputOptions, "as_json")
+@_flags("eval", RuntimeOptions, "threads")
 @_verbosity_options
 @click.pass_obj
 def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, provider: str, as_json: bool) -> None:
@@ -404,8 +413,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
     """
     from .evidence.metrics import evaluate, format_metrics
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    RuntimeOptions(batch_size=batch_size, provider=provider).checked()
     with _stdout_to_stderr():
         results = evaluate(models, data, provider=provider, batch_size=batch_size)
     if as_json:
@@ -416,16 +424,16 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", "batch_sizes", type=int, multiple=True,
-              help="Batch size; repeat for several (--batch-size 1 --batch-size 64). Default 1.")
+@_flags("bench", RuntimeOptions, "batch_size", many="batch_sizes")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model and batch size.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs before timing.")
+# bench's own --threads: the timed sessions' threads (0: ONNX Runtime's choice), not the process's.
 @click.option("--threads", type=int, default=1, show_default=True,
               help="ONNX Runtime intra-op threads; 1 gives repeatable CPU numbers, 0 lets ONNX Runtime choose.")
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
+@_flags("bench", RuntimeOptions, "provider")
 @click.option("--data", type=click.Path(dir_okay=False),
               help="Inputs .npz (default: MODEL.calib.npz of the first model that has one, else synthetic).")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_flags("bench", OutputOptions, "as_json")
 @_verbosity_options
 @click.pass_obj
 def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], runs: int, warmup: int,
@@ -450,23 +458,15 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
         _echo_summary(state, format_results(results))
 
 
-def _calib_options(f):
-    """The flags of `options.CalibOptions`, then -q/-v."""
-    from .options import CalibOptions
-
-    for spec in reversed(dataclasses.fields(CalibOptions)):
-        f = _click_option(spec)(f)
-    return _verbosity_options(f)
-
-
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="INPUT...")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibration .npz to write.")
-@_calib_options
+@_flags("calib", OutputOptions, "output")
+@_verbosity_options
+@_flags("calib", CalibOptions)
 @click.option("--preview", type=click.Path(dir_okay=False),
               help="Images: write a PNG grid of the crops the model will see.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output or preview.")
+@_flags("calib", OutputOptions, "force")
 @click.pass_obj
 def calib(state: _State, model: str, inputs: tuple[str, ...], output: str, preview: str | None, force: bool,
           **kwargs) -> None:
@@ -505,14 +505,14 @@ def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @cli.command()
 @click.argument("factory", metavar="MODULE:FACTORY|hf:DIR")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights to load into the model.")
-@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
+@_flags("export", OutputOptions, "output")
+@_flags("export", SelectionOptions, "torch_weights")
+@_flags("export", ExportOptions, "exporter")
 @click.option("--input-shape", callback=_input_shape,
               help="Example input shape such as 1,3,32,32 when the model has no example_inputs().")
 @click.option("--with-cache", is_flag=True,
               help="hf:DIR only: add past_key_values.{i}.key|value inputs and present.{i}.key|value outputs.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@_flags("export", OutputOptions, "force")
 @_verbosity_options
 @click.pass_obj
 def export(state: _State, factory: str, output: str, torch_weights: str | None, exporter: str,
@@ -573,33 +573,13 @@ def _export(factory: str, out: Path, torch_weights: str | None, exporter: str, i
 
 @cli.command()
 @click.argument("model", metavar="PRUNED.onnx", type=click.Path(dir_okay=False))
-@click.option("--torch-model", required=True, metavar="MODULE:FACTORY|hf:DIR",
-              help="Factory of the torch model the unpruned ONNX file was exported from, or hf:DIR for a "
-                   "Hugging Face causal LM folder (its removed decoder layers are deleted).")
-@click.option("--torch-weights", type=click.Path(dir_okay=False), help="Weights for --torch-model.")
-@click.option("--train-data", required=True, type=click.Path(dir_okay=False),
-              help=".npz of training inputs (named after the model inputs) and 'labels'.")
-@click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="AdamW learning rate (cosine decay to 0).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed for the batch order and torch.")
-@click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Weight w of the distillation term: (1-w) CE + w T^2 KL(teacher || student), in [0, 1].")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
-              help="Distillation temperature T (> 0).")
-@click.option("--eval-data", type=click.Path(dir_okay=False), help=".npz to report metrics on before and after.")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="The pruning report of PRUNED.onnx. Default: PRUNED.json beside it.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model. Default: PRUNED.finetuned.onnx.")
-@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
-              help="ONNX Runtime provider for the checks and --eval-data.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the JSON report to stdout too (only there when stdout is redirected to the report's path).")
-@_threads_option
+@_flags("finetune", SelectionOptions, "torch_model", "torch_weights")
+@_flags("finetune", TrainingOptions)
+@_flags("finetune", OutputOptions, "output")
+@_flags("finetune", ExportOptions, "exporter")
+@_flags("finetune", RuntimeOptions, "provider")
+@_flags("finetune", OutputOptions, "force", "as_json")
+@_flags("finetune", RuntimeOptions, "threads")
 @_verbosity_options
 @click.pass_obj
 def finetune(state: _State, model: str, as_json: bool, **kwargs) -> None:
@@ -630,9 +610,9 @@ def _stdout_is_report(model: str, output: str | None) -> bool:
     """Whether stdout is redirected to the file finetune's report would be
     written to (`finetune -o ft.onnx --json > ft.json`): the shell made that
     file, so it would be refused as existing; the report then goes to stdout only."""
-    from .tools.finetune import _json_beside, default_output
+    from .files.output_plan import finetune_plan
 
-    report = _json_beside(Path(output) if output is not None else default_output(Path(model)))
+    report = finetune_plan(Path(model), output, inputs=[]).report
     try:
         if not report.is_file():
             return False

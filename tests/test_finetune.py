@@ -72,6 +72,16 @@ def test_finetune_cli_end_to_end(pruned, capsys):
     assert code == 2 and "--force" in capsys.readouterr().err
 
 
+def test_an_existing_report_beside_a_new_output_is_refused_before_any_work(pruned, tmp_path, capsys):
+    out, report = tmp_path / "ft.onnx", tmp_path / "ft.json"
+    report.write_text("kept")
+    code = main(["finetune", str(pruned), "--torch-model", "sglp_never_imported:f", "--train-data",
+                 str(pruned.parent / "train.npz"), "--epochs", "1", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {report} exists; pass --force to overwrite it\n"
+    assert not out.exists() and report.read_text() == "kept"
+
+
 def test_training_is_seeded(pruned):
     data = cm.data(128, seed=5)
     calib = CalibrationSet(inputs={"input": data["input"]}, labels=data["labels"])

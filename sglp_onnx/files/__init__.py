@@ -10,8 +10,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "fixed_batch", "format_shape", "is_cache_input", "load_calibration", "load_npz", "model_inputs",
         "sidecar_path", "synthetic_calibration",
     ],
-    "output_plan": ["OUTPUT_MODEL", "OutputPlan", "Written", "compress_plan", "default_output", "default_report", "run_inputs",
-                    "torch_model_files"],
+    "output_plan": ["OUTPUT_MODEL", "OutputPlan", "Written", "compress_plan", "default_output", "default_report",
+                    "finetune_plan", "finetuned_output", "run_inputs", "torch_model_files"],
     "model_files": [
         "EXTERNAL_DATA_THRESHOLD", "atomic_paths", "beside", "check_name_length", "check_output_path", "checkable",
         "data_folder", "destination_name", "external_bytes", "external_data_folder", "external_locations",

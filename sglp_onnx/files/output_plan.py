@@ -1,7 +1,8 @@
 """Where a run writes: its outputs by name (the model, the report, the plot,
 the onnxruntime-genai config and the files copied beside it), checked before
 any work against each other, the run's inputs and the file system, then
-written all or nothing."""
+written all or nothing. `compress_plan` and `finetune_plan` make the plans of
+the two commands that write a model and its report."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def default_output(model_path: Path) -> Path:
 
 def default_report(output: Path) -> Path:
     return beside(output, ".json")
+
+
+def finetuned_output(pruned: Path) -> Path:
+    return beside(pruned, ".finetuned.onnx")
 
 
 def torch_model_files(torch_model: str | None, torch_weights: str | os.PathLike | None) -> list[Path]:
@@ -168,3 +173,12 @@ def compress_plan(model_path: Path, output, report, plot, *, calib, torch_model,
                       default_report(out) if report is True else Path(report),
                       genai_config=genai_config_target(model_path, out) if genai_source is not None else None)
     return plan, genai_source, copy_notes
+
+
+def finetune_plan(pruned: Path, output, *, inputs: Sequence[Path], write_report: bool = True) -> OutputPlan:
+    """finetune's outputs: the fine-tuned model (`output`, default
+    PRUNED.finetuned.onnx; "output" in messages) and its report beside it
+    (not written unless `write_report`: --json prints it instead)."""
+    out = Path(output) if output is not None else finetuned_output(pruned)
+    return OutputPlan(model=out, inputs=list(inputs), report=default_report(out) if write_report else None,
+                      model_what="output")

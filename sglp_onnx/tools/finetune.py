@@ -26,19 +26,16 @@ from ..errors import UserError
 from ..graph.index import declared_dims
 from ..graph.ops import ONNX_DOMAINS
 from ..paired.gradnorm import TOLERANCE, first_tensor, is_causal_lm, next_token_rows, relative_error, run_torch
-from ..files.model_files import (atomic_paths, beside, check_output_path, load_model, load_model_files,
-                                 model_files_for, refuse_inputs, save_model, write_model_files)
+from ..files.model_files import load_model_files, save_model, write_model_files
+from ..files.output_plan import OutputPlan, default_report, finetune_plan
+from ..options import (DEFAULT_DISTILL_WEIGHT, DEFAULT_LR, DEFAULT_TEMPERATURE, ExportOptions, RuntimeOptions,
+                       TrainingOptions)
 from ..progress import Progress, Stages
 from ..report.summary import to_json, tool_info
 from ..graph.runtime import input_model_errors, make_session
 
-# Hinton, Vinyals, Dean, "Distilling the knowledge in a neural network" (2015):
-# soft targets at temperature T, the KL term scaled by T^2 so that its
-# gradients keep their size when T changes.
-DEFAULT_TEMPERATURE = 2.0
-DEFAULT_DISTILL_WEIGHT = 0.5
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH_SIZE = 64
+# The training defaults are `options.TrainingOptions`' (DEFAULT_LR, DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE).
+DEFAULT_BATCH_SIZE = TrainingOptions.batch_size
 VALIDATION_SAMPLES = 8
 # The teacher's outputs over the training set are kept in memory up to this size.
 TEACHER_CACHE_BYTES = 256 * 2**20
@@ -75,19 +72,11 @@ class RemovalPlan:
     report: dict = field(repr=False, default_factory=dict)
 
 
-def default_output(pruned: Path) -> Path:
-    return beside(pruned, ".finetuned.onnx")
-
-
-def _json_beside(path: Path) -> Path:
-    return beside(path, ".json")
-
-
 def read_plan(pruned: Path, report: str | os.PathLike | None = None, *, pairing: dict | None = None) -> RemovalPlan:
     """The removed units of `pruned` and their torch modules, from its report
     (PRUNED.json by default) or from `pairing`; `modules` is None when the
     report has no pairing (see `pair_plan`)."""
-    path = Path(report) if report is not None else _json_beside(pruned)
+    path = Path(report) if report is not None else default_report(pruned)
     if not path.is_file():
         raise UserError(f"no pruning report for {pruned}: {path} not found; pass --report REPORT.json "
                         "(the JSON that `sglp-onnx compress` wrote beside the pruned model)")
@@ -277,23 +266,10 @@ def teacher_outputs(teacher: torch.nn.Module, data: CalibrationSet, input_order:
 
 def check_training_options(*, epochs: int, lr: float, batch_size: int, seed: int, distill_weight: float,
                            temperature: float) -> None:
-    """Refuse a training option that cannot work (NaN included), before any work."""
-    def whole(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-    if not whole(epochs) or epochs < 1:
-        raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}")
-    if not whole(batch_size) or batch_size < 1:
-        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    if not whole(seed) or seed < 0:
-        raise UserError(f"--seed must be a whole number >= 0, got {seed!r}")
-    # Written as `not (x in range)` so that NaN is refused too.
-    if not (0.0 < lr < math.inf):
-        raise UserError(f"--lr must be a positive number, got {lr!r}")
-    if not (0.0 <= distill_weight <= 1.0):
-        raise UserError(f"--distill-weight must be in [0, 1], got {distill_weight!r}")
-    if not (0.0 < temperature < math.inf):
-        raise UserError(f"--temperature must be a positive number, got {temperature!r}")
+    """Refuse a training option that cannot work (NaN included), before any
+    work: the checks of `options.TrainingOptions`' fields."""
+    TrainingOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
+                    temperature=temperature).checked()
 
 
 def _batch_loss(logits: torch.Tensor, teacher_batch: torch.Tensor | None, feed: dict, labels, causal: bool, *,
@@ -523,16 +499,14 @@ def _checked(pruned: onnx.ModelProto, new: onnx.ModelProto, feed: dict, provider
     return validation
 
 
-def _write(new: onnx.ModelProto, out: Path, report_out: Path | None, rep: dict, *, force: bool,
-           inputs: list[Path], stages: Stages) -> None:
+def _write(new: onnx.ModelProto, outputs: OutputPlan, rep: dict, *, force: bool, pruned_files: list[Path],
+           stages: Stages) -> None:
     """The fine-tuned model (and its report) written all or nothing."""
-    model_paths = model_files_for(new, out, force=force, inputs=inputs)
-    reports = [report_out] if report_out is not None else []
-    with atomic_paths(*model_paths, *reports, overwrite=force) as temps:
-        write_model_files(new, model_paths, temps)
+    with outputs.writing(new, force=force, input_files=pruned_files) as temps:
+        write_model_files(new, temps.model_files, temps.model)
         stages.stop()
-        if report_out is not None:
-            temps[len(model_paths)].write_text(to_json(rep))
+        if temps.report is not None:
+            temps.report.write_text(to_json(rep))
 
 
 def _cache_names(pruned: onnx.ModelProto) -> set[str]:
@@ -562,29 +536,19 @@ def _read_files(pruned_path: Path, train_data, report, eval_data, torch_weights,
     """Every file the run reads: no output may be one of them, --force or not."""
     from ..paired.hf_model import HF_PREFIX, is_hf_spec
 
-    inputs = [pruned_path, Path(train_data), Path(report) if report is not None else _json_beside(pruned_path)]
+    inputs = [pruned_path, Path(train_data), Path(report) if report is not None else default_report(pruned_path)]
     inputs += [Path(p) for p in (eval_data, torch_weights) if p is not None]
     if is_hf_spec(torch_model) and Path(torch_model[len(HF_PREFIX):]).is_dir():
         inputs += [p for p in Path(torch_model[len(HF_PREFIX):]).iterdir() if p.is_file()]
     return inputs
 
 
-def _check_outputs(out: Path, report_out: Path | None, inputs: list[Path], *, force: bool, exporter: str) -> None:
-    """Before any work: the outputs can be written and are none of the inputs; the exporter is known."""
-    check_output_path(out, force=force, what="output", inputs=inputs)
-    if report_out is not None:
-        check_output_path(report_out, force=force, what="report", inputs=inputs)
-    if exporter not in ("dynamo", "legacy"):
-        raise UserError(f"--exporter must be dynamo or legacy, got {exporter!r}")
-
-
-def _load_pruned(pruned_path: Path, report, out: Path, report_out: Path):
+def _load_pruned(pruned_path: Path, report, outputs: OutputPlan):
     """The pruned model (without its repair maps: fine-tuning heals the plain
     bypass, the closed-form maps are the no-training alternative), its files,
     its removal plan and the report's repair record."""
     pruned, pruned_files = load_model_files(pruned_path)
-    for what, path in (("output", out), ("report", report_out)):
-        refuse_inputs(path, what=what, inputs=pruned_files)  # its external data files
+    outputs.refuse(pruned_files)  # its external data files
     plan = read_plan(pruned_path, report)
     repair = plan.report.get("repair")
     if repair and repair.get("applied"):
@@ -659,17 +623,19 @@ def finetune(
     """
     check_training_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, distill_weight=distill_weight,
                            temperature=temperature)
+    ExportOptions(exporter=exporter).checked()
+    RuntimeOptions(provider=provider).checked()
     timings: dict[str, float] = {}
     stages = Stages(progress, timings)
     pruned_path = Path(pruned_path)
-    out = Path(output) if output is not None else default_output(pruned_path)
-    report_out = _json_beside(out)
     from ..paired.hf_model import is_hf_spec
 
-    inputs = _read_files(pruned_path, train_data, report, eval_data, torch_weights, torch_model)
-    _check_outputs(out, report_out if write_report else None, inputs, force=force, exporter=exporter)
+    outputs = finetune_plan(pruned_path, output, write_report=write_report,
+                            inputs=_read_files(pruned_path, train_data, report, eval_data, torch_weights, torch_model))
+    outputs.check(force=force)
+    out = outputs.model
     stages.start("load")
-    pruned, pruned_files, plan, repair = _load_pruned(pruned_path, report, out, report_out)
+    pruned, pruned_files, plan, repair = _load_pruned(pruned_path, report, outputs)
     data = check_calibration(load_npz(train_data), pruned, source=str(train_data))
     order = [s.name for s in model_inputs(pruned)]
 
@@ -712,6 +678,5 @@ def finetune(
             metrics={"before": before, "after": after}, evaluation=evaluation, validation=validation,
             exporter=exporter, timings=timings)
         stages.start("write")
-        _write(new, out, report_out if write_report else None, rep, force=force, inputs=inputs + pruned_files,
-               stages=stages)
-    return FinetuneResult(output=out, report_path=report_out if write_report else None, report=rep, model=student)
+        _write(new, outputs, rep, force=force, pruned_files=pruned_files, stages=stages)
+    return FinetuneResult(output=out, report_path=outputs.report, report=rep, model=student)

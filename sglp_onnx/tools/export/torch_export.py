@@ -26,9 +26,9 @@ import torch
 
 from ...errors import UserError
 from ...files.model_files import EXTERNAL_DATA_THRESHOLD, save_model
+from ...options import EXPORTERS  # the choices of --exporter, declared there
 
 VERBOSE_ENV = "SGLP_ONNX_VERBOSE"
-EXPORTERS = ("dynamo", "legacy")
 BATCH_DIM = "batch"
 # torch configures non-propagating handlers on its child loggers, but their
 # level is inherited from "torch", so raising that one silences them all.
