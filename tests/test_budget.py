@@ -114,3 +114,25 @@ def test_measuring_sessions_return_freed_buffers_unless_the_user_set_the_thresho
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | environment
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.split() == [expected, expected]
+
+
+def test_the_held_out_runner_exposes_no_unit_entries_once_the_search_is_released():
+    # A graph output is kept through the whole run even when it is not fetched: the
+    # runner that only measures outputs must not expose every unit's entry.
+    from sglp_onnx.evidence import Context
+    from sglp_onnx.units.discovery import find_units
+    from tiny_graphs import calibration, residual_mlp
+
+    model = residual_mlp(n_blocks=3)
+    ctx = Context(model=model, units=find_units(model), calib=None)
+    output = ctx.output_kind().output
+    lean = ctx.output_runner()
+    assert lean.exposed == [output] and ctx.output_runner() is lean
+    feed = {"input": calibration(n=4)["input"]}
+    assert lean.run(feed, {1})[output].shape[0] == 4
+    with pytest.raises(ValueError, match="no unit entries"):
+        lean.run(feed, set(), entries=True)
+    searching = ctx.runner()  # a criterion's runner exposes the entries and serves outputs while it lives
+    assert len(searching.exposed) == 1 + len(ctx.units) and ctx.output_runner() is searching
+    ctx.release()
+    assert ctx.output_runner() is not searching and ctx.output_runner().exposed == [output]

@@ -13,6 +13,8 @@ closes its sessions before the next stage opens its own.
 
 from __future__ import annotations
 
+import gc
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -64,6 +66,7 @@ class Context:
     _sizes: dict[str, int] | None = None
     _gradnorm: np.ndarray | None = None
     _runner: object | None = None
+    _output_runner: object | None = None
     _output_kind: object | None = None
 
     def output_kind(self):
@@ -81,6 +84,19 @@ class Context:
 
             self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
         return self._runner
+
+    def output_runner(self):
+        """A runner for the network's outputs only (held-out fidelity): the
+        criteria's runner while it is live, else one built once that exposes
+        no unit entries, so ONNX Runtime does not keep them through each run."""
+        if self._runner is not None:
+            return self._runner
+        if self._output_runner is None:
+            from .gated_runner import GatedRunner
+
+            self._output_runner = GatedRunner(self.model, self.units, [self.output_kind().output],
+                                              provider=self.provider, entries=False)
+        return self._output_runner
 
     def require_calibration(self, who: str) -> None:
         """The one refusal of a criterion run without calibration data."""
@@ -137,8 +153,9 @@ class Context:
         """Close the gated graph's sessions and drop the criteria's state (a
         damage search holds the context: a cycle the collector frees late),
         so that the next stage's sessions do not sit beside them."""
-        self._runner = None
+        self._runner = self._output_runner = None
         self.cache.clear()
+        gc.collect()  # the searches' sessions, cached runs and sample copies, now
 
     @property
     def runner_used(self) -> bool:

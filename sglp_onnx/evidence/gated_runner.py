@@ -40,7 +40,7 @@ class GatedRunner:
     """
 
     def __init__(self, model: onnx.ModelProto, units: Sequence[PrunableUnit], targets: Sequence[str], *,
-                 provider: str = "cpu", transform=None, also_expose: Sequence[str] = ()) -> None:
+                 provider: str = "cpu", transform=None, also_expose: Sequence[str] = (), entries: bool = True) -> None:
         self.units = list(units)
         self.targets = list(dict.fromkeys(targets))
         self.provider = provider
@@ -51,8 +51,13 @@ class GatedRunner:
         if transform is not None:
             transform(self.gated)
         self.extra_feed: dict[str, np.ndarray] = {}
-        self.exposed = self.targets + [n for n in dict.fromkeys([u.entry for u in self.units] + list(also_expose))
-                                       if n not in self.targets]
+        # Every exposed tensor is a graph output of the session, which ONNX
+        # Runtime keeps for the whole run even when it is not fetched: a
+        # runner for outputs only (`entries=False`) exposes no unit entries
+        # (ResNet-50 at 224x224: 5 MiB of working memory per sample instead of 24).
+        self.entries = entries
+        exposed = ([u.entry for u in self.units] if entries else []) + list(also_expose)
+        self.exposed = self.targets + [n for n in dict.fromkeys(exposed) if n not in self.targets]
         self.full = session_with_outputs(self.gated, self.exposed, provider)
         self.full_inputs = {i.name for i in self.full.get_inputs()}
         self._suffix: dict[int, tuple[object, set[str]]] = {}
@@ -67,6 +72,8 @@ class GatedRunner:
 
     def run(self, feed: dict[str, np.ndarray], removed, *, entries: bool = False) -> dict[str, np.ndarray]:
         """Targets (and unit entries) of the network with `removed` bypassed."""
+        if entries and not self.entries:
+            raise ValueError("this runner exposes no unit entries (built with entries=False)")
         names = self.exposed if entries else self.targets
         run_feed = {**{k: v for k, v in {**feed, **self.extra_feed}.items() if k in self.full_inputs},
                     **self.gate_feed(set(removed))}

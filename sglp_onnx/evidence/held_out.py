@@ -33,8 +33,8 @@ class HeldOut:
         if ctx.executor.piecewise:
             return measure_sets_sequential(net_model, net_units, ctx.output_kind(), self.data, removal_sets,
                                            batch_size=self.batch_size, provider=self.provider)
-        runner = ctx.runner() if network is None else GatedRunner(net_model, net_units, [ctx.output_kind().output],
-                                                                   provider=self.provider)
+        runner = ctx.output_runner() if network is None else GatedRunner(
+            net_model, net_units, [ctx.output_kind().output], provider=self.provider, entries=False)
         return measure_sets(runner, ctx.output_kind(), self.data, removal_sets, batch_size=ctx.output_rows())
 
     def repaired(self, removed, plain: dict, *, form: str, fit_data, progress=None):

@@ -257,6 +257,12 @@ def make_session(
                 raise UserError(f"ONNX Runtime cannot use the {provider} provider here ({reason}); "
                                 "use --provider cpu") from None
             raise
+    # onnxruntime's Python session keeps the serialised model it was made
+    # from, weights included, for its life (only `set_providers` reads it
+    # again, which the tool never calls): one more copy of the weights per
+    # live session, dropped here.
+    if isinstance(getattr(session, "_model_bytes", None), bytes):
+        session._model_bytes = None
     if chain[0] not in session.get_providers():
         raise UserError(
             f"the {provider} provider is not usable on this machine "
