@@ -65,6 +65,10 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
     if suggest:
         with timed(timings, "suggestions", progress):
             suggestions = suggest_removals(chosen, ctx, units, total_flops, suggest)
+    runner_used = ctx.runner_used
+    # The search's sessions go before the held-out runs: theirs expose every
+    # unit entry, which ONNX Runtime would keep through each run.
+    ctx.release()
     with timed(timings, "fidelity", progress):
         sets = [selection.removed] + [x["removed"] for x in suggestions or [] if x["achievable"]]
         plain_records = held.records(*sets)
@@ -78,7 +82,6 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
     validation_rows = evidence.rows if evidence is not None and evidence.rows else \
         (ctx.output_rows() if not executor.piecewise else opts.batch_size)
     notes = list(selection.notes) + notes
-    runner_used = ctx.runner_used
     kind = ctx.output_kind()
     ctx.release()
     # Repair: fitted on the selection samples, kept where the held-out fidelity improves.
