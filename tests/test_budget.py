@@ -73,7 +73,7 @@ def _calib(n: int, fixed: int | None = None):
 
 
 def test_halving_rounds_double_and_end_on_every_sample():
-    from sglp_onnx.selection.criteria.damage import SampleOrder
+    from sglp_onnx.selection.criteria.search import SampleOrder
 
     assert SampleOrder(_calib(205), seed=0).rounds(32, 64) == [32, 64, 128, 205]
     assert SampleOrder(_calib(63), seed=0).rounds(32, 64) == [63]  # fewer than two rounds: one
@@ -82,7 +82,7 @@ def test_halving_rounds_double_and_end_on_every_sample():
 
 
 def test_pieces_cut_alike_at_round_bounds_and_cover_each_sample_once():
-    from sglp_onnx.selection.criteria.damage import SampleOrder
+    from sglp_onnx.selection.criteria.search import SampleOrder
 
     order = SampleOrder(_calib(205), seed=3)
     bounds = order.rounds(32, 50)

@@ -8,7 +8,7 @@ from ..lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "context": ["Context"],
     "executor": ["Executor"],
-    "gated_runner": ["REFERENCE_CACHE_BYTES", "SUFFIX_BUDGET_BYTES", "GatedRunner", "ReferenceOutputs"],
+    "gated_runner": ["REFERENCE_CACHE_BYTES", "SUFFIX_BUDGET_BYTES", "GatedRunner"],
     "activations": ["as_samples", "probe", "probe_shapes"],
     "calibration_pass": ["Evidence", "collect_evidence"],
     "similarity": ["MeanCosineDistance", "MinibatchCKA"],

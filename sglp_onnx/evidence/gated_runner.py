@@ -3,9 +3,8 @@
 `GatedRunner` holds ONNX Runtime sessions on the gated graph that
 `surgery.gating` builds (one gated copy of the model, a suffix session per
 candidate unit, or the candidates side by side) and runs the original
-network, any removal set, and single-unit extensions of one;
-`ReferenceOutputs` keeps the original network's value of a target across
-the steps of a greedy search. Measured-damage and similarity criteria, and
+network, any removal set, and single-unit extensions of one.
+Measured-damage and similarity criteria, and
 the fidelity in every report, run their candidates through these.
 """
 
@@ -21,7 +20,8 @@ from ..graph.runtime import make_session, session_with_outputs
 from ..surgery.gating import COPY_PREFIX, batched_suffix_model, gated_model, suffix_model
 from ..units.discovery import PrunableUnit
 
-# The original network's value of a scored tensor is kept across greedy steps up to this size.
+# The original network's value of a scored tensor is kept across greedy steps up to this size
+# (cka-removal's references, `selection.criteria.search.RunCache`).
 REFERENCE_CACHE_BYTES = 256 * 2**20
 # Suffix sessions alive at once hold at most this many bytes of weights, or the
 # model's own weights when larger: with the full session, twice the weights.
@@ -179,52 +179,3 @@ class GatedRunner:
                     self.units[unit].exit: entry_value}
         values = session.run(self.targets, {k: v for k, v in run_feed.items() if k in inputs})
         return dict(zip(self.targets, values))
-
-
-class ReferenceOutputs:
-    """The original network's value of one target, batch by batch, across the
-    steps of a greedy search over the same calibration batches.
-
-    The first step (nothing removed yet) computes it anyway; it is kept in
-    memory up to `limit` bytes, and recomputed in later steps when larger.
-    `transform(value, feed)` turns a run's value into what is compared (rows
-    of a representation, say). Use: `start(removed)` before a step's batches,
-    `get(b, feed, current)` per batch (`current`: the step's full run), `end()`.
-    """
-
-    def __init__(self, runner: GatedRunner, target: str, *, transform=None, limit: int | None = None) -> None:
-        self.runner, self.target = runner, target
-        self.limit = REFERENCE_CACHE_BYTES if limit is None else limit
-        self.transform = transform or (lambda value, feed: value)
-        self._kept: list[np.ndarray] | None = None
-        self._keeping: list[np.ndarray] | None = None
-        self._bytes = 0
-        self._removed: set[int] = set()
-        self.recomputed = False
-
-    def start(self, removed: set[int]) -> None:
-        self._removed = set(removed)
-        self._keeping = [] if self._kept is None and not removed else None
-        self._bytes = 0
-        self.recomputed = False
-
-    def get(self, b: int, feed: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> np.ndarray:
-        if not self._removed:
-            reference = self.transform(current[self.target], feed)
-        elif self._kept is not None:
-            return self._kept[b]
-        else:
-            reference = self.transform(self.runner.run(feed, set())[self.target], feed)
-            self.recomputed = True
-        if self._keeping is not None:
-            self._bytes += reference.nbytes
-            if self._bytes <= self.limit:
-                self._keeping.append(reference)
-            else:  # too large to keep: recomputed in later steps instead
-                self._keeping = None
-        return reference
-
-    def end(self) -> None:
-        if self._keeping is not None:
-            self._kept = self._keeping
-            self._keeping = None

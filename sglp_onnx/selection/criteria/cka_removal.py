@@ -3,29 +3,28 @@ Similarity Metric Perspective", ICPR 2024, arXiv 2405.17081): greedily bypass
 the unit whose removal keeps the network's final representation most similar,
 by linear CKA, to the original network's.
 
-Candidate networks are never written out: they run through the gated graph
-of `gating.py`. A candidate differs from the current greedy network only from
-the unit it bypasses on, so it is run as a *suffix* from that unit, fed with
-the current network's value of the unit's entry (captured by one full run per
-greedy step).
+The greedy search is `search.GreedySearch` (shared with the measured-damage
+criteria) scoring by `CKAMeasure`: every candidate on every calibration
+sample, in the file's order, each step.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from ...errors import UserError
-from ...evidence.gated_runner import GatedRunner, ReferenceOutputs
+from ...evidence import gated_runner
+from ...evidence.gated_runner import GatedRunner
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
 from ...evidence.activations import as_samples
 from ...evidence.similarity import MinibatchCKA
 from ...graph.ops import CONV_OPS, LINEAR_OPS
 from ...evidence import Context
 from .base import Criterion, Selection, register
+from .search import GreedySearch, Measure, RunCache, Schedule
 
 # Ops that can be the classifier or LM head: the tensor they read (besides
 # their weights) is the network's final representation.
@@ -56,6 +55,32 @@ def final_representation(model: onnx.ModelProto, output: str | None = None) -> t
     return found or (first, f"graph output {first!r} (no Gemm/MatMul/Conv head found)")
 
 
+class CKAMeasure(Measure):
+    """Minibatch linear CKA between the rows of the original's final
+    representation and the candidate's (`MinibatchCKA`: the result depends on
+    the pieces the samples come in): the highest similarity goes."""
+
+    higher = True
+
+    def __init__(self, ctx: Context, representation: str) -> None:
+        self.target = representation
+        self.calib = ctx.calib
+
+    def reference(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
+        mask_name = self.calib.token_mask_name
+        mask = feed.get(mask_name) if mask_name else None
+        return as_samples(value, token_level=self.calib.is_token_data, token_mask=mask)
+
+    def meter(self) -> MinibatchCKA:
+        return MinibatchCKA(2)
+
+    def update(self, meter, reference, value, feed, prepared) -> None:
+        meter.update([reference, self.reference(value, feed)])
+
+    def score(self, meter) -> float:
+        return float(meter.result()[0, 1])
+
+
 @dataclass
 class GreedyState:
     """The greedy removal order found so far on one context."""
@@ -70,76 +95,35 @@ class GreedyState:
     seconds: float = 0.0
 
 
-class GreedyCKA:
-    """Runs the greedy search step by step; `extend(n)` makes the order n long."""
+class GreedyCKA(GreedySearch):
+    """The greedy search by CKA: every remaining unit on every calibration
+    sample each step, in the file's order, in runs of the activation budget;
+    the original's representation rows kept across steps where they all fit
+    `REFERENCE_CACHE_BYTES` (else recomputed each step, a whole pass).
+    `extend(n)` makes the order n long and returns its `GreedyState`."""
+
+    label = "cka-removal"
 
     def __init__(self, ctx: Context, *, use_suffix: bool = True) -> None:
         ctx.require_calibration("--criterion cka-removal")
-        self.ctx = ctx
-        self.units = list(ctx.units)
-        rep, rule = final_representation(ctx.model, ctx.output_kind().output)
-        self.state = GreedyState(representation=rep, representation_rule=rule)
-        self.runner = GatedRunner(ctx.model, self.units, [rep], provider=ctx.provider)
-        self.use_suffix = use_suffix
-        self.references = ReferenceOutputs(self.runner, rep, transform=self._rows)
-        self.rows: int | None = None
-
-    # -- running networks ------------------------------------------------
-    def _rows(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
-        calib = self.ctx.calib
-        mask_name = calib.token_mask_name
-        mask = feed.get(mask_name) if mask_name else None
-        return as_samples(value, token_level=calib.is_token_data, token_mask=mask)
-
-    def _run_full(self, feed: dict[str, np.ndarray], removed: set[int], *, entries: bool) -> dict[str, np.ndarray]:
-        return self.runner.run(feed, removed, entries=entries)
-
-    def _run_candidate(self, feed, removed: set[int], unit: int, current: dict[str, np.ndarray]) -> np.ndarray:
-        if not self.use_suffix:
-            return self._run_full(feed, removed | {unit}, entries=False)[self.state.representation]
-        return self.runner.run_extension(feed, removed, unit, current)[self.state.representation]
-
-    # -- one greedy step ---------------------------------------------------
-    def _batches(self, label: str):
+        rep, self.representation_rule = final_representation(ctx.model, ctx.output_kind().output)
+        runner = GatedRunner(ctx.model, list(ctx.units), [rep], provider=ctx.provider)
         # A run holds every unit entry, the representation (the reference's,
         # the candidate's) and its rows: within the activation budget.
-        if self.rows is None:
-            self.rows = self.ctx.rows([u.entry for u in self.units], copies={self.state.representation: 4})
-        batches = self.ctx.calib.batches(self.rows)
-        return self.ctx.progress(batches, label) if self.ctx.progress else batches
+        rows = ctx.rows([u.entry for u in ctx.units], copies={rep: 4})
+        super().__init__(ctx, CKAMeasure(ctx, rep), Schedule(shuffle=False, grouped=False, suffix=use_suffix),
+                         runner, rows=rows, references=RunCache(gated_runner.REFERENCE_CACHE_BYTES, whole=True))
 
-    def step(self) -> None:
-        state = self.state
-        removed = set(state.order)
-        candidates = [k for k in range(len(self.units)) if k not in removed]
-        accumulators = {k: MinibatchCKA(2) for k in candidates}
-        self.references.start(removed)
-        for b, (feed, _) in enumerate(self._batches(f"cka-removal step {len(state.order) + 1}")):
-            current = self._run_full(feed, removed, entries=self.use_suffix)
-            reference = self.references.get(b, feed, current)
-            for k in candidates:
-                rows = self._rows(self._run_candidate(feed, removed, k, current), feed)
-                accumulators[k].update([reference, rows])
-        self.references.end()
-        recomputed = self.references.recomputed
-        state.full_passes += 1 + recomputed
-        if self.use_suffix:
-            state.suffix_passes += len(candidates)
-        else:
-            state.full_passes += len(candidates)
-        scores = {k: float(acc.result()[0, 1]) for k, acc in accumulators.items()}
-        # Highest similarity goes; ties go to the later unit (as in `lowest`).
-        best = max(candidates, key=lambda k: (scores[k], k))
-        if not removed:
-            state.single_cka = [scores[k] for k in range(len(self.units))]
-        state.order.append(best)
-        state.step_cka.append(scores[best])
+    @property
+    def state(self) -> GreedyState:
+        # Every step runs whole passes (the references recomputed all or none): counted whole.
+        return GreedyState(representation=self.measure.target, representation_rule=self.representation_rule,
+                           order=self.order, step_cka=self.scores, single_cka=self.single,
+                           full_passes=round(self.full_passes), suffix_passes=round(self.partial_passes),
+                           seconds=self.seconds)
 
     def extend(self, n: int) -> GreedyState:
-        start = time.perf_counter()
-        while len(self.state.order) < n:
-            self.step()
-        self.state.seconds += time.perf_counter() - start
+        super().extend(n)
         return self.state
 
 

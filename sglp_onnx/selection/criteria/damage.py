@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import numpy as np
 
@@ -29,10 +28,11 @@ from ...evidence.budget import METER_COPIES
 from ...evidence.fidelity import FidelityMeter
 from ...evidence import Context
 from .base import Criterion, Selection, register
+from .search import GreedySearch, Measure, RunCache, Schedule
 
 EXHAUSTIVE_LIMIT = 128
 FAST_CANDIDATES = 6
-# Successive halving (see `DamageSearch.step`): the first round scores every
+# Successive halving (see `search.GreedySearch.step`): the first round scores every
 # candidate on this many samples (token models: sequences holding this many
 # tokens), each later round doubles the samples and keeps the better half.
 HALVING_FIRST_SAMPLES = 32
@@ -42,8 +42,31 @@ HALVING_FIRST_TOKENS = 1024
 CONTENDERS = 8
 
 
-class DamageSearch:
-    """The greedy removal order on one context, extended step by step.
+class FidelityMeasure(Measure):
+    """The fidelity score (fidelity.py) of the scored output against the original's: lowest increase goes."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.kind = ctx.output_kind()
+        self.target = self.kind.output
+        self.token_level = ctx.calib.is_token_data
+        self.mask_name = ctx.calib.token_mask_name
+        self.per_flop = ctx.flops_budget
+
+    def meter(self) -> FidelityMeter:
+        return FidelityMeter(self.kind, token_level=self.token_level)
+
+    def mask(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+        return feed.get(self.mask_name) if self.mask_name else None
+
+    def update(self, meter, reference, value, feed, prepared) -> None:
+        meter.update(reference, value, self.mask(feed), prepared)
+
+    def score(self, meter) -> float:
+        return meter.score
+
+
+class DamageSearch(GreedySearch):
+    """The greedy removal order by measured damage on one context.
 
     Each step scores candidates by successive halving: every candidate on the
     first few samples of a fixed shuffle of the selection samples, then the
@@ -51,45 +74,39 @@ class DamageSearch:
     (a calibration set of fewer than two first rounds: every candidate on every
     sample, the plain greedy). After the first step only the `CONTENDERS`
     units whose latest damage was lowest are candidates. Runs are cut into
-    pieces of `rows` samples that fit the activation budget.
+    pieces of `rows` samples that fit the activation budget; the original's
+    scored output is kept per piece while those kept fit a quarter of it.
     """
+
+    label = "damage"
+    repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
+    grouped = True  # a large model's candidates in groups (the repair-aware search: one session each)
 
     def __init__(self, ctx: Context, *, candidates: int | None = None) -> None:
         ctx.require_calibration("a measured-damage criterion")
-        self.ctx = ctx
         # The report's CKA matrix and heatmap come from the one calibration
         # pass every criterion with data shares; the choice below does not read it.
         ctx.evidence()
-        self.kind = ctx.output_kind()
-        self.runner = self.make_runner()
-        self.limit = candidates
-        self.order: list[int] = []
-        self.scores: list[float] = []  # score after removing order[:k+1]
-        self.single: list[float] | None = None
-        self.latest: dict[int, float] = {}  # unit -> its last measured cost (contender ranking)
-        self.full_passes = 0.0  # in passes over the selection samples
-        self.partial_passes = 0.0
-        self.seconds = 0.0
-        self.notes: list[str] = []
-        self.samples = SampleOrder(ctx.calib, seed=ctx.seed)
+        measure = FidelityMeasure(ctx)
+        self.kind = measure.kind
+        self.ctx = ctx
+        runner = self.make_runner()
         budget = ctx.activation_budget()
         held = budget.held([u.entry for u in ctx.units] + self.also_held(), copies={self.kind.output: METER_COPIES})
         rows = budget.rows(held, ctx.batch_size, share=0.5)
         # A large model scores candidates side by side in one session (their
         # suffixes share the weights): groups whose outputs take at most half
         # the runs' share of the budget.
-        self.batched = not self.runner.fits_apart(range(len(ctx.units))) and self.runner.batchable()
-        self.group = len(ctx.units)
-        if self.batched:
+        group = None
+        if self.grouped and not runner.fits_apart(range(len(ctx.units))) and runner.batchable():
             target = max(budget.sizes.get(self.kind.output, 0), 1)
-            self.group = max(1, min(len(ctx.units), budget.bytes // 4 // (target * rows)))
-            rows = budget.rows(held + self.group * target, ctx.batch_size, share=0.5)
-        self.rows = self.samples.rows(rows)
-        self.bounds = self.samples.rounds(self.first_round(), self.rows)
+            group = max(1, min(len(ctx.units), budget.bytes // 4 // (target * rows)))
+            rows = budget.rows(held + group * target, ctx.batch_size, share=0.5)
         self.cache_bytes = budget.bytes // 4
-        self._references = RunCache(self.cache_bytes)  # the original's scored output, per piece
-
-    repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
+        schedule = Schedule(first_round=self.first_round(), contenders=CONTENDERS, fixed=candidates,
+                            grouped=self.grouped)
+        super().__init__(ctx, measure, schedule, runner, rows=rows, references=RunCache(self.cache_bytes),
+                         group=group)
 
     def make_runner(self):
         return self.ctx.runner()
@@ -104,110 +121,6 @@ class DamageSearch:
             return max(1, -(-HALVING_FIRST_TOKENS // tokens))
         return HALVING_FIRST_SAMPLES
 
-    def meter(self) -> FidelityMeter:
-        return FidelityMeter(self.kind, token_level=self.ctx.calib.is_token_data)
-
-    def mask(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
-        name = self.ctx.calib.token_mask_name
-        return feed.get(name) if name else None
-
-    def pieces(self, start: int, stop: int, label: str):
-        pieces = self.samples.pieces(start, stop, self.rows, self.bounds)
-        return self.ctx.progress(pieces, label) if self.ctx.progress else pieces
-
-    def _candidates(self) -> list[int]:
-        left = [k for k in range(len(self.ctx.units)) if k not in self.order]
-        if self.limit is not None and self.single is not None:
-            return sorted(sorted(left, key=lambda k: (self.single[k], -k))[:self.limit])
-        if not self.latest or len(left) <= CONTENDERS:
-            return left
-        return sorted(sorted(left, key=lambda k: (self.latest[k], -k))[:CONTENDERS])
-
-    def share(self, feed: dict) -> float:
-        """The fraction of the selection samples in `feed`: what one full run of it counts as passes."""
-        return len(next(iter(feed.values()))) / self.samples.n
-
-    def full_run(self, feed: dict, removed: set[int], **kwargs) -> dict[str, np.ndarray]:
-        """The gated graph's run with `removed` bypassed, counted as passes."""
-        self.full_passes += self.share(feed)
-        return self.runner.run(feed, removed, **kwargs)
-
-    def reference(self, start: int, feed: dict, current: dict, removed: set[int]) -> np.ndarray:
-        """The original's scored output on the piece of samples from `start` on,
-        kept while the kept ones fit a quarter of the budget."""
-        target = self.kind.output
-        return self._references.get(start, lambda: self.full_run(feed, set())[target] if removed
-                                    else current[target])
-
-    def step(self) -> None:
-        removed = set(self.order)
-        alive = self._candidates()
-        self.prepare(removed, alive)
-        meters = {k: self.meter() for k in alive}
-        label = f"damage step {len(self.order) + 1}"
-        start = 0
-        for stop in self.bounds:
-            self.score(removed, alive, meters, start, stop, label)
-            self.partial_passes += len(alive) * (stop - start) / self.samples.n
-            start = stop
-            for k in alive:
-                self.latest[k] = self._cost(k, meters[k].score)
-            if len(alive) > 1 and stop < self.samples.n:
-                alive = sorted(sorted(alive, key=lambda k: (self.latest[k], -k))[:(len(alive) + 1) // 2])
-            if len(alive) == 1:
-                break
-        self._choose(alive, meters)
-        self.chosen(removed)
-
-    def prepare(self, removed: set[int], candidates: list[int]) -> None:
-        """Before a step's scoring (the repair-aware search fits its maps here)."""
-
-    def chosen(self, removed: set[int]) -> None:
-        """After a step chose `self.order[-1]`."""
-
-    def score(self, removed: set[int], alive: list[int], meters: dict, start: int, stop: int, label: str) -> None:
-        """Add samples [start, stop) to the meters of `alive`: per group of
-        candidates, a full run of the current network and a partial pass from
-        each candidate's unit (side by side in one session for a large model)."""
-        target = self.kind.output
-        runner = self.runner
-        groups = [alive[i:i + self.group] for i in range(0, len(alive), self.group)] if self.batched \
-            else runner.suffix_groups(alive)
-        for g, group in enumerate(groups):
-            for a, feed in self.pieces(start, stop, label):
-                current = self.full_run(feed, removed, entries=True)
-                reference = self.reference(a, feed, current, removed)
-                values = runner.run_extensions(feed, removed, group, current) if self.batched else None
-                if self.batched and values is None:  # not here after all: one suffix session per candidate
-                    self.batched = False
-                    return self.score(removed, [k for rest in groups[g:] for k in rest], meters, start, stop, label)
-                mask = self.mask(feed)
-                prepared: dict = {}
-                for k in group:
-                    value = values[k] if values is not None else runner.run_extension(feed, removed, k, current)
-                    meters[k].update(reference, value[target], mask, prepared)
-            runner.release_suffixes()
-
-    def _cost(self, k: int, score: float) -> float:
-        increase = score - (self.scores[-1] if self.scores else 0.0)
-        if self.ctx.flops_budget:
-            increase /= max(self.ctx.units[k].flops, 1)
-        return increase
-
-    def _choose(self, candidates: list[int], meters: dict) -> None:
-        if self.single is None:
-            self.single = [meters[k].score for k in range(len(self.ctx.units))]
-        # Ties go to the later unit, as in `lowest`.
-        best = min(candidates, key=lambda k: (self._cost(k, meters[k].score), -k))
-        self.order.append(best)
-        self.scores.append(meters[best].score)
-
-    def extend(self, n: int) -> None:
-        start = time.perf_counter()
-        while len(self.order) < n:
-            self.step()
-        self.seconds += time.perf_counter() - start
-
     def passes_note(self, name: str) -> str:
         halving = (f"; each step by successive halving over {', '.join(map(str, self.bounds))} samples"
                    if len(self.bounds) > 1 else "")
@@ -217,76 +130,17 @@ class DamageSearch:
                 f"{self.rows} samples")
 
 
-class RunCache:
-    """Runs (an array, or a dict of them) kept by their piece's first sample
-    while together they fit `limit` bytes; a run that does not fit is
-    recomputed on every use."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.kept: dict[int, object] = {}
-        self.bytes = 0
-
-    def get(self, start: int, compute):
-        if start in self.kept:
-            return self.kept[start]
-        value = compute()
-        size = value.nbytes if isinstance(value, np.ndarray) else sum(v.nbytes for v in value.values())
-        if self.bytes + size <= self.limit:
-            self.kept[start] = value
-            self.bytes += size
-        return value
-
-    def clear(self) -> None:
-        self.kept, self.bytes = {}, 0
-
-
-class SampleOrder:
-    """The selection samples in a fixed shuffle (seeded), read in prefixes:
-    successive-halving rounds are prefixes, so each spans the whole set."""
-
-    def __init__(self, calib, *, seed: int) -> None:
-        fixed = calib.fixed_batch or 1
-        self.fixed, self.fixed_batch = fixed, calib.fixed_batch
-        self.n = calib.n_samples - calib.n_samples % fixed
-        order = np.random.default_rng(seed).permutation(calib.n_samples)[:self.n]
-        self.calib = calib.subset(order)
-
-    def rows(self, rows: int) -> int:
-        return self.fixed_batch or max(1, rows)
-
-    def rounds(self, first: int, rows: int) -> list[int]:
-        """Sample counts at the end of each round: first, 2 first, ..., n (whole pieces of a fixed batch)."""
-        first = -(-max(first, 1) // self.fixed) * self.fixed
-        if self.n < 2 * first:
-            return [self.n]
-        bounds = []
-        count = first
-        while count < self.n:
-            bounds.append(count)
-            count *= 2
-        return bounds + [self.n]
-
-    def pieces(self, start: int, stop: int, rows: int, bounds: list[int]):
-        """(first sample, feed) for samples [start, stop) in runs of at most
-        `rows`, cut at every round bound too: any two calls cut alike, so a
-        run kept by its first sample is the same run (`start`, `stop` bounds)."""
-        for begin, end in zip([0] + bounds, bounds):
-            for a in range(max(begin, start), min(end, stop), rows):
-                b = min(a + rows, end, stop)
-                yield a, {k: v[a:b] for k, v in self.calib.inputs.items()}
-
-
 def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
     """The removal set of size n with the lowest joint damage: (set, score, passes)."""
     search = DamageSearch(ctx)
     L = len(ctx.units)
     sets = list(itertools.combinations(range(L), n))
-    meters = [search.meter() for _ in sets]
-    target = search.kind.output
+    measure = search.measure
+    meters = [measure.meter() for _ in sets]
+    target = measure.target
     for _, feed in search.pieces(0, search.samples.n, f"damage: {len(sets)} removal sets"):
         reference = search.runner.run(feed, set())[target]
-        mask = search.mask(feed)
+        mask = measure.mask(feed)
         prepared: dict = {}
         for s, meter in zip(sets, meters):
             meter.update(reference, search.runner.run(feed, set(s))[target], mask, prepared)

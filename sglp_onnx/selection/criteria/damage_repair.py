@@ -30,7 +30,8 @@ from ...repair.fit import LinearFit, apply_fitted, as_rows
 from ...repair.graph import add_runtime_maps, runtime_map_inputs, stored
 from ...evidence.gated_runner import SUFFIX_BUDGET_BYTES, GatedRunner
 from ...evidence import Context
-from .damage import DamageSearch, RunCache
+from .damage import DamageSearch
+from .search import RunCache
 
 SEARCH_ROWS_PER_CHANNEL = 16
 
@@ -64,9 +65,13 @@ def _elem(dtype: np.dtype) -> int:
 
 
 class RepairedSearch(DamageSearch):
-    """`DamageSearch` whose candidates are scored repaired."""
+    """`DamageSearch` whose candidates are scored repaired. The original's
+    reference is still only its scored output (`DamageSearch.reference`):
+    kept per piece where all its exposed tensors would not be."""
 
     repaired = True
+    grouped = False  # one suffix session per candidate: `repaired_search` applies only where they fit
+    scores_label = ": scores"
 
     def __init__(self, ctx: Context, specs: dict, *, candidates: int | None = None) -> None:
         self.specs = specs  # unit -> (axis, rank, ONNX elem type, channels)
@@ -111,7 +116,7 @@ class RepairedSearch(DamageSearch):
         """The original network's exposed tensors for the piece from `start` (all gates off)."""
         return self._original.get(start, lambda: self.full_run(feed, set(), entries=True))
 
-    def _current(self, start: int, feed: dict, removed: set[int]) -> dict[str, np.ndarray]:
+    def current(self, start: int, feed: dict, removed: set[int]) -> dict[str, np.ndarray]:
         """This step's network (S bypassed, S's maps fed) for the piece from `start`."""
         if not removed:
             return self._original_run(start, feed)
@@ -130,8 +135,8 @@ class RepairedSearch(DamageSearch):
         fits = {k: self._fit(self.specs[self.merged[k].units[0]][3]) for k in candidates}
         for a, feed in self.pieces(0, self.samples.n, f"damage step {len(self.order) + 1}: repair fits"):
             original = self._original_run(a, feed)
-            current = self._current(a, feed, removed)
-            mask = self.mask(feed)
+            current = self.current(a, feed, removed)
+            mask = self.measure.mask(feed)
             for k in candidates:
                 cut = self.merged[k]
                 axis = self.specs[cut.units[0]][0]
@@ -139,20 +144,13 @@ class RepairedSearch(DamageSearch):
                                as_rows(original[cut.exit], axis, mask))
         self.maps = {k: fits[k].solve()[:2] for k in candidates}
 
-    def score(self, removed: set[int], alive: list[int], meters: dict, start: int, stop: int, label: str) -> None:
+    def extension(self, feed: dict, removed: set[int], k: int, current: dict) -> dict[str, np.ndarray]:
+        """The network bypassing `removed | {k}` with every cut repaired: from the
+        exit of k's cut, fed its map of what the current network reads at its entry."""
         units = self.ctx.units
-        target = self.kind.output
-        for a, feed in self.pieces(start, stop, f"{label}: scores"):
-            current = self._current(a, feed, removed)
-            # Only the original's scored output: kept per piece where all its exposed tensors would not be.
-            reference = self.reference(a, feed, current, removed)
-            mask = self.mask(feed)
-            prepared: dict = {}
-            for k in alive:
-                cut = self.merged[k]
-                value = apply_fitted(current[units[cut.units[0]].entry], *self.maps[k], self.specs[cut.units[0]][0])
-                out = self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)[target]
-                meters[k].update(reference, out, mask, prepared)
+        cut = self.merged[k]
+        value = apply_fitted(current[units[cut.units[0]].entry], *self.maps[k], self.specs[cut.units[0]][0])
+        return self.runner.run_extension(feed, removed | {k}, cut.units[-1], current, value=value)
 
     def chosen(self, removed: set[int]) -> None:
         best = self.order[-1]
