@@ -180,8 +180,9 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
               report: str | os.PathLike | bool | None = True, plot: str | os.PathLike | None = None,
               force: bool = False, renumber_cache: bool = False, dry_run: bool = False,
               **options) -> CompressionResult:
-    opts = SelectionOptions.from_keywords({k: v for k, v in options.items() if k in SelectionOptions.names()},
-                                          "compress")
+    # analyze's keywords that compress passes on (`suggest` and `plot` are its own here).
+    passed_on = {"threads", "progress"}
+    opts = SelectionOptions.from_keywords({k: v for k, v in options.items() if k not in passed_on}, "compress")
     model_path = Path(model_path)
     plan, genai_source, copy_notes = compress_plan(model_path, output, report, plot, calib=opts.calib,
                                                    torch_model=opts.torch_model, torch_weights=opts.torch_weights)

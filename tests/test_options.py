@@ -86,6 +86,9 @@ def test_finetune_keywords_are_the_declared_fields():
 def test_unknown_api_keywords_are_type_errors(tmp_path):
     with pytest.raises(TypeError, match="analyze\\(\\) got an unexpected keyword argument 'bogus'"):
         sglp_onnx.analyze(tmp_path / "absent.onnx", bogus=1)
+    # compress names itself, and refuses before it looks for the model or plans its outputs.
+    with pytest.raises(TypeError, match="compress\\(\\) got an unexpected keyword argument 'bogus'"):
+        sglp_onnx.compress(tmp_path / "absent.onnx", bogus=1)
     with pytest.raises(TypeError, match="finetune\\(\\) got an unexpected keyword argument 'bogus'"):
         sglp_onnx.finetune(tmp_path / "absent.onnx", torch_model="x:y", train_data="t.npz", epochs=1, bogus=1)
 
