@@ -176,6 +176,11 @@ def provider_chain(provider: str) -> list[str]:
 # M_MMAP_THRESHOLD, -3 in mallopt): see `return_freed_buffers`.
 MMAP_THRESHOLD_BYTES = 2**20
 _M_MMAP_THRESHOLD = -3
+# Fixing the mmap threshold also fixes glibc's trim threshold at 128 KiB: the
+# heap's top would be returned and faulted back in around every temporary
+# (M_TRIM_THRESHOLD, -1 in mallopt). Up to this much free top is kept instead.
+TRIM_THRESHOLD_BYTES = 32 * 2**20
+_M_TRIM_THRESHOLD = -1
 
 
 def return_freed_buffers() -> bool:
@@ -199,6 +204,8 @@ def return_freed_buffers() -> bool:
         try:
             libc = ctypes.CDLL(None)
             _settings["heap"] = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+            if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
         except (OSError, AttributeError):  # not glibc (musl has no mallopt)
             pass
     return _settings["heap"]
