@@ -82,9 +82,8 @@ class Batch:
     tensors: dict[str, np.ndarray]
 
     def samples(self, name: str, calib: CalibrationSet) -> np.ndarray:
-        mask_name = calib.token_mask_name
-        mask = self.feed.get(mask_name) if mask_name else None
-        return as_samples(self.tensors[name], token_level=calib.is_token_data, token_mask=mask)
+        return as_samples(self.tensors[name], token_level=calib.is_token_data,
+                          token_mask=calib.token_mask(self.feed))
 
 
 def stream(

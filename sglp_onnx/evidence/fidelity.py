@@ -267,10 +267,9 @@ def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: in
     original's output once per batch, then each set through the gated graph."""
     sets = [frozenset(s) for s in removal_sets]
     meters = {s: FidelityMeter(kind, token_level=data.is_token_data) for s in dict.fromkeys(sets)}
-    mask_name = data.token_mask_name
     for feed, _ in data.batches(batch_size):
         reference = runner.run(feed, set())[kind.output]
-        mask = feed.get(mask_name) if mask_name else None
+        mask = data.token_mask(feed)
         prepared: dict = {}
         for s, meter in meters.items():
             value = reference if not s else runner.run(feed, s)[kind.output]
@@ -299,9 +298,8 @@ def measure_sets_sequential(model: onnx.ModelProto, units, kind: OutputKind, dat
 
     # Each stream runs its whole pass (and frees its pieces) on its first batch.
     streams = [outputs(remove_units(model, [units[i] for i in sorted(s)])) for s in distinct]
-    mask_name = data.token_mask_name
     for (feed, _), reference, *pruned in zip(data.batches(batch_size), outputs(model), *streams):
-        mask = feed.get(mask_name) if mask_name else None
+        mask = data.token_mask(feed)
         for s, value in zip(distinct, pruned):
             meters[s].update(reference, value, mask)
         if frozenset() in meters:

@@ -91,6 +91,11 @@ class CalibrationSet:
     def token_mask_name(self) -> str | None:
         return next((n for n in MASK_NAMES if n in self.inputs), None)
 
+    def token_mask(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The attention mask among `feed` (a batch of this set), None without one."""
+        name = self.token_mask_name
+        return feed.get(name) if name else None
+
     @property
     def is_token_data(self) -> bool:
         """Sequence models: an integer input of rank 2 (token ids)."""

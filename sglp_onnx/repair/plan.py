@@ -138,7 +138,6 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
     if not cuts:
         return [], []
     index = GraphIndex(model)
-    mask_name = data.token_mask_name
     reference = _Reference(model, list(dict.fromkeys([c.exit for c in cuts] + [c.entry for c in cuts])), provider)
     repairs: list[Repair] = []
     skipped: list[str] = []
@@ -154,7 +153,7 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
         try:
             repair = _fit_cut(model, index, units, cut, removed, repairs, reference, batches(f"repair {i + 1}/"
                               f"{len(cuts)}"), form=form, own=fit_on == "pruned" and bool(repairs),
-                              mask_name=mask_name, provider=provider)
+                              token_mask=data.token_mask, provider=provider)
         except Unrepairable as exc:
             skipped.append(f"cut {names}: not repaired ({exc})")
             continue
@@ -164,7 +163,7 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
 
 
 def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Reference", batches, *, form: str,
-             own: bool, mask_name: str | None, provider: str) -> Repair:
+             own: bool, token_mask, provider: str) -> Repair:
     """The map of one cut, fitted batch by batch (see `fit_repairs`); `own`:
     on the pruned model's own entry (the earlier `repairs` applied), else on
     the original's."""
@@ -196,7 +195,7 @@ def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Refer
         if quant is not None:
             x = (x.astype(np.float64) - entry_q[1]) * entry_q[0]
             y = (y.astype(np.float64) - exit_q[1]) * exit_q[0]
-        mask = feed.get(mask_name) if mask_name else None
+        mask = token_mask(feed)
         fit.update(as_rows(x, axis, mask), as_rows(y, axis, mask))
     if fit is None:
         raise Unrepairable("no calibration batch")

@@ -67,9 +67,7 @@ class CKAMeasure(Measure):
         self.calib = ctx.calib
 
     def reference(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
-        mask_name = self.calib.token_mask_name
-        mask = feed.get(mask_name) if mask_name else None
-        return as_samples(value, token_level=self.calib.is_token_data, token_mask=mask)
+        return as_samples(value, token_level=self.calib.is_token_data, token_mask=self.calib.token_mask(feed))
 
     def meter(self) -> MinibatchCKA:
         return MinibatchCKA(2)

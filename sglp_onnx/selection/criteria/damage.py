@@ -49,14 +49,14 @@ class FidelityMeasure(Measure):
         self.kind = ctx.output_kind()
         self.target = self.kind.output
         self.token_level = ctx.calib.is_token_data
-        self.mask_name = ctx.calib.token_mask_name
+        self.calib = ctx.calib
         self.per_flop = ctx.flops_budget
 
     def meter(self) -> FidelityMeter:
         return FidelityMeter(self.kind, token_level=self.token_level)
 
     def mask(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
-        return feed.get(self.mask_name) if self.mask_name else None
+        return self.calib.token_mask(feed)
 
     def update(self, meter, reference, value, feed, prepared) -> None:
         meter.update(reference, value, self.mask(feed), prepared)
