@@ -14,7 +14,6 @@ closes its sessions before the next stage opens its own.
 from __future__ import annotations
 
 import gc
-
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -77,12 +76,16 @@ class Context:
             self._output_kind = output_kind(self.model, self.fidelity_output)
         return self._output_kind
 
+    def _gated_runner(self, *, entries: bool):
+        from .gated_runner import GatedRunner
+
+        return GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider,
+                           entries=entries)
+
     def runner(self):
         """The gated graph's runner for the scored output (gated_runner.GatedRunner), built once."""
         if self._runner is None:
-            from .gated_runner import GatedRunner
-
-            self._runner = GatedRunner(self.model, self.units, [self.output_kind().output], provider=self.provider)
+            self._runner = self._gated_runner(entries=True)
         return self._runner
 
     def output_runner(self):
@@ -92,10 +95,7 @@ class Context:
         if self._runner is not None:
             return self._runner
         if self._output_runner is None:
-            from .gated_runner import GatedRunner
-
-            self._output_runner = GatedRunner(self.model, self.units, [self.output_kind().output],
-                                              provider=self.provider, entries=False)
+            self._output_runner = self._gated_runner(entries=False)
         return self._output_runner
 
     def require_calibration(self, who: str) -> None:

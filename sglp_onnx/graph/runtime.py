@@ -192,8 +192,9 @@ def return_freed_buffers() -> bool:
     32 MiB), after which such buffers come from the heap, which fragments and
     is rarely returned: measured on ResNet-50 at 224x224, a 768M activation
     budget peaked at 1.85 GiB of RSS with the adaptive threshold and 1.38 GiB
-    with a fixed 1 MiB one. A threshold the user set in the environment
-    (MALLOC_MMAP_THRESHOLD_) is left as it is.
+    with a fixed 1 MiB one. The trim threshold is then raised to
+    `TRIM_THRESHOLD_BYTES`. A threshold the user set in the environment
+    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) is left as it is.
     """
     if _settings.get("heap") is not None:
         return _settings["heap"]

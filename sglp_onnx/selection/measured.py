@@ -55,8 +55,7 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
                   flops_budget=opts.target_flops is not None,
                   repair="none" if executor.piecewise else opts.repair, fidelity_output=opts.fidelity_output,
                   budget=parse_size(opts.activation_budget))
-    held = HeldOut(ctx, model, units, held_out if held_out is not None else data, batch_size=opts.batch_size,
-                   provider=opts.provider)
+    held = HeldOut(ctx, held_out if held_out is not None else data)
     with timed(timings, "selection", progress):
         n_remove, selection, notes = select_for_budget(
             chosen, ctx, units, total_flops, opts, only_measure=only_measure,
