@@ -93,14 +93,17 @@ class LinearFit:
             cxy = self.xy - n * np.outer(mean_x, mean_y)
             ridge = (RIDGE + SCARCITY * c / n) * max(float(np.trace(cxx)) / c, 1e-12)
             # Shrunk towards the identity: argmin ||y - xW||^2 + ridge ||W - I||^2.
+            eye = np.eye(c)
             try:
-                weight = np.linalg.solve(cxx + ridge * np.eye(c), cxy + ridge * np.eye(c))
+                weight = np.linalg.solve(cxx + ridge * eye, cxy + ridge * eye)
             except np.linalg.LinAlgError:
-                weight = np.linalg.lstsq(cxx + ridge * np.eye(c), cxy + ridge * np.eye(c), rcond=None)[0]
+                weight = np.linalg.lstsq(cxx + ridge * eye, cxy + ridge * eye, rcond=None)[0]
             bias = mean_y - mean_x @ weight
-            # sum ||y - xW - b||^2 from the sums alone
+            # sum ||y - xW - b||^2 from the sums alone; W solves (cxx + ridge I) W = cxy + ridge I,
+            # so cxx W = cxy + ridge (I - W) and W'cxx W needs no second C^3 product.
+            cxx_w = cxy + ridge * (eye - weight)
             residual = (self.syy.sum() - n * mean_y @ mean_y) - 2 * np.sum(weight * cxy) \
-                + np.sum(weight * (cxx @ weight))
+                + np.sum(weight * cxx_w)
             bypass = self.syy.sum() - 2 * np.trace(self.xy) + np.trace(self.xx)
         else:
             cxx = self.xx - n * mean_x ** 2
