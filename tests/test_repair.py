@@ -131,3 +131,26 @@ def test_a_prefix_session_runs_only_what_the_asked_tensors_need_and_computes_the
     whole = session_with_outputs(model, [early]).run([early], feed)[0]
     np.testing.assert_array_equal(prefix_session(model, [early]).run([early], feed)[0], whole)
     assert prefix_model(model, [model.graph.output[0].name]) is None  # nothing to drop: the model itself
+
+
+def test_a_prefix_read_through_a_removal_computes_what_the_pruned_model_computes():
+    # The repair fits read each cut's entry from the pruned model's prefix
+    # without rewriting the whole graph (`renames`): it must equal the prefix
+    # of the model `remove_units` writes, up to a cut after the removed units.
+    from sglp_onnx.graph.runtime import prefix_session
+    from sglp_onnx.surgery.remove import remove_units, substitutions
+    from graphs import discover
+    from tiny_graphs import calibration, residual_mlp
+
+    model = residual_mlp(6, 8)
+    data = calibration(8, 8)
+    feed = {k: v for k, v in data.items() if k in {i.name for i in model.graph.input}}
+    units = discover(model, feed)
+    gone = [units[1], units[2]]
+    entry = units[4].entry
+    quick = prefix_session(model, [entry], renames=substitutions(gone))
+    assert quick is not None
+    pruned = prefix_session(remove_units(model, gone), [entry])
+    full = prefix_session(model, [entry])
+    np.testing.assert_allclose(quick.run([entry], feed)[0], pruned.run([entry], feed)[0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(quick.run([entry], feed)[0], full.run([entry], feed)[0])  # the removal shows

@@ -4,7 +4,11 @@ piece by piece with --sequential."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Repair outcomes kept for a removal set asked again (analyze's selection
+# and suggestions, --max-loss's last try): each holds its repaired model.
+KEPT_REPAIRS = 4
 
 
 @dataclass
@@ -12,10 +16,13 @@ class HeldOut:
     """Fidelity records on `data` (the held-out samples, else the selection
     samples) of removal sets of the context's units, measured through `ctx`
     (`context.Context`: its model, units, executor, runner, output kind,
-    provider and batch rows)."""
+    provider and batch rows). Repairs are fitted once per removal set and
+    form, all reading one run of the original (`repair.plan.OriginalReference`)."""
 
     ctx: object
     data: object
+    _repairs: dict = field(default_factory=dict, repr=False)
+    _reference: object = field(default=None, repr=False)
 
     def records(self, *removal_sets, network=None) -> list[dict]:
         """Held-out fidelity records of `removal_sets` of the input, or of
@@ -35,14 +42,28 @@ class HeldOut:
     def repaired(self, removed, plain: dict, *, form: str, fit_data, progress=None):
         """The repair of `removed` (`repair.repair_removal`) fitted on
         `fit_data`, measured against `plain`, its unrepaired record."""
+        from ..repair.plan import original_reference
         from ..repair.stage import repair_removal
 
         ctx = self.ctx
         units = ctx.units
-        return repair_removal(ctx.model, units, removed, fit_data, form=form, plain=plain,
-                              measure=lambda m, u, r: self.records(r, network=(m, u))[0],
-                              batch_size=ctx.rows([u.entry for u in units] + [u.exit for u in units]),
-                              provider=ctx.provider, progress=progress)
+        key = (tuple(sorted(removed)), form, id(fit_data))
+        if key not in self._repairs:
+            while len(self._repairs) >= KEPT_REPAIRS:  # each holds its repaired model
+                del self._repairs[next(iter(self._repairs))]
+            if self._reference is None:
+                self._reference = original_reference(ctx.model, units, ctx.provider)
+            self._repairs[key] = repair_removal(
+                ctx.model, units, removed, fit_data, form=form, plain=plain,
+                measure=lambda m, u, r: self.records(r, network=(m, u))[0],
+                batch_size=ctx.rows([u.entry for u in units] + [u.exit for u in units]),
+                provider=ctx.provider, progress=progress, reference=self._reference)
+        return self._repairs[key]
+
+    def release(self) -> None:
+        """Drop the original's kept values and the repairs (their models)."""
+        self._repairs.clear()
+        self._reference = None
 
     def loss_of(self, removed, *, form: str, fit_data, progress=None) -> dict:
         """What --max-loss reads: the held-out record of the model compress

@@ -368,17 +368,24 @@ def needed_nodes(graph: onnx.GraphProto, names: Sequence[str], *, stop: str | No
     return needed, seen
 
 
-def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto | None:
+def prefix_model(model: onnx.ModelProto, names: Sequence[str], *,
+                 renames: dict[str, str] | None = None) -> onnx.ModelProto | None:
     """A model computing only `names` from the graph inputs: the nodes they
     need, nothing after (ONNX Runtime runs every node of a session whatever
-    outputs are asked for). None when a needed node has a subgraph (its
-    outer-scope reads are not followed) or when nothing would be dropped."""
+    outputs are asked for). `renames`: tensor -> tensor its readers read
+    instead (a removal's bypasses, `surgery.remove.substitutions`), so the
+    prefix is that of the pruned model without rewriting the whole graph.
+    None when a needed node has a subgraph (its outer-scope reads are not
+    followed) or when nothing would be dropped."""
     graph = model.graph
-    walked = needed_nodes(graph, names)
+    graph_nodes = list(graph.node)
+    if renames:
+        graph_nodes = [_renamed(node, renames) for node in graph_nodes]
+    walked = needed_nodes(graph, names, producer={out: node for node in graph_nodes for out in node.output if out})
     if walked is None or len(walked[0]) == len(graph.node):
         return None
     needed, seen = walked
-    nodes = [node for node in graph.node if id(node) in needed]  # the graph's order: topological
+    nodes = [node for node in graph_nodes if id(node) in needed]  # the graph's order: topological
     prefix = onnx.helper.make_graph(
         nodes, f"{graph.name}_prefix", [i for i in graph.input if i.name in seen],
         [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names)],
@@ -389,10 +396,22 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
-def prefix_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu") -> InputSession:
-    """`session_with_outputs` that runs only what `names` need (`prefix_model`)."""
-    prefix = prefix_model(model, names)
+def _renamed(node: onnx.NodeProto, renames: dict[str, str]) -> onnx.NodeProto:
+    if not any(t in renames for t in node.input):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for i, t in enumerate(copy.input):
+        copy.input[i] = renames.get(t, t)
+    return copy
+
+
+def prefix_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu", *,
+                   renames: dict[str, str] | None = None) -> InputSession | None:
+    """`session_with_outputs` that runs only what `names` need (`prefix_model`);
+    with `renames`, None where `prefix_model` cannot cut the graph."""
+    prefix = prefix_model(model, names, renames=renames)
     if prefix is None:
-        return session_with_outputs(model, names, provider)
+        return None if renames else session_with_outputs(model, names, provider)
     with input_model_errors():
         return InputSession(make_session(prefix, provider))

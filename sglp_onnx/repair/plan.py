@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from ..graph.index import GraphIndex
 from ..graph.runtime import prefix_session
-from ..surgery.remove import remove_units
+from ..surgery.remove import remove_units, substitutions
 from ..units.discovery import PrunableUnit
 from .cuts import Cut, channel_axis, cuts_of, unit_order
 from .fit import FORMS, LinearFit, as_rows
@@ -86,23 +86,30 @@ def _constant(model: onnx.ModelProto, name: str) -> np.ndarray:
     raise Unrepairable(f"{name!r} is not a plain constant")
 
 
-class _Reference:
-    """The original network's value at every cut's exit (and the first
-    cut's entry), batch by batch; kept after the first pass while small.
-    Too large to keep, each later cut recomputes only its own entry and
+class OriginalReference:
+    """The original network's values at cut entries and exits, batch by
+    batch, for one calibration set read in one batch size. The first pass
+    computes every name it was made with (all the units' entries and exits,
+    where one reference serves several removal sets) and keeps the batches
+    while together they fit REFERENCE_BYTES; a later cut or removal set then
+    reads them. Too large to keep, each cut recomputes only its own entry and
     exit, running the original no further than that exit."""
 
     def __init__(self, model, names, provider) -> None:
-        self.model, self.names, self.provider = model, names, provider
+        self.model, self.names, self.provider = model, list(names), provider
         self.session = None
         self.kept: list[dict] | None = []
         self.bytes = 0
+        self.key = None  # (calibration set, batch size) the batches are of
 
-    def start(self, cut: Cut) -> None:
-        """Before the batches of a later cut's fit: the first pass is over, so
-        either every batch is kept (the session goes: the cut's own session
-        will hold the weights) or this cut's entry and exit are recomputed."""
+    def start(self, cut: Cut, key) -> None:
+        """Before the batches of `cut`'s fit (`key`: the data and batch size read)."""
+        if self.key != key:  # another calibration set or batch size: start over
+            self.key, self.kept, self.bytes, self.session = key, [], 0, None
+            return
         if self.kept is not None:
+            # The first pass is over: every batch is kept (the session goes:
+            # the cut's own session will hold the weights).
             self.session = None
         elif self.names != [cut.entry, cut.exit]:
             self.names, self.session = [cut.entry, cut.exit], None
@@ -119,26 +126,31 @@ class _Reference:
             if self.bytes <= REFERENCE_BYTES and b == len(self.kept):
                 self.kept.append(values)
             else:
-                self.kept = None
+                self.kept, self.bytes = None, 0
         return values
 
     def close(self) -> None:
-        if self.kept is not None:
-            self.session = None
+        """After a removal set's fits: the session goes (the repaired model's measure runs next)."""
+        self.session = None
 
 
 def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, data, *, form: str,
                 batch_size: int, provider: str = "cpu", fit_on: str = "pruned",
-                progress: Callable[[Iterator, str], Iterator] | None = None) -> tuple[list[Repair], list[str]]:
+                progress: Callable[[Iterator, str], Iterator] | None = None,
+                reference: OriginalReference | None = None) -> tuple[list[Repair], list[str]]:
     """The repairs of removal set `removed` fitted on `data` (the selection
-    samples), and a note per cut that could not be repaired (why)."""
+    samples), and a note per cut that could not be repaired (why).
+    `reference`: the original's values shared by several removal sets of
+    `model` (`original_reference`); None: this set's own."""
     if form not in FORMS or fit_on not in FIT_ON:
         raise ValueError(f"repair form {form!r} / fit on {fit_on!r}")
     cuts = unit_order(model, cuts_of(units, removed))
     if not cuts:
         return [], []
     index = GraphIndex(model)
-    reference = _Reference(model, list(dict.fromkeys([c.exit for c in cuts] + [c.entry for c in cuts])), provider)
+    if reference is None:
+        reference = OriginalReference(model, dict.fromkeys([c.exit for c in cuts] + [c.entry for c in cuts]),
+                                      provider)
     repairs: list[Repair] = []
     skipped: list[str] = []
 
@@ -148,8 +160,7 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
 
     for i, cut in enumerate(cuts):
         names = ", ".join(units[k].name for k in cut.units)
-        if i:
-            reference.start(cut)
+        reference.start(cut, (id(data), batch_size))
         try:
             repair = _fit_cut(model, index, units, cut, removed, repairs, reference, batches(f"repair {i + 1}/"
                               f"{len(cuts)}"), form=form, own=fit_on == "pruned" and bool(repairs),
@@ -162,16 +173,19 @@ def fit_repairs(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed, 
     return repairs, skipped
 
 
-def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Reference", batches, *, form: str,
+def original_reference(model: onnx.ModelProto, units: Sequence[PrunableUnit], provider: str) -> OriginalReference:
+    """One `OriginalReference` for every removal set of `model`'s `units`."""
+    return OriginalReference(model, dict.fromkeys([n for u in units for n in (u.exit, u.entry)]), provider)
+
+
+def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: OriginalReference, batches, *, form: str,
              own: bool, token_mask, provider: str) -> Repair:
     """The map of one cut, fitted batch by batch (see `fit_repairs`); `own`:
     on the pruned model's own entry (the earlier `repairs` applied), else on
     the original's."""
     quant = entry_q = exit_q = session = None
     if own:  # the pruned model with the earlier cuts repaired, up to this cut's entry
-        repaired, new_units = with_repairs(model, units, repairs)
-        pruned = remove_units(repaired, [new_units[k] for k in sorted(removed)])
-        session = prefix_session(pruned, [cut.entry], provider)  # nothing after the entry runs
+        session = _pruned_prefix(model, units, removed, repairs, cut.entry, provider)
         inputs = {x.name for x in session.get_inputs()}
     fit = axis = rank = elem = flops = None
     for b, (feed, _) in enumerate(batches):
@@ -205,6 +219,20 @@ def _fit_cut(model, index, units, cut: Cut, removed, repairs, reference: "_Refer
         raise Unrepairable("its activations overflow: the fit is not finite")
     return Repair(cut=cut, form=form, axis=axis, rank=rank, elem_type=elem, weight=weight, bias=bias,
                   fit_error=error, rows=fit.n, flops=flops, quant=quant)
+
+
+def _pruned_prefix(model, units, removed, repairs, entry: str, provider: str):
+    """A session computing `entry` in the pruned model with `repairs` applied,
+    and nothing after it: the repaired graph's prefix read through the
+    removal's bypasses where no removed unit has companions (the quick way),
+    else the pruned model itself (`surgery.remove_units`)."""
+    repaired, new_units = with_repairs(model, units, repairs)
+    gone = [new_units[k] for k in sorted(removed)]
+    if not any(u.companions for u in gone):
+        session = prefix_session(repaired, [entry], provider, renames=substitutions(gone))
+        if session is not None:
+            return session
+    return prefix_session(remove_units(repaired, gone), [entry], provider)
 
 
 def repair_records(repairs: Sequence[Repair], units: Sequence[PrunableUnit]) -> list[dict]:

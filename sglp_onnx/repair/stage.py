@@ -60,16 +60,17 @@ def better(repaired: dict, plain: dict) -> bool:
 def repair_removal(model: onnx.ModelProto, units: Sequence[PrunableUnit], removed: Sequence[int], data, *,
                    form: str, measure: Callable[[onnx.ModelProto, list[PrunableUnit], list[int]], dict],
                    plain: dict, batch_size: int, provider: str,
-                   progress: Callable[[Iterator, str], Iterator] | None = None) -> RepairOutcome:
+                   progress: Callable[[Iterator, str], Iterator] | None = None, reference=None) -> RepairOutcome:
     """Fit the maps of `removed` on `data` and measure the repaired model with
     `measure(model, units, removed)` (the held-out fidelity record); `plain`
-    is the plain removal's record. Applied only when `better`."""
+    is the plain removal's record. Applied only when `better`. `reference`:
+    the original's values shared with other removal sets (`plan.original_reference`)."""
     outcome = RepairOutcome(form=form, fidelity_without=plain)
     if not removed:
         outcome.reason = "nothing removed"
         return outcome
     outcome.repairs, outcome.skipped = fit_repairs(model, units, removed, data, form=form, batch_size=batch_size,
-                                                   provider=provider, progress=progress)
+                                                   provider=provider, progress=progress, reference=reference)
     if not outcome.repairs:
         outcome.reason = "no cut could be repaired"
         return outcome

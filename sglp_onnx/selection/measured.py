@@ -92,6 +92,7 @@ def measure_and_select(model, units, data, held_out, total_flops: int, chosen: C
         with timed(timings, "repair", progress):
             outcomes = [held.repaired(s, r, form=opts.repair, fit_data=data, progress=progress) if s else None
                         for s, r in zip(sets, plain_records)]
+            held.release()
     fidelity = fidelity_records(plain_records, outcomes, suggestions, kind, data, held_out)
     repair = outcomes[0]
     if repair is not None:
