@@ -126,6 +126,17 @@ def test_suggestions_equal_what_target_flops_removes(target):
     assert suggestion["flops_removed_fraction"] >= target
 
 
+def test_default_suggestions_read_the_per_unit_search_and_still_equal_target_flops():
+    # The per-FLOP search behind the suggestions reads back what the per-unit
+    # search measured on the removal sets both reach (its first steps): the
+    # suggestions must still be what --target-flops chooses on its own.
+    report = analyze(MODEL, ratio=RATIO, suggest=[0.5]).report
+    (suggestion,) = report["suggestions"]
+    alone = analyze(MODEL, target_flops=0.5, suggest=None).report
+    assert suggestion["removed"] == [u["index"] for u in alone["units"] if u["removed"]]
+    assert sorted(suggestion["removed"]) != sorted(u["index"] for u in report["units"] if u["removed"])
+
+
 def test_sglp_suggestion_matches_compress_target_flops():
     report = analyze_report()
     suggestion = next(s for s in report["suggestions"] if s["target_flops"] == 0.25)

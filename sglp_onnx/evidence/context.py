@@ -48,6 +48,11 @@ class Context:
     # Per-criterion state that must survive repeated select() calls on this
     # context (`--target-flops` asks for n = 1, 2, ...), keyed by criterion name.
     cache: dict[str, object] = field(default_factory=dict)
+    # What greedy searches measured (a candidate's meter after a round, its
+    # repair map), shared with the copies `dataclasses.replace` makes: the
+    # per-FLOP search of analyze's suggestions reads the per-unit search's
+    # measurements of the removal sets both reach (`search.GreedySearch.score`).
+    measured: dict = field(default_factory=dict)
     # How the calibration pass and the held-out fidelity run the model (whole,
     # or piecewise with `--sequential`); the gated runner always runs it whole.
     executor: Executor = Executor.WHOLE

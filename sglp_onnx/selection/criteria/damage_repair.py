@@ -128,21 +128,28 @@ class RepairedSearch(DamageSearch):
             super().step()
 
     def prepare(self, removed: set[int], candidates: list[int]) -> None:
-        """Every candidate's cut map, fitted on all the selection samples."""
+        """Every candidate's cut map, fitted on all the selection samples
+        (read back where a search on this context fitted it already)."""
         units = self.ctx.units
         self._kept.clear()
         self.merged = {k: next(c for c in cuts_of(units, removed | {k}) if k in c.units) for k in candidates}
-        fits = {k: self._fit(self.specs[self.merged[k].units[0]][3]) for k in candidates}
-        for a, feed in self.pieces(0, self.samples.n, f"damage step {len(self.order) + 1}: repair fits"):
+        measured = self.ctx.measured
+        key = (self.measured_key, frozenset(removed), "map")
+        todo = [k for k in candidates if (key, k) not in measured]
+        fits = {k: self._fit(self.specs[self.merged[k].units[0]][3]) for k in todo}
+        pieces = self.pieces(0, self.samples.n, f"damage step {len(self.order) + 1}: repair fits") if todo else []
+        for a, feed in pieces:
             original = self._original_run(a, feed)
             current = self.current(a, feed, removed)
             mask = self.measure.mask(feed)
-            for k in candidates:
+            for k in todo:
                 cut = self.merged[k]
                 axis = self.specs[cut.units[0]][0]
                 fits[k].update(as_rows(current[units[cut.units[0]].entry], axis, mask),
                                as_rows(original[cut.exit], axis, mask))
-        self.maps = {k: fits[k].solve()[:2] for k in candidates}
+        for k in todo:
+            measured[key, k] = fits[k].solve()[:2]
+        self.maps = {k: measured[key, k] for k in candidates}
 
     def extension(self, feed: dict, removed: set[int], k: int, current: dict) -> dict[str, np.ndarray]:
         """The network bypassing `removed | {k}` with every cut repaired: from the

@@ -16,6 +16,7 @@ scores is a `Schedule`.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ class GreedySearch:
         self.rows = self.samples.rows(rows)
         self.bounds = self.samples.rounds(schedule.first_round, self.rows)
         self.references = references
+        # What else decides a candidate's meter besides the removal set, the candidate and the samples read.
+        self.measured_key = (type(self).__name__, measure.target, schedule.shuffle, ctx.seed, tuple(self.bounds))
 
     # -- running networks ------------------------------------------------
     def pieces(self, start: int, stop: int, label: str):
@@ -164,9 +167,12 @@ class GreedySearch:
         label = f"{self.label} step {len(self.order) + 1}"
         start = 0
         for stop in self.bounds:
-            self.score(removed, alive, meters, start, stop, label)
+            scored = self.recall(removed, alive, meters, stop)
+            if scored:
+                self.score(removed, scored, meters, start, stop, label)
+                self.remember(removed, scored, meters, stop)
             if self.schedule.suffix:
-                self.partial_passes += len(alive) * (stop - start) / self.samples.n
+                self.partial_passes += len(scored) * (stop - start) / self.samples.n
             start = stop
             for k in alive:
                 scores[k] = self.measure.score(meters[k])
@@ -177,6 +183,24 @@ class GreedySearch:
                 break
         self.choose(alive, scores)
         self.chosen(removed)
+
+    def recall(self, removed: set[int], alive: list[int], meters: dict, stop: int) -> list[int]:
+        """Set the meters of `alive` candidates that a search on this context
+        (this one, or the per-FLOP copy of analyze's suggestions) measured
+        already on samples [0, stop) with the same removal set; the others,
+        to be scored."""
+        todo = []
+        for k in alive:
+            kept = self.ctx.measured.get((self.measured_key, frozenset(removed), k, stop))
+            if kept is None:
+                todo.append(k)
+            else:
+                meters[k] = copy.deepcopy(kept)
+        return todo
+
+    def remember(self, removed: set[int], scored: list[int], meters: dict, stop: int) -> None:
+        for k in scored:
+            self.ctx.measured[(self.measured_key, frozenset(removed), k, stop)] = copy.deepcopy(meters[k])
 
     def prepare(self, removed: set[int], candidates: list[int]) -> None:
         """Before a step's scoring (the repair-aware search fits its maps here)."""
