@@ -42,6 +42,28 @@ def test_few_rows_pull_the_map_towards_the_plain_bypass_not_towards_zero():
     assert np.abs(weight - np.eye(16)).max() < 0.05 and np.abs(bias).max() < 0.05
 
 
+@pytest.mark.parametrize("rows", [30, 70])  # fewer rows than half the channels: solved in the rows' dual
+def test_full_fit_is_the_ridge_solution_towards_the_identity_however_it_is_solved(rows):
+    from sglp_onnx.repair.fit import RIDGE, SCARCITY
+
+    rng = np.random.default_rng(4)
+    c = 80
+    x = 2 * rng.standard_normal((rows, c)) + 1
+    y = x @ (0.2 * rng.standard_normal((c, c))) + x + 0.5
+    fit = LinearFit(c, "full")
+    fit.update(x[:rows // 2], y[:rows // 2])
+    fit.update(x[rows // 2:], y[rows // 2:])
+    weight, bias, error = fit.solve()
+    # The closed form in the primal: (Xc'Xc + r I) W = Xc'Yc + r I, b = mean_y - mean_x W.
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    ridge = (RIDGE + SCARCITY * c / rows) * np.trace(xc.T @ xc) / c
+    want = np.linalg.solve(xc.T @ xc + ridge * np.eye(c), xc.T @ yc + ridge * np.eye(c))
+    np.testing.assert_allclose(weight, want, atol=1e-9)
+    np.testing.assert_allclose(bias, y.mean(0) - x.mean(0) @ want, atol=1e-9)
+    residual = ((y - x @ want - bias) ** 2).sum() / ((y - x) ** 2).sum()
+    assert error == pytest.approx(residual, rel=1e-9)
+
+
 def test_diagonal_fit_recovers_a_scale_and_bias_and_scores_against_the_bypass():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4000, 4))

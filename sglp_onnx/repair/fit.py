@@ -48,6 +48,11 @@ class LinearFit:
         self.product = product
         self.channels = channels
         self.n = 0
+        # A full fit on fewer rows than half its channels keeps its rows
+        # (float64) and solves in the rows' dual (`_dual_weight`): a
+        # 2896-wide vector read on 103 samples solves a 103 x 103 system
+        # instead of a 2896 x 2896 one.
+        self.kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if form == "full" else None
         c = channels
         self.sx, self.sy = np.zeros(c), np.zeros(c)
         self.syy = np.zeros(c)
@@ -71,6 +76,11 @@ class LinearFit:
             xs = np.nan_to_num(x[start:start + CHUNK_ROWS].astype(self.product))
             ys = np.nan_to_num(y[start:start + CHUNK_ROWS].astype(self.product))
             self.n += len(xs)
+            if self.kept is not None:
+                if 2 * self.n <= self.channels:
+                    self.kept.append((xs.astype(np.float64), ys.astype(np.float64)))
+                else:
+                    self.kept = None
             self.sx += xs.sum(0, dtype=np.float64)
             self.sy += ys.sum(0, dtype=np.float64)
             self.syy += (ys * ys).sum(0, dtype=np.float64)
@@ -94,10 +104,13 @@ class LinearFit:
             ridge = (RIDGE + SCARCITY * c / n) * max(float(np.trace(cxx)) / c, 1e-12)
             # Shrunk towards the identity: argmin ||y - xW||^2 + ridge ||W - I||^2.
             eye = np.eye(c)
-            try:
-                weight = np.linalg.solve(cxx + ridge * eye, cxy + ridge * eye)
-            except np.linalg.LinAlgError:
-                weight = np.linalg.lstsq(cxx + ridge * eye, cxy + ridge * eye, rcond=None)[0]
+            if self.kept:
+                weight = self._dual_weight(mean_x, mean_y, ridge)
+            else:
+                try:
+                    weight = np.linalg.solve(cxx + ridge * eye, cxy + ridge * eye)
+                except np.linalg.LinAlgError:
+                    weight = np.linalg.lstsq(cxx + ridge * eye, cxy + ridge * eye, rcond=None)[0]
             bias = mean_y - mean_x @ weight
             # sum ||y - xW - b||^2 from the sums alone; W solves (cxx + ridge I) W = cxy + ridge I,
             # so cxx W = cxy + ridge (I - W) and W'cxx W needs no second C^3 product.
@@ -115,6 +128,22 @@ class LinearFit:
             bypass = np.sum(self.syy - 2 * self.xy + self.xx)
         error = float(max(residual, 0.0) / bypass) if bypass > 0 else 0.0
         return weight, bias, error
+
+
+    def _dual_weight(self, mean_x: np.ndarray, mean_y: np.ndarray, ridge: float) -> np.ndarray:
+        """The full fit's weight from its kept rows: with X, Y the centred rows,
+        W = I + D where D = argmin ||(Y - X) - X D||^2 + ridge ||D||^2 =
+        X' (X X' + ridge I)^-1 (Y - X), an n x n system for n rows."""
+        x = np.concatenate([r[0] for r in self.kept]) - mean_x
+        y = np.concatenate([r[1] for r in self.kept]) - mean_y
+        gram = x @ x.T + ridge * np.eye(len(x))
+        try:
+            coef = np.linalg.solve(gram, y - x)
+        except np.linalg.LinAlgError:
+            coef = np.linalg.lstsq(gram, y - x, rcond=None)[0]
+        weight = x.T @ coef
+        weight[np.diag_indices_from(weight)] += 1.0
+        return weight
 
 
 def apply_fitted(value: np.ndarray, weight: np.ndarray, bias: np.ndarray, axis: int) -> np.ndarray:
