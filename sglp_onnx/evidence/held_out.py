@@ -51,7 +51,7 @@ class HeldOut:
         if key not in self._repairs:
             while len(self._repairs) >= KEPT_REPAIRS:  # each holds its repaired model
                 del self._repairs[next(iter(self._repairs))]
-            if self._reference is None:
+            if self._reference is None and self._shareable(fit_data):
                 self._reference = original_reference(ctx.model, units, ctx.provider)
             self._repairs[key] = repair_removal(
                 ctx.model, units, removed, fit_data, form=form, plain=plain,
@@ -59,6 +59,16 @@ class HeldOut:
                 batch_size=ctx.rows([u.entry for u in units] + [u.exit for u in units]),
                 provider=ctx.provider, progress=progress, reference=self._reference)
         return self._repairs[key]
+
+    def _shareable(self, fit_data) -> bool:
+        """True when every unit's entry and exit on `fit_data` fit the
+        reference's keep limit: one run of the original then serves every
+        removal set. Else each set computes only its own cuts' values."""
+        from ..repair.plan import REFERENCE_BYTES
+
+        sizes = self.ctx.activation_budget().sizes
+        names = dict.fromkeys(n for u in self.ctx.units for n in (u.entry, u.exit))
+        return sum(sizes.get(n, 0) for n in names) * fit_data.n_samples <= REFERENCE_BYTES
 
     def release(self) -> None:
         """Drop the original's kept values and the repairs (their models)."""
