@@ -51,7 +51,12 @@ CONFIGS = {
         vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, initializer_range=0.2)),
 }
 
-CASES = [(arch, exporter) for arch in CONFIGS for exporter in ("dynamo", "legacy")]
+# A dynamo export takes 7-10 s on 2 cores: Qwen2's and Mistral's (Llama-like)
+# run with the slow tests (make test-slow); their legacy exports always run.
+SLOW = {("qwen2", "dynamo"), ("mistral", "dynamo")}
+CASES = [pytest.param(arch, exporter, marks=[pytest.mark.slow] if (arch, exporter) in SLOW else [],
+                      id=f"{arch}-{exporter}")
+         for arch in CONFIGS for exporter in ("dynamo", "legacy")]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from hypothesis import strategies as st
 from sglp_onnx.cli import main
 from tiny_graphs import residual_mlp
 
-# Derandomized: CI runs the same examples every time (wider runs: raise max_examples locally).
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI runs the same examples every time; SGLP_FUZZ_EXAMPLES widens a
+# local run (make test-slow runs 25 each).
+FUZZ = settings(max_examples=int(os.environ.get("SGLP_FUZZ_EXAMPLES", "12")), deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
 WIDTH = 8
 
 
