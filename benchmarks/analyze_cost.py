@@ -6,6 +6,7 @@ sidecar and the default options otherwise:
 - `analyze(MODEL)`: the default removal (--ratio 0.25) and the suggestions
   for 10%, 25% and 50% of the FLOPs, each measured on the held-out samples
   and repaired where that helps;
+- `analyze(MODEL, target_flops=0.5)`: the same with the budget in FLOPs;
 - `compress(MODEL, OUT, target_flops=0.5)`: what a user runs for the largest.
 Wall seconds are the call's own (imports excluded); the must-hold is
 analyze <= 1.2x compress, same run. Writes benchmarks/results/analyze_cost.md.
@@ -38,6 +39,9 @@ def child(kind: str, model: str, out: str) -> None:
     if kind == "analyze":
         result = sglp_onnx.analyze(model)
         report = result.report
+    elif kind == "analyze-flops":
+        result = sglp_onnx.analyze(model, target_flops=LARGEST)
+        report = result.report
     else:
         result = sglp_onnx.compress(model, out, target_flops=LARGEST, force=True)
         report = result.report
@@ -56,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each call, interleaved; the fastest counts")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "analyze_cost.md")
     args = parser.parse_args()
     if args.child:
@@ -66,34 +71,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.only:
             model = ROOT / "models" / f"{name}.onnx"
-            runs = {}
-            for kind in ("analyze", "compress"):
-                print(f"[analyze_cost {time.strftime('%H:%M:%S')}] {name}: {kind}", flush=True)
-                runs[kind] = run_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(model),
-                                        str(Path(folder) / f"{name}.onnx")], cwd=ROOT)
-                if "failed" in runs[kind]:
-                    raise SystemExit(f"{name} {kind} failed: {runs[kind]['failed']}")
-            a, c = runs["analyze"], runs["compress"]
+            runs: dict[str, dict] = {}
+            for repeat in range(args.repeats):  # interleaved; each kind's fastest run is kept
+                for kind in ("analyze", "analyze-flops", "compress"):
+                    print(f"[analyze_cost {time.strftime('%H:%M:%S')}] {name}: {kind} ({repeat + 1}/{args.repeats})",
+                          flush=True)
+                    run = run_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(model),
+                                     str(Path(folder) / f"{name}.onnx")], cwd=ROOT)
+                    if "failed" in run:
+                        raise SystemExit(f"{name} {kind} failed: {run['failed']}")
+                    if kind not in runs or run["seconds"] < runs[kind]["seconds"]:
+                        runs[kind] = run
+            a, f, c = runs["analyze"], runs["analyze-flops"], runs["compress"]
             ratio = a["seconds"] / c["seconds"]
-            rows.append(f"| {name} | {a['seconds']:.1f} | {c['seconds']:.1f} | {ratio:.2f} | {cells(a)} | {cells(c)} |")
+            rows.append(f"| {name} | {a['seconds']:.1f} | {f['seconds']:.1f} | {c['seconds']:.1f} | {ratio:.2f} | "
+                        f"{f['seconds'] / c['seconds']:.2f} | {cells(a)} | {cells(f)} | {cells(c)} |")
             checks.append(f"- {name}: analyze {a['seconds']:.1f} s = {ratio:.2f}x compress --target-flops {LARGEST} "
                           f"({c['seconds']:.1f} s), must be at most {BOUND}x: "
                           f"{'holds' if ratio <= BOUND else 'does not hold'}.")
     command = "python benchmarks/analyze_cost.py" + (f" --only {' '.join(args.only)}"
-                                                     if list(args.only) != list(MODELS) else "")
+                                                     if list(args.only) != list(MODELS) else "") \
+        + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
     lines = [
         "# `analyze` with its default suggestions against `compress` at the largest suggested budget",
         "",
         f"Machine: {describe()}",
         "",
         f"Command: `{command}` ({(time.perf_counter() - start) / 60:.0f} min in all). Each call runs in a fresh "
-        f"process with the model's calibration sidecar and default options: `analyze(MODEL)` (the default "
+        f"process, {args.repeats} times interleaved with the others (the fastest counts: the calls take seconds, "
+        "so a shared machine's noise is a good part of one run), with the model's calibration sidecar and "
+        "default options: `analyze(MODEL)` (the default "
         f"--ratio 0.25 and suggestions for 10%, 25%, 50% of the FLOPs, each measured on the held-out samples and "
         f"repaired where that helps) and `compress(MODEL, OUT, target_flops={LARGEST})`. Seconds are the call's "
-        "own; stage seconds are the report's `timings`.",
+        "own; stage seconds are the report's `timings`. `analyze --target-flops` is analyze with the budget in "
+        f"FLOPs (`target_flops={LARGEST}`, the same suggestions): its selection and suggestions are one per-FLOP "
+        "order. Without it the default selection (--ratio, a unit count) is a per-unit order beside the "
+        "suggestions' per-FLOP one where the units' FLOPs differ; the two share what they measure on the removal "
+        "sets both reach.",
         "",
-        "| model | analyze s | compress s | analyze / compress | analyze stages | compress stages |",
-        "|---|---:|---:|---:|---|---|",
+        "| model | analyze s | analyze --target-flops s | compress s | analyze / compress | "
+        "analyze --target-flops / compress | analyze stages | analyze --target-flops stages | compress stages |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
         *rows,
         "",
         "Must hold:",

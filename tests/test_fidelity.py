@@ -327,3 +327,34 @@ def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):
     finally:
         gc.enable()
     assert gated and alive_at_validation and set(alive_at_validation) == {0}
+
+
+def test_a_repaired_sets_held_out_record_from_its_plain_pruned_session_equals_the_gated_copys():
+    # The held-out fidelity of a repaired removal set is measured on one plain
+    # session of the pruned graph (read through the bypasses); it must equal
+    # the record of the gated copy of the same model, batch for batch.
+    from graphs import discover
+    from sglp_onnx.evidence import Context
+    from sglp_onnx.evidence.held_out import HeldOut
+    from sglp_onnx.files.calibration import CalibrationSet
+    from sglp_onnx.repair.plan import fit_repairs
+    from sglp_onnx.repair.graph import with_repairs
+    from tiny_graphs import calibration
+
+    model = residual_mlp(6, 8)
+    x = calibration(40, 8)["input"]
+    units = discover(model, x[:2])
+    data = CalibrationSet(inputs={"input": x[:30]}, labels=None, source="t")
+    held = CalibrationSet(inputs={"input": x[30:]}, labels=None, source="t")
+    removed = [1, 2, 4]
+    repairs, _ = fit_repairs(model, units, removed, data, form="full", batch_size=16)
+    repaired, new_units = with_repairs(model, units, repairs)
+    ctx = Context(model=model, units=units, calib=data, batch_size=4)
+    measured = HeldOut(ctx, held)
+    quick = measured.repaired_record(repaired, new_units, removed)
+    gated = measured.records(removed, network=(repaired, new_units))[0]
+    assert quick["rows"] == gated["rows"] == 10
+    assert quick["score"] == pytest.approx(gated["score"], rel=1e-5, abs=1e-9)
+    assert quick["top1_agreement"] == gated["top1_agreement"]
+    plain = measured.records(removed)[0]
+    assert quick["score"] != pytest.approx(plain["score"], rel=1e-3)  # the maps are in what was measured

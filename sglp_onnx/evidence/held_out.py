@@ -23,6 +23,7 @@ class HeldOut:
     data: object
     _repairs: dict = field(default_factory=dict, repr=False)
     _reference: object = field(default=None, repr=False)
+    _outputs: object = field(default=None, repr=False)  # the original's scored output per batch, while kept
 
     def records(self, *removal_sets, network=None) -> list[dict]:
         """Held-out fidelity records of `removal_sets` of the input, or of
@@ -38,6 +39,43 @@ class HeldOut:
         runner = ctx.output_runner() if network is None else GatedRunner(
             net_model, net_units, [ctx.output_kind().output], provider=ctx.provider, entries=False)
         return measure_sets(runner, ctx.output_kind(), self.data, removal_sets, batch_size=ctx.output_rows())
+
+    def repaired_record(self, model, units, removed) -> dict:
+        """The held-out record of `removed` bypassed in `model` (the input with
+        repair maps added, `units` reading them): one plain session on the
+        pruned graph read through the removal's bypasses (`prefix_model`
+        renames) against the original's output, kept between removal sets
+        while it fits REFERENCE_CACHE_BYTES; the gated copy of `model` where
+        a removed unit has companions or the graph cannot be cut."""
+        from ..graph.runtime import prefix_session
+        from ..surgery.remove import substitutions
+        from .fidelity import FidelityMeter
+        from .gated_runner import REFERENCE_CACHE_BYTES
+        from .run_cache import RunCache
+
+        ctx = self.ctx
+        gone = [units[k] for k in sorted(removed)]
+        output = ctx.output_kind().output
+        session = None if ctx.executor.piecewise or any(u.companions for u in gone) else \
+            prefix_session(model, [output], ctx.provider, renames=substitutions(gone))
+        if session is None:
+            return self.records(removed, network=(model, units))[0]
+        if self._outputs is None:
+            self._outputs = RunCache(REFERENCE_CACHE_BYTES, whole=True)
+        original = None
+        meter = FidelityMeter(ctx.output_kind(), token_level=self.data.is_token_data)
+        inputs = {i.name for i in session.get_inputs()}
+        for b, (feed, _) in enumerate(self.data.batches(ctx.output_rows())):
+            def compute(feed=feed):
+                nonlocal original
+                original = original or prefix_session(ctx.model, [output], ctx.provider)
+                names = {i.name for i in original.get_inputs()}
+                return original.run([output], {k: v for k, v in feed.items() if k in names})[0]
+
+            reference = self._outputs.get(b, compute)
+            value = session.run([output], {k: v for k, v in feed.items() if k in inputs})[0]
+            meter.update(reference, value, self.data.token_mask(feed))
+        return meter.record()
 
     def repaired(self, removed, plain: dict, *, form: str, fit_data, progress=None):
         """The repair of `removed` (`repair.repair_removal`) fitted on
@@ -55,7 +93,7 @@ class HeldOut:
                 self._reference = original_reference(ctx.model, units, ctx.provider)
             self._repairs[key] = repair_removal(
                 ctx.model, units, removed, fit_data, form=form, plain=plain,
-                measure=lambda m, u, r: self.records(r, network=(m, u))[0],
+                measure=self.repaired_record,
                 batch_size=ctx.rows([u.entry for u in units] + [u.exit for u in units]),
                 provider=ctx.provider, progress=progress, reference=self._reference)
         return self._repairs[key]
@@ -73,7 +111,7 @@ class HeldOut:
     def release(self) -> None:
         """Drop the original's kept values and the repairs (their models)."""
         self._repairs.clear()
-        self._reference = None
+        self._reference = self._outputs = None
 
     def loss_of(self, removed, *, form: str, fit_data, progress=None) -> dict:
         """What --max-loss reads: the held-out record of the model compress

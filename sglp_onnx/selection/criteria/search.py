@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...evidence.run_cache import RunCache  # noqa: F401 (the searches' cache, re-exported)
 from .base import Context
 
 
@@ -255,38 +256,6 @@ class GreedySearch:
         while len(self.order) < n:
             self.step()
         self.seconds += time.perf_counter() - start
-
-
-class RunCache:
-    """Runs (an array, or a dict of them) kept by their piece's first sample
-    while together they fit `limit` bytes; a run that does not fit is
-    recomputed on every use. `whole`: every run or none (once one does not
-    fit, none is kept), so that a search's recomputing costs whole passes."""
-
-    def __init__(self, limit: int, *, whole: bool = False) -> None:
-        self.limit = limit
-        self.whole = whole
-        self.clear()
-
-    def get(self, start: int, compute):
-        if start in self.kept:
-            return self.kept[start]
-        value = compute()
-        if self.closed:
-            return value
-        size = value.nbytes if isinstance(value, np.ndarray) else sum(v.nbytes for v in value.values())
-        if self.bytes + size <= self.limit:
-            self.kept[start] = value
-            self.bytes += size
-        elif self.whole:
-            self.clear()
-            self.closed = True
-        return value
-
-    def clear(self) -> None:
-        self.kept: dict[int, object] = {}
-        self.bytes = 0
-        self.closed = False  # `whole` and a run did not fit: none is kept any more
 
 
 class SampleOrder:
