@@ -44,38 +44,48 @@ class HeldOut:
         """The held-out record of `removed` bypassed in `model` (the input with
         repair maps added, `units` reading them): one plain session on the
         pruned graph read through the removal's bypasses (`prefix_model`
-        renames) against the original's output, kept between removal sets
-        while it fits REFERENCE_CACHE_BYTES; the gated copy of `model` where
-        a removed unit has companions or the graph cannot be cut."""
-        from ..graph.runtime import prefix_session
+        renames), against the original's output computed first and kept
+        between removal sets (its session closed before the pruned one
+        opens: never both sets of weights at once). The gated copy of `model`
+        where the original's outputs exceed REFERENCE_CACHE_BYTES, a removed
+        unit has companions or the graph cannot be cut."""
+        from ..graph.runtime import prefix_model, prefix_session
         from ..surgery.remove import substitutions
         from .fidelity import FidelityMeter
-        from .gated_runner import REFERENCE_CACHE_BYTES
-        from .run_cache import RunCache
 
         ctx = self.ctx
         gone = [units[k] for k in sorted(removed)]
         output = ctx.output_kind().output
-        session = None if ctx.executor.piecewise or any(u.companions for u in gone) else \
-            prefix_session(model, [output], ctx.provider, renames=substitutions(gone))
-        if session is None:
+        renames = substitutions(gone)
+        batches = list(self.data.batches(ctx.output_rows()))
+        if ctx.executor.piecewise or any(u.companions for u in gone) \
+                or prefix_model(model, [output], renames=renames) is None \
+                or not self._original_outputs(batches, output):
             return self.records(removed, network=(model, units))[0]
-        if self._outputs is None:
-            self._outputs = RunCache(REFERENCE_CACHE_BYTES, whole=True)
-        original = None
+        session = prefix_session(model, [output], ctx.provider, renames=renames)
         meter = FidelityMeter(ctx.output_kind(), token_level=self.data.is_token_data)
         inputs = {i.name for i in session.get_inputs()}
-        for b, (feed, _) in enumerate(self.data.batches(ctx.output_rows())):
-            def compute(feed=feed):
-                nonlocal original
-                original = original or prefix_session(ctx.model, [output], ctx.provider)
-                names = {i.name for i in original.get_inputs()}
-                return original.run([output], {k: v for k, v in feed.items() if k in names})[0]
-
-            reference = self._outputs.get(b, compute)
+        for b, (feed, _) in enumerate(batches):
             value = session.run([output], {k: v for k, v in feed.items() if k in inputs})[0]
-            meter.update(reference, value, self.data.token_mask(feed))
+            meter.update(self._outputs.kept[b], value, self.data.token_mask(feed))
         return meter.record()
+
+    def _original_outputs(self, batches, output: str) -> bool:
+        """The original's `output` on every batch, kept (True) unless together they exceed the cache."""
+        from ..graph.runtime import session_with_outputs
+        from .gated_runner import REFERENCE_CACHE_BYTES
+        from .run_cache import RunCache
+
+        if self._outputs is None:
+            self._outputs = RunCache(REFERENCE_CACHE_BYTES, whole=True)
+            original = session_with_outputs(self.ctx.model, [output], self.ctx.provider)
+            names = {i.name for i in original.get_inputs()}
+            for b, (feed, _) in enumerate(batches):
+                self._outputs.get(b, lambda feed=feed: original.run([output], {
+                    k: v for k, v in feed.items() if k in names})[0])
+                if self._outputs.closed:
+                    break
+        return not self._outputs.closed
 
     def repaired(self, removed, plain: dict, *, form: str, fit_data, progress=None):
         """The repair of `removed` (`repair.repair_removal`) fitted on
