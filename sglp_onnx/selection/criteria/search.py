@@ -112,7 +112,8 @@ class GreedySearch:
         self.bounds = self.samples.rounds(schedule.first_round, self.rows)
         self.references = references
         # What else decides a candidate's meter besides the removal set, the candidate and the samples read.
-        self.measured_key = (type(self).__name__, measure.target, schedule.shuffle, ctx.seed, tuple(self.bounds))
+        self.measured_key = (type(self).__name__, measure.target, ctx.repair, schedule.shuffle, ctx.seed,
+                             tuple(self.bounds))
 
     # -- running networks ------------------------------------------------
     def pieces(self, start: int, stop: int, label: str):
