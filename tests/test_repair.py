@@ -157,10 +157,10 @@ def test_a_prefix_session_runs_only_what_the_asked_tensors_need_and_computes_the
 
 def test_a_prefix_read_through_a_removal_computes_what_the_pruned_model_computes():
     # The repair fits read each cut's entry from the pruned model's prefix
-    # without rewriting the whole graph (`renames`): it must equal the prefix
-    # of the model `remove_units` writes, up to a cut after the removed units.
-    from sglp_onnx.graph.runtime import prefix_session
-    from sglp_onnx.surgery.remove import remove_units, substitutions
+    # without rewriting the whole graph (`bypassed_prefix`): it must equal the
+    # prefix of the model `remove_units` writes, up to a cut after the removed units.
+    from sglp_onnx.graph.runtime import prefix_session, session_with_outputs
+    from sglp_onnx.surgery.remove import bypassed_prefix, remove_units
     from graphs import discover
     from tiny_graphs import calibration, residual_mlp
 
@@ -170,8 +170,9 @@ def test_a_prefix_read_through_a_removal_computes_what_the_pruned_model_computes
     units = discover(model, feed)
     gone = [units[1], units[2]]
     entry = units[4].entry
-    quick = prefix_session(model, [entry], renames=substitutions(gone))
-    assert quick is not None
+    prefix = bypassed_prefix(model, gone, [entry])
+    assert prefix is not None and len(prefix.graph.node) < len(model.graph.node)
+    quick = session_with_outputs(prefix, [entry])
     pruned = prefix_session(remove_units(model, gone), [entry])
     full = prefix_session(model, [entry])
     np.testing.assert_allclose(quick.run([entry], feed)[0], pruned.run([entry], feed)[0], rtol=1e-6, atol=1e-6)

@@ -49,20 +49,17 @@ class HeldOut:
         opens: never both sets of weights at once). The gated copy of `model`
         where the original's outputs exceed REFERENCE_CACHE_BYTES, a removed
         unit has companions or the graph cannot be cut."""
-        from ..graph.runtime import prefix_model, prefix_session
-        from ..surgery.remove import substitutions
+        from ..graph.runtime import session_with_outputs
+        from ..surgery.remove import bypassed_prefix
         from .fidelity import FidelityMeter
 
         ctx = self.ctx
-        gone = [units[k] for k in sorted(removed)]
         output = ctx.output_kind().output
-        renames = substitutions(gone)
         batches = list(self.data.batches(ctx.output_rows()))
-        if ctx.executor.piecewise or any(u.companions for u in gone) \
-                or prefix_model(model, [output], renames=renames) is None \
-                or not self._original_outputs(batches, output):
+        pruned = None if ctx.executor.piecewise else bypassed_prefix(model, [units[k] for k in removed], [output])
+        if pruned is None or not self._original_outputs(batches, output):
             return self.records(removed, network=(model, units))[0]
-        session = prefix_session(model, [output], ctx.provider, renames=renames)
+        session = session_with_outputs(pruned, [output], ctx.provider)
         meter = FidelityMeter(ctx.output_kind(), token_level=self.data.is_token_data)
         inputs = {i.name for i in session.get_inputs()}
         for b, (feed, _) in enumerate(batches):

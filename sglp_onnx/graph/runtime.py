@@ -406,12 +406,10 @@ def _renamed(node: onnx.NodeProto, renames: dict[str, str]) -> onnx.NodeProto:
     return copy
 
 
-def prefix_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu", *,
-                   renames: dict[str, str] | None = None) -> InputSession | None:
-    """`session_with_outputs` that runs only what `names` need (`prefix_model`);
-    with `renames`, None where `prefix_model` cannot cut the graph."""
-    prefix = prefix_model(model, names, renames=renames)
+def prefix_session(model: onnx.ModelProto, names: Sequence[str], provider: str = "cpu") -> InputSession:
+    """`session_with_outputs` that runs only what `names` need (`prefix_model`)."""
+    prefix = prefix_model(model, names)
     if prefix is None:
-        return None if renames else session_with_outputs(model, names, provider)
+        return session_with_outputs(model, names, provider)
     with input_model_errors():
         return InputSession(make_session(prefix, provider))

@@ -129,7 +129,6 @@ class LinearFit:
         error = float(max(residual, 0.0) / bypass) if bypass > 0 else 0.0
         return weight, bias, error
 
-
     def _dual_weight(self, mean_x: np.ndarray, mean_y: np.ndarray, ridge: float) -> np.ndarray:
         """The full fit's weight from its kept rows: with X, Y the centred rows,
         W = I + D where D = argmin ||(Y - X) - X D||^2 + ridge ||D||^2 =

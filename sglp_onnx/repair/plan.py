@@ -20,8 +20,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.index import GraphIndex
-from ..graph.runtime import prefix_session
-from ..surgery.remove import remove_units, substitutions
+from ..graph.runtime import prefix_session, session_with_outputs
+from ..surgery.remove import bypassed_prefix, remove_units
 from ..units.discovery import PrunableUnit
 from .cuts import Cut, channel_axis, cuts_of, unit_order
 from .fit import FORMS, LinearFit, as_rows
@@ -228,10 +228,9 @@ def _pruned_prefix(model, units, removed, repairs, entry: str, provider: str):
     else the pruned model itself (`surgery.remove_units`)."""
     repaired, new_units = with_repairs(model, units, repairs)
     gone = [new_units[k] for k in sorted(removed)]
-    if not any(u.companions for u in gone):
-        session = prefix_session(repaired, [entry], provider, renames=substitutions(gone))
-        if session is not None:
-            return session
+    prefix = bypassed_prefix(repaired, gone, [entry])
+    if prefix is not None:
+        return session_with_outputs(prefix, [entry], provider)
     return prefix_session(remove_units(repaired, gone), [entry], provider)
 
 

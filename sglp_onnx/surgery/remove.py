@@ -21,6 +21,20 @@ def substitutions(units: Sequence[PrunableUnit]) -> dict[str, str]:
     return resolve_chains({unit.exit: unit.entry for unit in units})
 
 
+def bypassed_prefix(model: onnx.ModelProto, units: Sequence[PrunableUnit], names: Sequence[str]
+                    ) -> onnx.ModelProto | None:
+    """A model computing `names` of `model` with `units` bypassed, and
+    nothing after them: the graph's prefix read through the bypasses
+    (`runtime.prefix_model` renames), without rewriting the whole graph as
+    `remove_units` does. None where a unit has companions (its bypass also
+    rewires scales and zero points) or the graph cannot be cut there."""
+    from ..graph.runtime import prefix_model
+
+    if any(u.companions for u in units):
+        return None
+    return prefix_model(model, names, renames=substitutions(units))
+
+
 def remove_units(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> onnx.ModelProto:
     """Return a new model in which every unit in `units` is skipped.
 
