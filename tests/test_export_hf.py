@@ -52,8 +52,9 @@ CONFIGS = {
 }
 
 # A dynamo export takes 7-10 s on 2 cores: Qwen2's and Mistral's (Llama-like)
-# run with the slow tests (make test-slow); their legacy exports always run.
-SLOW = {("qwen2", "dynamo"), ("mistral", "dynamo")}
+# and GPT-2's run with the slow tests (make test-slow); their legacy exports,
+# and Llama's dynamo export, always run.
+SLOW = {("qwen2", "dynamo"), ("mistral", "dynamo"), ("gpt2", "dynamo")}
 CASES = [pytest.param(arch, exporter, marks=[pytest.mark.slow] if (arch, exporter) in SLOW else [],
                       id=f"{arch}-{exporter}")
          for arch in CONFIGS for exporter in ("dynamo", "legacy")]

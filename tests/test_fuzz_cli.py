@@ -26,6 +26,8 @@ from tiny_graphs import residual_mlp
 # local run (make test-slow runs 25 each).
 FUZZ = settings(max_examples=int(os.environ.get("SGLP_FUZZ_EXAMPLES", "12")), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
+# Half as many for a fuzzer whose every example compresses and may draw a plot (its edge cases are explicit examples).
+FUZZ_COMPRESS = settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))
 WIDTH = 8
 
 
@@ -212,7 +214,7 @@ def test_fuzzed_small_graphs_never_exit_1(seed, kind, command, criterion):
                 [o for o in outputs if o not in validation["removed_outputs"]])
 
 
-@FUZZ
+@FUZZ_COMPRESS
 @example(length=245, suffix=".onnx", char="a", which="-o")  # legal: its temporary files must fit too
 @example(length=251, suffix="", char="a", which="--report")
 @example(length=300, suffix=".onnx", char="a", which="-o")

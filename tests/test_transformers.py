@@ -106,8 +106,8 @@ CASES = [
     ("vit", "dynamo", {"criterion": "random", "seed": 1}),
 ]
 # A dynamo export of these takes about 10 s on 2 cores; they run with the slow
-# tests (make test-slow), Llama's runs always.
-SLOW = {("qwen2", "dynamo"), ("bert", "dynamo"), ("vit", "dynamo")}
+# tests (make test-slow), Llama's runs always (its export is the dynamo case of the default run).
+SLOW = {("qwen2", "dynamo"), ("bert", "dynamo"), ("vit", "dynamo"), ("gpt2", "dynamo")}
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,8 @@ def test_compress_equals_transformers_with_layers_deleted(staged, arch, exporter
 GENERATION_CASES = [("llama", "legacy", 3), ("gpt2", "dynamo", 3)]
 
 
-@pytest.mark.parametrize("arch, exporter, seed", GENERATION_CASES, ids=[f"{a}-{e}" for a, e, _ in GENERATION_CASES])
+@pytest.mark.parametrize("arch, exporter, seed", [
+    pytest.param(*c, marks=[pytest.mark.slow] if c[:2] in SLOW else [], id=f"{c[0]}-{c[1]}") for c in GENERATION_CASES])
 def test_pruned_cache_model_generates_like_transformers(staged, arch, exporter, seed):
     folder = staged(arch)
     path = staged(arch, exporter, with_cache=True)
