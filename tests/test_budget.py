@@ -106,6 +106,30 @@ def test_the_greedy_scores_by_successive_halving_for_fewer_passes(tmp_path):
     assert halved.selection.passes["forward_partial"] < 6 + 5
 
 
+def test_an_expensive_first_round_reads_fewer_samples_and_says_so(tmp_path, monkeypatch):
+    import sglp_onnx.selection.criteria.damage as damage
+    from tiny_graphs import write_model_and_calibration
+
+    model, _ = write_model_and_calibration(tmp_path, n_blocks=6, n_samples=320, width=16)
+    usual = analyze(model, criterion="damage-greedy", remove=2, suggest=None, repair="none")
+    units = usual.units
+    per_sample = damage.first_round_flops(units)
+    # The current run (every unit) plus each unit's partial pass (the units after it).
+    assert per_sample == sum(u.flops for u in units) * 1 + sum(u.flops * k for k, u in enumerate(units))
+    # A first round of 32 samples costs more than allowed, one of 16 too, one of 8 does not.
+    monkeypatch.setattr(damage, "HALVING_FIRST_FLOPS", 8 * per_sample + 1)
+    cheap = analyze(model, criterion="damage-greedy", remove=2, suggest=None, repair="none")
+    notes = " ".join(cheap.selection.notes)
+    assert "successive halving over 8, 16, 32, 64, 128, 256 samples" in notes, notes
+    assert "first halving round reads 8 samples, not 32" in notes, notes
+    assert cheap.selection.passes["forward_partial"] < usual.selection.passes["forward_partial"]
+    assert "first halving round" not in " ".join(usual.selection.notes)
+    # Never below HALVING_LEAST_SAMPLES, however expensive.
+    monkeypatch.setattr(damage, "HALVING_FIRST_FLOPS", 1)
+    least = analyze(model, criterion="damage-greedy", remove=2, suggest=None, repair="none")
+    assert "halving over 8, 16," in " ".join(least.selection.notes)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("environment, expected", [({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False")])
 def test_measuring_sessions_return_freed_buffers_unless_the_user_set_the_threshold(environment, expected):

@@ -287,6 +287,26 @@ def test_mean_cosine_distance_is_finite_and_in_range(x, seed):
     assert acc.nonfinite_values == 2 * np.count_nonzero(~np.isfinite(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_mean_cosine_distance_of_narrow_floats_equals_the_scaled_float64_one(dtype):
+    # float32/float16 rows are summed in float64 unscaled: the same distances as
+    # the scaled float64 path, at the largest and smallest magnitudes the type has.
+    rng = np.random.default_rng(3)
+    big, small = np.finfo(dtype).max / 4, float(np.finfo(dtype).smallest_subnormal)
+    x = rng.normal(size=(6, 40)).astype(dtype)
+    y = (x + rng.normal(size=x.shape)).astype(dtype)
+    x[1] *= dtype(big / 8)
+    y[2] = np.where(rng.random(40) < 0.5, small, 0.0).astype(dtype)
+    x[3] = y[3] = 0  # both zero: distance 0
+    x[4] = 0  # zero against non-zero: distance 1
+    narrow, wide = MeanCosineDistance(1), MeanCosineDistance(1)
+    narrow.update([x], [y])
+    wide.update([x.astype(np.float64)], [y.astype(np.float64)])
+    assert np.isfinite(narrow.result()).all()
+    np.testing.assert_allclose(narrow.result(), wide.result(), rtol=1e-12)
+    assert narrow.nonfinite_values == 0
+
+
 def test_mean_cosine_distance_needs_samples():
     with pytest.raises(UserError, match="at least one calibration sample"):
         MeanCosineDistance(1).result()

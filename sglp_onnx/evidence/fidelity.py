@@ -262,13 +262,18 @@ def describe(kind: str, form: str, *, token_level: bool) -> str:
             "relative": "relative L2 error of the pruned model's output against the original's"}[kind]
 
 
-def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: int) -> list[dict]:
+def measure_sets(runner, kind: OutputKind, data, removal_sets, *, batch_size: int, references=None) -> list[dict]:
     """Fidelity records of several removal sets on `data`, in one pass: the
-    original's output once per batch, then each set through the gated graph."""
+    original's output once per batch, then each set through the gated graph.
+    `references` (a `run_cache.RunCache` keyed by batch index) keeps the
+    original's outputs for later passes, or gives those an earlier pass kept."""
     sets = [frozenset(s) for s in removal_sets]
     meters = {s: FidelityMeter(kind, token_level=data.is_token_data) for s in dict.fromkeys(sets)}
-    for feed, _ in data.batches(batch_size):
-        reference = runner.run(feed, set())[kind.output]
+    for b, (feed, _) in enumerate(data.batches(batch_size)):
+        def original(feed=feed):
+            return runner.run(feed, set())[kind.output]
+
+        reference = references.get(b, original) if references is not None else original()
         mask = data.token_mask(feed)
         prepared: dict = {}
         for s, meter in meters.items():

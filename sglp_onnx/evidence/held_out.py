@@ -36,8 +36,10 @@ class HeldOut:
         if ctx.executor.piecewise:
             return measure_sets_sequential(net_model, net_units, ctx.output_kind(), self.data, removal_sets,
                                            batch_size=ctx.batch_size, provider=ctx.provider)
-        runner = ctx.output_runner() if network is None else GatedRunner(
-            net_model, net_units, [ctx.output_kind().output], provider=ctx.provider, entries=False)
+        if network is None:  # the original's outputs are kept for the repaired records (`repaired_record`)
+            return measure_sets(ctx.output_runner(), ctx.output_kind(), self.data, removal_sets,
+                                batch_size=ctx.output_rows(), references=self._original_cache())
+        runner = GatedRunner(net_model, net_units, [ctx.output_kind().output], provider=ctx.provider, entries=False)
         return measure_sets(runner, ctx.output_kind(), self.data, removal_sets, batch_size=ctx.output_rows())
 
     def repaired_record(self, model, units, removed) -> dict:
@@ -67,22 +69,30 @@ class HeldOut:
             meter.update(self._outputs.kept[b], value, self.data.token_mask(feed))
         return meter.record()
 
-    def _original_outputs(self, batches, output: str) -> bool:
-        """The original's `output` on every batch, kept (True) unless together they exceed the cache."""
-        from ..graph.runtime import session_with_outputs
+    def _original_cache(self):
+        """The original's scored output per batch index, kept while together they fit REFERENCE_CACHE_BYTES."""
         from .gated_runner import REFERENCE_CACHE_BYTES
         from .run_cache import RunCache
 
         if self._outputs is None:
             self._outputs = RunCache(REFERENCE_CACHE_BYTES, whole=True)
+        return self._outputs
+
+    def _original_outputs(self, batches, output: str) -> bool:
+        """The original's `output` on every batch, kept (True) unless together
+        they exceed the cache; computed here unless the plain records kept them."""
+        from ..graph.runtime import session_with_outputs
+
+        cache = self._original_cache()
+        if not cache.closed and len(cache.kept) < len(batches):
             original = session_with_outputs(self.ctx.model, [output], self.ctx.provider)
             names = {i.name for i in original.get_inputs()}
             for b, (feed, _) in enumerate(batches):
-                self._outputs.get(b, lambda feed=feed: original.run([output], {
+                cache.get(b, lambda feed=feed: original.run([output], {
                     k: v for k, v in feed.items() if k in names})[0])
-                if self._outputs.closed:
+                if cache.closed:
                     break
-        return not self._outputs.closed
+        return not cache.closed
 
     def repaired(self, removed, plain: dict, *, form: str, fit_data, progress=None):
         """The repair of `removed` (`repair.repair_removal`) fitted on

@@ -37,6 +37,14 @@ FAST_CANDIDATES = 6
 # tokens), each later round doubles the samples and keeps the better half.
 HALVING_FIRST_SAMPLES = 32
 HALVING_FIRST_TOKENS = 1024
+# Where that first round would cost more than HALVING_FIRST_FLOPS (every unit's
+# partial pass plus the current network's run, from the units' FLOPs per sample;
+# 0.5 TFLOPs is about 15 s on one core of a laptop CPU), it reads half as many
+# samples, and half again, down to these. ResNet-50 at 224x224: 1.1 TFLOPs on 32
+# samples, so 8; the bundled models' first rounds cost 3-6 GFLOPs.
+HALVING_FIRST_FLOPS = 5 * 10**11
+HALVING_LEAST_SAMPLES = 8
+HALVING_LEAST_TOKENS = 256
 # Greedy steps after the first consider this many contenders (at least): the
 # remaining units whose last measured damage was lowest.
 CONTENDERS = 8
@@ -79,6 +87,7 @@ class DamageSearch(GreedySearch):
     """
 
     label = "damage"
+    first_round_note = ""  # set where the first halving round reads fewer samples than usual
     repaired = False  # candidates are scored with their repair map (damage_repair.RepairedSearch)
     grouped = True  # a large model's candidates in groups (the repair-aware search: one session each)
 
@@ -107,6 +116,8 @@ class DamageSearch(GreedySearch):
                             grouped=self.grouped)
         super().__init__(ctx, measure, schedule, runner, rows=rows, references=RunCache(self.cache_bytes),
                          group=group)
+        if self.first_round_note and len(self.bounds) > 1:
+            self.notes.append(f"{self.label}: {self.first_round_note}")
 
     def make_runner(self):
         return self.ctx.runner()
@@ -116,10 +127,24 @@ class DamageSearch(GreedySearch):
         return []
 
     def first_round(self) -> int:
+        """Samples every candidate of a step is scored on first (successive
+        halving); fewer than the usual count where that costs more than
+        HALVING_FIRST_FLOPS (`first_round_flops`), then said in the notes."""
         if self.ctx.calib.is_token_data:
             tokens = max(1, int(np.prod(self.ctx.calib.inputs[next(iter(self.ctx.calib.inputs))].shape[1:])))
-            return max(1, -(-HALVING_FIRST_TOKENS // tokens))
-        return HALVING_FIRST_SAMPLES
+            usual, least = (max(1, -(-count // tokens)) for count in (HALVING_FIRST_TOKENS, HALVING_LEAST_TOKENS))
+        else:
+            usual, least = HALVING_FIRST_SAMPLES, HALVING_LEAST_SAMPLES
+        per_sample = first_round_flops(self.ctx.units)
+        first = usual
+        while first > least and first * per_sample > HALVING_FIRST_FLOPS:
+            first = max(least, first // 2)
+        if first < usual:
+            self.first_round_note = (
+                f"each step's first halving round reads {first} samples, not {usual}: every unit's partial pass "
+                f"on {usual} would cost {usual * per_sample / 1e12:.1f} TFLOPs, more than "
+                f"{HALVING_FIRST_FLOPS / 1e12:g}")
+        return first
 
     def passes_note(self, name: str) -> str:
         halving = (f"; each step by successive halving over {', '.join(map(str, self.bounds))} samples"
@@ -128,6 +153,16 @@ class DamageSearch(GreedySearch):
                 f"{self.samples.n} selection samples for {len(self.order)} greedy steps ({self.full_passes:.1f} "
                 f"full, {self.partial_passes:.1f} partial: from the bypassed unit on){halving}; runs of "
                 f"{self.rows} samples")
+
+
+def first_round_flops(units) -> int:
+    """FLOPs per sample of a greedy step's first halving round, from the units'
+    own FLOPs (what lies outside them, a stem or a head, is left out): the
+    current network's run plus every unit's partial pass, which runs the units
+    after it."""
+    flops = [u.flops for u in units]
+    after = np.cumsum(flops[::-1])[::-1] - flops  # FLOPs of the units after each one
+    return int(sum(flops) + after.sum())
 
 
 def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
