@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from sglp_onnx.cli import main
 from sglp_onnx.errors import UserError
 from sglp_onnx.evidence.budget import ActivationBudget, parse_size
 from tiny_graphs import write_model_and_calibration
+
+RADIO_MODEL = Path(__file__).resolve().parents[1] / "models" / "cnn1d_radio.onnx"  # units of three FLOP sizes
 
 
 @pytest.mark.parametrize("text, size", [("1G", 2**30), ("512M", 512 * 2**20), ("1.5GiB", 3 * 2**29),
@@ -160,3 +163,66 @@ def test_the_held_out_runner_exposes_no_unit_entries_once_the_search_is_released
     assert len(searching.exposed) == 1 + len(ctx.units) and ctx.output_runner() is searching
     ctx.release()
     assert ctx.output_runner() is not searching and ctx.output_runner().exposed == [output]
+
+
+# -- releasing a stage's memory without a full collection each time ----------------------------------------------
+
+def test_release_collects_only_what_a_cycle_still_holds(monkeypatch):
+    import sglp_onnx.evidence.context as context_module
+    from sglp_onnx.evidence import Context
+    from tiny_graphs import residual_mlp
+
+    collections = []
+    monkeypatch.setattr(context_module.gc, "collect", lambda *a: collections.append(a) or 0)
+    model = residual_mlp(n_blocks=2)
+
+    class Search:  # what a criterion caches
+        pass
+
+    plain = Context(model=model, units=[], calib=None)
+    plain.cache["search"], plain.cache["result"] = Search(), ([1], 0.5, 3)
+    plain.release()
+    assert collections == [] and plain.cache == {}
+    cyclic = Context(model=model, units=[], calib=None)
+    search = Search()
+    search.itself = search  # freed only by the collector
+    cyclic.cache["search"] = search
+    del search
+    cyclic.release()
+    assert len(collections) == 1
+
+
+def test_release_memory_collects_for_large_weights_only(monkeypatch):
+    import gc
+
+    from sglp_onnx.graph import runtime
+
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or 0)
+    runtime.release_memory(runtime.COLLECT_WEIGHT_BYTES - 1)
+    assert collections == []
+    runtime.release_memory(runtime.COLLECT_WEIGHT_BYTES)
+    runtime.release_memory()
+    assert len(collections) == 2
+
+
+def test_no_search_outlives_analyze_with_per_flop_suggestions(monkeypatch):
+    # The suggestions' per-FLOP search runs on a copy of the context that it
+    # holds: the copy's cache is cleared, so nothing waits for the collector
+    # and releasing the context needs no full collection.
+    import gc
+
+    import sglp_onnx.evidence.context as context_module
+    from sglp_onnx.selection.criteria.search import GreedySearch
+
+    gc.collect()
+    collections = []
+    monkeypatch.setattr(context_module.gc, "collect", lambda *a: collections.append(a) or 0)
+    gc.disable()
+    try:
+        result = analyze(RADIO_MODEL, remove=2, suggest=[0.2], repair="none")
+        assert result.report["suggestions"][0]["achievable"]
+        assert collections == []
+        assert not [o for o in gc.get_objects() if isinstance(o, GreedySearch)]
+    finally:
+        gc.enable()

@@ -101,13 +101,22 @@ def apply_torch_threads() -> None:
             torch.set_num_threads(n)
 
 
-def release_memory() -> None:
+# Below this many bytes of weights, what a leftover reference cycle could hold
+# (small sessions and runs) is not worth a full collection: 0.2 s and more in a
+# process that has imported torch and transformers.
+COLLECT_WEIGHT_BYTES = 64 * 2**20
+
+
+def release_memory(weight_bytes: int | None = None) -> None:
     """Give the memory of closed sessions back to the system before a large
-    one opens: collect cycles, then (glibc) return the allocator's free pages
-    (`malloc_trim`), which freed ONNX Runtime buffers otherwise keep resident."""
+    one opens: collect cycles (for a model of `weight_bytes` of weights at
+    least COLLECT_WEIGHT_BYTES; None: always), then (glibc) return the
+    allocator's free pages (`malloc_trim`), which freed ONNX Runtime buffers
+    otherwise keep resident."""
     import gc
 
-    gc.collect()
+    if weight_bytes is None or weight_bytes >= COLLECT_WEIGHT_BYTES:
+        gc.collect()
     if sys.platform.startswith("linux"):
         import ctypes
 

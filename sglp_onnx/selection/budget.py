@@ -101,8 +101,13 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
         # Rank as --target-flops does (per FLOP: different from per unit only when
         # the units' FLOPs differ), without disturbing ctx's own searches.
         ctx.runner(), ctx.output_kind()  # built once, shared with the copy
-        ctx = replace(ctx, flops_budget=True, cache={})
-    found, reason = first_reaching(criterion, ctx, units, total_flops, wanted)
+        per_flop = replace(ctx, flops_budget=True, cache={})
+        try:
+            found, reason = first_reaching(criterion, per_flop, units, total_flops, wanted)
+        finally:
+            per_flop.cache.clear()  # its search holds the copy: no cycle left for the collector
+    else:
+        found, reason = first_reaching(criterion, ctx, units, total_flops, wanted)
     suggestions = []
     for t in wanted:
         if t not in found:

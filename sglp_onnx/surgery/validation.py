@@ -242,10 +242,12 @@ def validate_pruned(analysis, pruned: onnx.ModelProto, *, executor: Executor, pr
     against its input on the validation batch, and return the result and that
     batch; a failure is a bug (InternalError): nothing is written."""
     from ..errors import InternalError
+    from ..files.model_files import initializer_bytes
     from ..graph.runtime import release_memory
     from .remove import dropped_weight_inputs
 
-    release_memory()  # the stages' sessions are closed: the pruned model's opens next
+    # The stages' sessions are closed: the pruned model's opens next.
+    release_memory(initializer_bytes(analysis.model))
     removed = analysis.removed_units
     feed = analysis.calib.first(min(analysis.validation_rows, analysis.calib.n_samples))
     original = analysis.source_model or analysis.model
