@@ -88,12 +88,15 @@ bench-scale: $(TEST_STAMP)
 # ResNet-56, ResNet-110 and the 1-D CNN at ~30% and ~50% FLOPs removed, with
 # and without a short fine-tune, mean ranks and held-out fidelity; then the
 # tiny Llama's held-out perplexity with 2 and 3 of its 8 layers removed
-# (quality_llm.py writes its own section of quality.md).
+# (quality_llm.py writes its own section of quality.md); the onnxsim peer,
+# the repair forms, and what a shortened halving first round costs
+# (halving_first_round.py, about 12 min more).
 bench-quality: $(TEST_STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/quality_llm.py
 	$(BIN)/python benchmarks/peer_onnxsim.py
 	$(BIN)/python benchmarks/repair_forms.py
+	$(BIN)/python benchmarks/halving_first_round.py
 
 # Minutes: cka-removal runs one partial pass per candidate unit per greedy step.
 bench-speed: $(TEST_STAMP)
