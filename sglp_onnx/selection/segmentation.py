@@ -117,16 +117,24 @@ def loss_curve(profiles: np.ndarray, k_max: int) -> np.ndarray:
     Non-increasing in K up to round-off, and 0 at K = L. Losses below
     1e-12 sum_l ||p_l||^2 are round-off and are returned as 0: equal
     profiles give W_1 ~ 1e-16 instead of 0, and `choose_k` would otherwise
-    find an elbow in that noise.
+    find an elbow in that noise. The losses are computed on the profiles
+    divided by their largest magnitude and scaled back (W_K scales with its
+    square), so that the round-off test holds for profiles so small that their
+    squares are subnormal (where the threshold itself would underflow to 0).
     """
     profiles = _profiles_2d(profiles)
     L = profiles.shape[0]
     if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or not 1 <= k_max <= L:
         raise ValueError(f"k_max must be a whole number in 1..{L}, got {k_max!r}")
+    scale = float(np.abs(profiles).max()) if profiles.size else 0.0
+    if scale > 0.0 and np.isfinite(scale):
+        profiles = profiles / scale
+    else:
+        scale = 1.0
     best, _ = _fisher_table(segment_cost_matrix(profiles), k_max)
     curve = best[1:, L].copy()
     curve[curve < 1e-12 * float(np.einsum("lp,lp->", profiles, profiles))] = 0.0
-    return curve
+    return curve * scale**2
 
 
 def choose_k(losses: Sequence[float], *, k_max: int) -> tuple[int, str]:
