@@ -81,11 +81,11 @@ class HeldOut:
     def _original_outputs(self, batches, output: str) -> bool:
         """The original's `output` on every batch, kept (True) unless together
         they exceed the cache; computed here unless the plain records kept them."""
-        from ..graph.runtime import session_with_outputs
+        from ..graph.runtime import prefix_session
 
         cache = self._original_cache()
         if not cache.closed and len(cache.kept) < len(batches):
-            original = session_with_outputs(self.ctx.model, [output], self.ctx.provider)
+            original = prefix_session(self.ctx.model, [output], self.ctx.provider)
             names = {i.name for i in original.get_inputs()}
             for b, (feed, _) in enumerate(batches):
                 cache.get(b, lambda feed=feed: original.run([output], {

@@ -97,17 +97,17 @@ def suggest_removals(criterion: Criterion, ctx: Context, units: Sequence[Prunabl
     for t in wanted:
         if not 0.0 < t < 1.0:
             raise UserError(f"suggestion targets must be FLOPs fractions in (0, 1), got {t}")
+    ranking = ctx
     if ctx is not None and not ctx.flops_budget and len({u.flops for u in units}) > 1:
         # Rank as --target-flops does (per FLOP: different from per unit only when
         # the units' FLOPs differ), without disturbing ctx's own searches.
         ctx.runner(), ctx.output_kind()  # built once, shared with the copy
-        per_flop = replace(ctx, flops_budget=True, cache={})
-        try:
-            found, reason = first_reaching(criterion, per_flop, units, total_flops, wanted)
-        finally:
-            per_flop.cache.clear()  # its search holds the copy: no cycle left for the collector
-    else:
-        found, reason = first_reaching(criterion, ctx, units, total_flops, wanted)
+        ranking = replace(ctx, flops_budget=True, cache={})
+    try:
+        found, reason = first_reaching(criterion, ranking, units, total_flops, wanted)
+    finally:
+        if ranking is not ctx:
+            ranking.cache.clear()  # its search holds the copy: no cycle left for the collector
     suggestions = []
     for t in wanted:
         if t not in found:

@@ -160,9 +160,8 @@ def first_round_flops(units) -> int:
     own FLOPs (what lies outside them, a stem or a head, is left out): the
     current network's run plus every unit's partial pass, which runs the units
     after it."""
-    flops = [u.flops for u in units]
-    after = np.cumsum(flops[::-1])[::-1] - flops  # FLOPs of the units after each one
-    return int(sum(flops) + after.sum())
+    # Unit k runs in the current network and in the partial passes of the k units before it.
+    return sum((k + 1) * u.flops for k, u in enumerate(units))
 
 
 def exhaustive(ctx: Context, n: int) -> tuple[list[int], float, int]:
