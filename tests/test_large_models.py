@@ -179,3 +179,29 @@ def test_the_checker_reads_a_deferred_model_without_its_data(tmp_path, monkeypat
     broken.graph.node[0].input[1] = "missing_weight"
     with pytest.raises(Exception):
         validation.full_check(broken)
+
+
+def _packs(session) -> bool:
+    try:
+        return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # never set: ONNX Runtime's default, packed
+        return True
+
+
+def test_only_sessions_that_run_many_times_on_small_weights_pack_them(monkeypatch, model, x):
+    """Measuring sessions run the samples once: no packed copy of the weights;
+    the gated runner packs below PREPACK_MAX_BYTES of weights, and bench packs
+    as a deployment does."""
+    from sglp_onnx.evidence.gated_runner import GatedRunner
+    from sglp_onnx.units.discovery import find_units
+
+    session = runtime.make_session(model)
+    assert not _packs(session)
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], outputs(model.SerializeToString(), x), rtol=1e-6)
+    assert _packs(runtime.make_session(model, prepack=True))
+    units = find_units(model, granularity="layer")
+    runner = GatedRunner(model, units, [model.graph.output[0].name])
+    assert runner.prepack and _packs(runner.full._session)
+    monkeypatch.setattr("sglp_onnx.evidence.gated_runner.PREPACK_MAX_BYTES", model_files.initializer_bytes(model) - 1)
+    runner = GatedRunner(model, units, [model.graph.output[0].name])
+    assert not runner.prepack and not _packs(runner.full._session)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..files.model_files import initializer_bytes
-from ..graph.runtime import make_session, session_with_outputs
+from ..graph.runtime import PREPACK_MAX_BYTES, make_session, session_with_outputs
 from ..surgery.gating import COPY_PREFIX, batched_suffix_model, gated_model, suffix_model
 from ..units.discovery import PrunableUnit
 
@@ -58,14 +58,16 @@ class GatedRunner:
         self.entries = entries
         exposed = ([u.entry for u in self.units] if entries else []) + list(also_expose)
         self.exposed = self.targets + [n for n in dict.fromkeys(exposed) if n not in self.targets]
-        self.full = session_with_outputs(self.gated, self.exposed, provider)
+        self.weights = initializer_bytes(model)
+        self.budget = max(SUFFIX_BUDGET_BYTES, self.weights)
+        # Its sessions run every step of a search: packed ahead where the packed copies stay small.
+        self.prepack = self.weights <= PREPACK_MAX_BYTES
+        self.full = session_with_outputs(self.gated, self.exposed, provider, prepack=self.prepack)
         self.full_inputs = {i.name for i in self.full.get_inputs()}
         self._suffix: dict[int, tuple[object, set[str]]] = {}
         self._suffix_sizes: dict[int, int] = {}
         self._batched_key: tuple[int, ...] | None = None
         self._batched: tuple[object, set[str]] | None = None
-        self.weights = initializer_bytes(model)
-        self.budget = max(SUFFIX_BUDGET_BYTES, self.weights)
 
     def gate_feed(self, removed: set[int] | frozenset[int]) -> dict[str, np.ndarray]:
         return {g: np.array(k in removed) for k, g in enumerate(self.gates)}
@@ -83,7 +85,7 @@ class GatedRunner:
         if unit not in self._suffix:
             model = suffix_model(self.gated, self.units[unit].exit, dtype, self.targets)
             self._suffix_sizes[unit] = initializer_bytes(model)
-            session = make_session(model, self.provider)
+            session = make_session(model, self.provider, prepack=self.prepack)
             self._suffix[unit] = (session, {i.name for i in session.get_inputs()})
         return self._suffix[unit]
 

@@ -30,6 +30,13 @@ PROVIDER_CHAINS = dict(zip(PROVIDERS, (
 # weights in a side file, which ONNX Runtime maps; from bytes, the serialised
 # copy and ONNX Runtime's own copy would both stay in memory.
 SESSION_FILE_THRESHOLD = 512 * 2**20
+# A session that runs many times (the gated runner's) packs its constant
+# weights ahead of time when the model's weights are at most this: the packed
+# copy it keeps beside them stays small. Measured (1 thread): a 1 GiB MatMul
+# model took 1.7 s more to open packed and held a second GiB; an int4
+# (MatMulNBits) decoder ran 20% faster packed; ResNet-50 and a float32 decoder
+# ran alike either way.
+PREPACK_MAX_BYTES = 256 * 2**20
 
 
 # Process-wide settings, set once by the CLI (--threads, -v) or the API's
@@ -183,7 +190,7 @@ def provider_chain(provider: str) -> list[str]:
 
 # Buffers of at least this size are mapped apart and unmapped when freed (glibc's
 # M_MMAP_THRESHOLD, -3 in mallopt): see `return_freed_buffers`.
-MMAP_THRESHOLD_BYTES = 2**20
+MMAP_THRESHOLD_BYTES = 8 * 2**20
 _M_MMAP_THRESHOLD = -3
 # Fixing the mmap threshold also fixes glibc's trim threshold at 128 KiB: the
 # heap's top would be returned and faulted back in around every temporary
@@ -201,8 +208,12 @@ def return_freed_buffers() -> bool:
     32 MiB), after which such buffers come from the heap, which fragments and
     is rarely returned: measured on ResNet-50 at 224x224, a 768M activation
     budget peaked at 1.85 GiB of RSS with the adaptive threshold and 1.38 GiB
-    with a fixed 1 MiB one. The trim threshold is then raised to
-    `TRIM_THRESHOLD_BYTES`. A threshold the user set in the environment
+    with a fixed 1 MiB one. A mapped buffer costs a page fault per 4 KiB page
+    each time it is allocated, which a run of many small pieces pays over and
+    over: `compress --remove 4` on that ResNet-50 (default options, 1 thread)
+    took 227 s and peaked at 1.25 GiB with 1 MiB, 173 s and 1.33 GiB with
+    8 MiB (`MMAP_THRESHOLD_BYTES`), 161 s and 1.63 GiB with 32 MiB. The trim
+    threshold is then raised to `TRIM_THRESHOLD_BYTES`. A threshold the user set in the environment
     (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) is left as it is.
     """
     if _settings.get("heap") is not None:
@@ -227,14 +238,18 @@ def make_session(
     *,
     threads: int | None = None,
     optimize: bool = True,
-    prepack: bool = True,
+    prepack: bool = False,
     arena: bool = False,
 ) -> ort.InferenceSession:
     """A session on `provider` that refuses to fall back silently to the CPU.
 
     `threads` (intra-op; inter-op 1) defaults to the process-wide setting
-    (`set_threads`); 0 leaves the choice to ONNX Runtime. `prepack=False`
-    keeps ONNX Runtime from packing constant weights ahead of time. `arena`
+    (`set_threads`); 0 leaves the choice to ONNX Runtime. `prepack` lets
+    ONNX Runtime pack constant weights ahead of time, its own default: off
+    here, since most of the tool's sessions run the calibration samples once,
+    and packing costs a second copy of the packed weights for the session's
+    life and seconds of opening on a large model, which one pass never wins
+    back (`PREPACK_MAX_BYTES`; `bench` packs, as a deployment does). `arena`
     keeps ONNX Runtime's CPU memory arena, which holds on to its largest run's
     buffers for the session's life: off by default, since the measuring
     stages keep several sessions alive (one per damage candidate) and their
@@ -259,8 +274,6 @@ def make_session(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not prepack:
-        # Weights read by several nodes are otherwise packed once per node
-        # before the copies are merged: a transient of up to their size.
         options.add_session_config_entry("session.disable_prepacking", "1")
     with _serialised(model, options) as source, _quiet_provider_loading(provider != "cpu"):
         try:

@@ -122,7 +122,7 @@ def _bench(paths: list[Path], sizes: list[int], source: str, arrays: dict[str, n
         del model
 
     _check_batch_memory(datasets, max(sizes))
-    sessions = [make_session(path, provider, threads=threads, arena=True) for path in paths]
+    sessions = [make_session(path, provider, threads=threads, arena=True, prepack=True) for path in paths]
     results: list[BenchResult] = []
     for batch_size in sizes:
         feeds = [_batch(dataset, batch_size) for dataset in datasets]
