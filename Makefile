@@ -62,7 +62,7 @@ test: $(TEST_STAMP)
 
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m slow
-	SGLP_FUZZ_EXAMPLES=25 $(BIN)/python -m pytest tests/test_fuzz_cli.py
+	SGLP_FUZZ_EXPLORE=1 SGLP_FUZZ_EXAMPLES=25 $(BIN)/python -m pytest tests/test_fuzz_cli.py tests/test_fuzz.py
 
 # real_size.py alone takes about half an hour and up to ~17 GB of RAM:
 # ResNet-50 at 224x224, a 1 GiB MLP and a 32000-token Llama, each against
