@@ -215,7 +215,17 @@ def test_external_data_output_is_written_whole_or_not_at_all(tmp_path, capsys, m
 # -- the rename step itself ----------------------------------------------------------------------------------------
 
 
-def test_interrupt_during_renames_is_held_until_every_file_is_in_place(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT handled by Python's KeyboardInterrupt handler during the test:
+    a shell starts background jobs with SIGINT ignored, and Python then
+    keeps it ignored (`bash .ci/run &` would fail the tests below)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_during_renames_is_held_until_every_file_is_in_place(tmp_path, monkeypatch, ctrl_c_raises):
     targets = [tmp_path / "a.onnx", tmp_path / "a.json", tmp_path / "a.png"]
     real_replace = os.replace
     calls = []
@@ -236,7 +246,7 @@ def test_interrupt_during_renames_is_held_until_every_file_is_in_place(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.onnx", "a.png"]
 
 
-def test_deferred_interrupt_restores_the_handlers():
+def test_deferred_interrupt_restores_the_handlers(ctrl_c_raises):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     ran_to_the_end = False
     with pytest.raises(KeyboardInterrupt):
