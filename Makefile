@@ -56,7 +56,7 @@ demo: setup
 
 # Two workers, a test file each at a time (its module fixtures built once):
 # every session runs one thread (runtime.default_threads on <= 2 cores), so
-# two cores run two files: 5.8-6.0 min in fresh-clone runs on the 2-core machine.
+# two cores run two files: 5.8-6.5 min in fresh-clone runs on the 2-core machine.
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
 
