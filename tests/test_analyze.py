@@ -137,6 +137,26 @@ def test_default_suggestions_read_the_per_unit_search_and_still_equal_target_flo
     assert sorted(suggestion["removed"]) != sorted(u["index"] for u in report["units"] if u["removed"])
 
 
+def test_per_unit_and_per_flop_searches_share_one_repair_aware_runner(monkeypatch):
+    # Both searches score candidates repaired: one gated graph with runtime
+    # maps and one set of suffix sessions serve them (each feeds its own maps).
+    from sglp_onnx.evidence import gated_runner
+
+    built = []
+    init = gated_runner.GatedRunner.__init__
+
+    def counting(self, *args, transform=None, **kwargs):
+        built.append(transform is not None)
+        init(self, *args, transform=transform, **kwargs)
+
+    monkeypatch.setattr(gated_runner.GatedRunner, "__init__", counting)
+    report = analyze(MODEL, ratio=RATIO, suggest=[0.5]).report
+    assert any("repair map" in note for note in report["notes"])
+    (suggestion,) = report["suggestions"]
+    assert sorted(suggestion["removed"]) != sorted(u["index"] for u in report["units"] if u["removed"])
+    assert built.count(True) == 1
+
+
 def test_sglp_suggestion_matches_compress_target_flops():
     report = analyze_report()
     suggestion = next(s for s in report["suggestions"] if s["target_flops"] == 0.25)

@@ -206,7 +206,8 @@ def test_release_memory_collects_for_large_weights_only(monkeypatch):
     assert len(collections) == 2
 
 
-def test_no_search_outlives_analyze_with_per_flop_suggestions(monkeypatch):
+@pytest.mark.parametrize("repair", [{"repair": "none"}, {}], ids=["plain", "default-repair"])
+def test_no_search_outlives_analyze_with_per_flop_suggestions(monkeypatch, repair):
     # The suggestions' per-FLOP search runs on a copy of the context that it
     # holds: the copy's cache is cleared, so nothing waits for the collector
     # and releasing the context needs no full collection.
@@ -220,7 +221,7 @@ def test_no_search_outlives_analyze_with_per_flop_suggestions(monkeypatch):
     monkeypatch.setattr(context_module.gc, "collect", lambda *a: collections.append(a) or 0)
     gc.disable()
     try:
-        result = analyze(RADIO_MODEL, remove=2, suggest=[0.2], repair="none")
+        result = analyze(RADIO_MODEL, remove=2, suggest=[0.2], **repair)
         assert result.report["suggestions"][0]["achievable"]
         assert collections == []
         assert not [o for o in gc.get_objects() if isinstance(o, GreedySearch)]

@@ -72,6 +72,9 @@ class Context:
     _gradnorm: np.ndarray | None = None
     _runner: object | None = None
     _output_runner: object | None = None
+    # Other runners built once per run (the repair-aware search's), by key: one
+    # dict shared with the copies `dataclasses.replace` makes, like `measured`.
+    runners: dict = field(default_factory=dict)
     _output_kind: object | None = None
 
     def output_kind(self):
@@ -93,6 +96,14 @@ class Context:
         if self._runner is None:
             self._runner = self._gated_runner(entries=True)
         return self._runner
+
+    def shared_runner(self, key, build: Callable[[], object]):
+        """The runner `build()` makes, built once per run and shared with this
+        context's copies (the per-FLOP search of analyze's suggestions): a
+        user of one must set whatever state it feeds before each of its runs."""
+        if key not in self.runners:
+            self.runners[key] = build()
+        return self.runners[key]
 
     def output_runner(self):
         """A runner for the network's outputs only (held-out fidelity): the
@@ -161,9 +172,10 @@ class Context:
         reference cycle still holds is collected now; a full collection runs
         only then (it takes 0.2 s and more in a process that has imported
         torch and transformers, and most releases free everything at once)."""
-        released = [self._runner, self._output_runner, *self.cache.values()]
+        released = [self._runner, self._output_runner, *self.runners.values(), *self.cache.values()]
         watched = [weakref.ref(x) for x in released if x is not None and _weakrefable(x)]
         self._runner = self._output_runner = None
+        self.runners.clear()
         self.cache.clear()
         del released
         if any(ref() is not None for ref in watched):

@@ -76,6 +76,9 @@ class RepairedSearch(DamageSearch):
     def __init__(self, ctx: Context, specs: dict, *, candidates: int | None = None) -> None:
         self.specs = specs  # unit -> (axis, rank, ONNX elem type, channels)
         self.form = ctx.repair
+        # The runtime maps this search feeds: its own, since its runner is shared
+        # with the other searches of the run (`Context.shared_runner`).
+        self.map_feed: dict[str, np.ndarray] = {}
         super().__init__(ctx, candidates=candidates)
         self.maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a step's candidate -> its cut's map
         self.merged: dict = {}
@@ -96,9 +99,9 @@ class RepairedSearch(DamageSearch):
 
     def make_runner(self) -> GatedRunner:
         specs = {k: spec[:3] for k, spec in self.specs.items()}
-        return GatedRunner(self.ctx.model, self.ctx.units, [self.kind.output], provider=self.ctx.provider,
-                           transform=lambda gated: add_runtime_maps(gated, specs),
-                           also_expose=[u.exit for u in self.ctx.units])
+        return self.ctx.shared_runner(("repaired", self.kind.output, tuple(sorted(specs.items()))), lambda: GatedRunner(
+            self.ctx.model, self.ctx.units, [self.kind.output], provider=self.ctx.provider,
+            transform=lambda gated: add_runtime_maps(gated, specs), also_expose=[u.exit for u in self.ctx.units]))
 
     def _feed_map(self, k: int, weight: np.ndarray, bias: np.ndarray) -> None:
         axis, rank, _, channels = self.specs[k]
@@ -106,7 +109,7 @@ class RepairedSearch(DamageSearch):
             weight = np.diag(weight)
         w, b = stored(weight, bias, form="full", axis=axis, rank=rank)
         name_w, name_b = runtime_map_inputs(k)
-        self.runner.extra_feed[name_w], self.runner.extra_feed[name_b] = w, b
+        self.map_feed[name_w], self.map_feed[name_b] = w, b
 
     def _identities(self) -> None:
         for k, (_, _, _, channels) in self.specs.items():
@@ -123,6 +126,7 @@ class RepairedSearch(DamageSearch):
         return self._kept.get(start, lambda: self.full_run(feed, removed, entries=True))
 
     def step(self) -> None:
+        self.runner.extra_feed = self.map_feed  # this search's maps (the runner is shared)
         # Overflowing activations make non-finite maps and scores: scored as such (fidelity.py), never warned.
         with np.errstate(all="ignore"):
             super().step()
