@@ -190,8 +190,8 @@ def _packs(session) -> bool:
 
 def test_only_sessions_that_run_many_times_on_small_weights_pack_them(monkeypatch, model, x):
     """Measuring sessions run the samples once: no packed copy of the weights;
-    the gated runner packs below PREPACK_MAX_BYTES of weights, and bench packs
-    as a deployment does."""
+    `prepack=True` (what bench asks for, as a deployment runs) packs, and the
+    gated runner packs below PREPACK_MAX_BYTES of weights."""
     from sglp_onnx.evidence.gated_runner import GatedRunner
     from sglp_onnx.units.discovery import find_units
 

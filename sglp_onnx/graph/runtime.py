@@ -213,8 +213,9 @@ def return_freed_buffers() -> bool:
     over: `compress --remove 4` on that ResNet-50 (default options, 1 thread)
     took 227 s and peaked at 1.25 GiB with 1 MiB, 173 s and 1.33 GiB with
     8 MiB (`MMAP_THRESHOLD_BYTES`), 161 s and 1.63 GiB with 32 MiB. The trim
-    threshold is then raised to `TRIM_THRESHOLD_BYTES`. A threshold the user set in the environment
-    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) is left as it is.
+    threshold is then raised to `TRIM_THRESHOLD_BYTES`. A threshold the user
+    set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) is
+    left as it is.
     """
     if _settings.get("heap") is not None:
         return _settings["heap"]
