@@ -120,3 +120,19 @@ def test_unusable_gpu_provider_is_one_line_and_exit_2(two_models, provider, capf
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and provider in captured.err
     assert ort.get_available_providers()  # the global logger was restored, ORT still usable
+
+
+def test_bench_times_sessions_that_pack_their_weights_as_a_deployment_does(two_models, monkeypatch):
+    # The measuring stages' sessions do not pack weights ahead (graph.runtime.make_session); bench's do.
+    import sglp_onnx.tools.bench as bench_module
+
+    made = []
+    real = bench_module.make_session
+
+    def recording(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "make_session", recording)
+    bench(list(two_models), batch_sizes=[1], runs=2, warmup=1)
+    assert len(made) == 2 and all(kwargs.get("prepack") is True and kwargs.get("arena") is True for kwargs in made)
