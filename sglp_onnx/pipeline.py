@@ -18,13 +18,14 @@ import onnx
 from .errors import UserError
 from .evidence.executor import Executor
 from .files.calibration import CalibrationSet, choose_calibration
-from .files.model_files import atomic_paths, check_output_path, external_bytes, external_data_folder, files_size, \
-    load_model_files, proto_size, refuse_inputs, write_model_files
+from .files.model_files import atomic_paths, check_output_path, external_bytes, files_size, load_model_files, \
+    proto_size, refuse_inputs, write_model_files
+from .files.working_weights import restore_weights, spill_weights, working_weights
 from .files.output_plan import OUTPUT_MODEL, OutputPlan, compress_plan, default_output, run_inputs  # noqa: F401
 from .graph.flops import model_params
 from .options import DEFAULT_CRITERION, DEFAULT_RATIO, SelectionOptions  # noqa: F401 (the defaults, re-exported)
 from .paired.pairing import PairedModel
-from .progress import PAUSE_ENV, Progress, pause_point, timed  # noqa: F401 (PAUSE_ENV: the tests' hook)
+from .progress import PAUSE_ENV, Progress, clocked, pause_point, timed  # noqa: F401 (PAUSE_ENV: the tests' hook)
 from .report.build import analysis_report, repair_record
 from .report.summary import to_json
 from .results import Analysis, CompressionResult
@@ -63,8 +64,10 @@ def analyze(model_path: str | os.PathLike, **kwargs) -> Analysis:
     """
     from .graph.runtime import blas_threads
 
-    with external_data_folder(Path(model_path).parent), blas_threads():
-        return _analyze(model_path, **kwargs)
+    with working_weights(Path(model_path).parent), blas_threads():
+        analysis = _analyze(model_path, **kwargs)
+        restore_weights(analysis.model, analysis.source_model, analysis.repair and analysis.repair.model)
+        return analysis
 
 
 def _analyze(model_path: str | os.PathLike, *, suggest: Sequence[float] | None = DEFAULT_SUGGESTIONS,
@@ -91,6 +94,11 @@ def _analyze(model_path: str | os.PathLike, *, suggest: Sequence[float] | None =
         if plot_path is not None:
             refuse_inputs(plot_path, what="plot", inputs=input_files)
         model, rewrites = prepare_patterns(source_model)
+        # Weights held in the file go to a temporary side file for the run's sessions (working_weights.py).
+        spilled = spill_weights(model)
+        if spilled is not None:
+            source_model = spilled if model is source_model else source_model
+            model = spilled
         data = choose_calibration(model_path, model, None if opts.calib is None else str(opts.calib),
                                   needed=needs_calibration(chosen, opts), max_samples=opts.max_calib_samples,
                                   seed=opts.seed)
@@ -172,8 +180,10 @@ def compress(model_path: str | os.PathLike, output: str | os.PathLike | None = N
     """
     from .graph.runtime import blas_threads
 
-    with external_data_folder(Path(model_path).parent), blas_threads():
-        return _compress(model_path, output, **kwargs)
+    with working_weights(Path(model_path).parent), blas_threads():
+        result = _compress(model_path, output, **kwargs)
+        restore_weights(result.model, result.source_model)
+        return result
 
 
 def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = None, *,
@@ -188,7 +198,7 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
                                                    torch_model=opts.torch_model, torch_weights=opts.torch_weights)
     plan.check(force=force, writable=not dry_run)
     # Suggestions are for deciding what to remove; compress has decided.
-    # (Already inside the input's external_data_folder: `_analyze` directly.)
+    # (Already inside the run's working_weights: `_analyze` directly.)
     analysis = _analyze(model_path, **{"suggest": None, **options}, plan=None if dry_run else plan,
                         measure_single_unit=False)
     timings, progress, rep = analysis.timings, options.get("progress"), analysis.report
@@ -204,6 +214,8 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
     if renumber_cache:
         with timed(timings, "validation", progress):
             renumber_kept_cache(pruned, rep, feed, provider=opts.provider)
+    with clocked(timings, "write"):
+        restore_weights(pruned)  # what is written, and returned, holds its weights as the input did
     rep["output"] = str(plan.model)
     if plan.report is not None:
         rep["report_path"] = str(plan.report)

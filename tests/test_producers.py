@@ -641,13 +641,18 @@ def format_model(staged: Staged, name: str) -> tuple[nn.Module, Path]:
 def test_every_format_prunes_with_the_default_options(staged, capsys, monkeypatch, name, side_by_side):
     """No budget, no criterion: what a new user types. The default criterion
     measures damage with one suffix session per candidate on small models and
-    the candidates side by side in one session on large ones; a weight budget
-    of 0 makes these tiny models take the large models' path too."""
+    the candidates side by side in one session on large ones, and works on a
+    large model that holds its weights from a temporary side file
+    (files/working_weights.py); a weight budget and size thresholds of 0 make
+    these tiny models take the large models' path too."""
     from sglp_onnx.cli import main
     from sglp_onnx.evidence import gated_runner
+    from sglp_onnx.files import working_weights
 
     if side_by_side:
         monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
+        monkeypatch.setattr(working_weights, "SPILL_MIN_BYTES", 0)
+        monkeypatch.setattr(working_weights, "SPILL_TENSOR_MIN_BYTES", 1024)
     torch_model, path = format_model(staged, name)
     arch = name.partition(".")[0]
     calib, feed = model_feed(arch)

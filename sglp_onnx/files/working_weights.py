@@ -1,0 +1,139 @@
+"""The weights of a model the tool works on, kept out of its ModelProto.
+
+Every ONNX Runtime session the tool opens (the gated graph, each damage
+candidate's suffix, the repair prefixes, the held-out and validation runs)
+is made from a ModelProto. A model that holds its weights in its own file
+would be serialised with them and copied into each session: measured on a
+ResNet-50 (98 MB of float32 weights), opening a session took 1.05-1.44 s
+with the weights in the proto and 0.15-0.19 s with them referenced in a side
+file, which ONNX Runtime maps instead of copying (`benchmarks/results/
+real_size.md` has the whole run). So a run that loads such a model writes
+its large weights once to a temporary side file (`spill_weights`), works on
+a model that references them there, as it does the weights of a model with
+external data (`model_files.external_data_folder`), and puts them back into
+the models it returns or writes (`restore_weights`). The side file goes when
+the run ends (`working_weights`), whatever ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+
+from .model_files import (DEFER_MIN_BYTES, _DATA_FOLDER, _aligned, _copy_fields, _external_info, _set_external,
+                          _tensor_bytes, external_tensors)
+
+# A model holding fewer bytes of weights than this stays as it is: opening a
+# session on it costs little (about 12 ms per MiB on the ResNet-50 above).
+SPILL_MIN_BYTES = 16 * 2**20
+# Initializers of at least this size go; the smaller (scales, norms, biases)
+# stay in the proto, as `load_model_files(defer=True)` keeps them.
+SPILL_TENSOR_MIN_BYTES = DEFER_MIN_BYTES
+SPILL_NAME = "sglp-working-weights.data"
+
+_RUN: contextvars.ContextVar["_Run | None"] = contextvars.ContextVar("sglp_onnx_working_weights", default=None)
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.token = None
+
+
+@contextlib.contextmanager
+def working_weights(folder: str | os.PathLike) -> Iterator[None]:
+    """One run's data folder: `external_data_folder(folder)` (the input's
+    folder), in which `spill_weights` may move a model's weights to a
+    temporary folder that is then the data folder; removed at the end."""
+    from .model_files import external_data_folder
+
+    run = _Run()
+    token = _RUN.set(run)
+    try:
+        with external_data_folder(folder):
+            try:
+                yield
+            finally:
+                if run.token is not None:
+                    _DATA_FOLDER.reset(run.token)
+    finally:
+        _RUN.reset(token)
+        if run.folder is not None:
+            shutil.rmtree(run.folder, ignore_errors=True)
+
+
+def _spillable(tensor: onnx.TensorProto) -> bool:
+    size = _tensor_bytes(tensor)
+    return tensor.data_location != onnx.TensorProto.EXTERNAL and size is not None and size >= SPILL_TENSOR_MIN_BYTES
+
+
+def spill_weights(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with its main graph's initializers of `SPILL_TENSOR_MIN_BYTES` or more
+    referenced in a temporary side file (a new ModelProto: the caller drops
+    `model`, whose memory then goes), or None where nothing changes: outside
+    `working_weights`, once per run, for a model that references external
+    data already (its data folder is the input's), holds less than
+    `SPILL_MIN_BYTES` in such initializers, or where the side file cannot be
+    written (the run goes on from the proto, as before)."""
+    run = _RUN.get()
+    if run is None or run.folder is not None or external_tensors(model):
+        return None
+    big = [t for t in model.graph.initializer if _spillable(t)]
+    if not big or sum(_tensor_bytes(t) for t in big) < SPILL_MIN_BYTES:
+        return None
+    stub = onnx.ModelProto()
+    _copy_fields(model, stub, skip="graph")
+    _copy_fields(model.graph, stub.graph, skip="initializer")
+    folder = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="sglp-weights-"))
+        with open(folder / SPILL_NAME, "wb") as data:
+            for tensor in model.graph.initializer:
+                target = stub.graph.initializer.add()
+                if not _spillable(tensor):
+                    target.CopyFrom(tensor)
+                    continue
+                raw = tensor.raw_data if tensor.HasField("raw_data") else \
+                    onnx.numpy_helper.to_array(tensor).tobytes()
+                offset = _aligned(data)
+                data.write(raw)
+                target.name, target.data_type = tensor.name, tensor.data_type
+                target.dims.extend(tensor.dims)
+                if tensor.doc_string:
+                    target.doc_string = tensor.doc_string
+                _set_external(target, SPILL_NAME, offset, len(raw))
+                del raw
+    except OSError:  # a full or read-only temporary folder: work from the proto
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+    run.folder = folder
+    run.token = _DATA_FOLDER.set(folder)
+    return stub
+
+
+def restore_weights(*models: onnx.ModelProto | None) -> None:
+    """Put the spilled weights back into `models` (in place), so that they
+    hold them as the input did and outlive the run; the others are left."""
+    run = _RUN.get()
+    if run is None or run.folder is None:
+        return
+    for model in models:
+        if model is None:
+            continue
+        for tensor in external_tensors(model):
+            location, offset, length = _external_info(tensor)
+            if location != SPILL_NAME:
+                continue
+            with open(run.folder / SPILL_NAME, "rb") as f:
+                f.seek(offset)
+                tensor.raw_data = f.read(length)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
