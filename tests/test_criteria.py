@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import criteria_models as cm
@@ -191,6 +192,37 @@ def test_gated_model_computes_what_surgery_produces(folder):
         got = session.run(None, feed)[0]
         expected = make_session(remove_units(model, [units[k] for k in removed])).run(None, x)[0]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float_gates_run_as_arithmetic_and_give_the_where_gates_values_bit_for_bit(folder):
+    """The runner's sessions gate float32 values by `exit * (1 - s) + entry * s`
+    (what ONNX Runtime's convolution layouts run through); the values are the
+    `Where` gates' exactly. Other types, or a type shape inference does not
+    know, keep their Where."""
+    import copy
+
+    from sglp_onnx.evidence.gated_runner import GatedRunner
+    from sglp_onnx.surgery.gating import arithmetic_gates
+
+    analysis = analyze(folder / "last_zeroed.onnx", criterion="last", remove=1, suggest=None)
+    model, units = analysis.model, analysis.units
+    output = model.graph.output[0].name
+    runner = GatedRunner(model, units, [output])
+    assert not [n for n in runner.gated.graph.node if n.op_type == "Where"]
+    where, gates = gated_model(model, units)
+    entries = [u.entry for u in units]
+    with_where = session_with_outputs(where, [output, *entries])
+    x = analysis.calib.first(16)
+    for removed in ([], [1], [1, 2], [0, 4], [0, 1, 3, 4]):
+        got = runner.run(x, set(removed), entries=True)
+        expected = with_where.run([output, *entries], {**x, **{g: np.array(k in removed) for k, g in enumerate(gates)}})
+        for name, value in zip([output, *entries], expected):
+            np.testing.assert_array_equal(got[name], value)
+    exits = {u.exit for u in units}
+    for dtypes in ({e: onnx.TensorProto.FLOAT16 for e in exits}, {}):
+        kept = copy.deepcopy(where)
+        assert arithmetic_gates(kept, dtypes) == 0
+        assert sum(n.op_type == "Where" for n in kept.graph.node) == len(units)
 
 
 def test_final_representation_is_the_head_input():

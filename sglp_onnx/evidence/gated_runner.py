@@ -17,8 +17,8 @@ import onnx
 
 from ..files.model_files import initializer_bytes
 from ..graph.runtime import PREPACK_MAX_BYTES, make_session, session_with_outputs
-from ..surgery.gating import COPY_PREFIX, batched_suffix_model, gated_model, suffix_model
-from ..units.discovery import PrunableUnit
+from ..surgery.gating import COPY_PREFIX, arithmetic_gates, batched_suffix_model, gated_model, suffix_model
+from ..units.discovery import PrunableUnit, static_shapes
 
 # The original network's value of a scored tensor is kept across greedy steps up to this size
 # (cka-removal's references, `selection.criteria.search.RunCache`).
@@ -50,6 +50,8 @@ class GatedRunner:
         # adds are fed from `extra_feed` on every run.
         if transform is not None:
             transform(self.gated)
+        # Last: the gates that can run as arithmetic do, which ONNX Runtime optimizes better.
+        arithmetic_gates(self.gated, static_shapes(self.gated)[1])
         self.extra_feed: dict[str, np.ndarray] = {}
         # Every exposed tensor is a graph output of the session, which ONNX
         # Runtime keeps for the whole run even when it is not fetched: a

@@ -112,6 +112,52 @@ def gated_model(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> tuple[
     return gated, gates
 
 
+# Gates on values of these types may run as arithmetic (`arithmetic_gates`).
+ARITHMETIC_GATE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64}
+
+
+def arithmetic_gates(gated: onnx.ModelProto, dtypes: dict[str, int]) -> int:
+    """In place, for a session only: each unit gate `Where(skip, entry,
+    exit)` of `gated` whose exit is float32 or float64 (`dtypes`: tensor ->
+    ONNX type, where known) becomes `exit * (1 - s) + entry * s`, `s` the
+    gate cast to the exit's type. The value is the same bit for bit where
+    entry and exit are finite (x * 1 + 0 and 0 + x * 1 round to x), but ONNX
+    Runtime's blocked-channel (NCHWc) convolution layout runs through Mul and
+    Add and stops at every Where: on a ResNet-50 at 224x224 the optimized
+    gated graph had 16 layout reorders and 8 unfused Add + Relu, and a run of
+    the current network took 1.57 s with Where against 1.35 s (1.26 s the
+    plain model). A gate stays a Where for other types (float16 would
+    overflow to inf * 0 = NaN more easily; integers have no such op) and where
+    the exit's type is unknown. Returns the number of gates rewritten. The
+    graph's structure (`baked`, `repair.graph.add_runtime_maps`) reads
+    Where gates: this runs last, on the graph a session is made from."""
+    nodes, rewritten, ones = [], 0, {}
+    for node in gated.graph.node:
+        parts = node.name.split("/")
+        np_type = ARITHMETIC_GATE_TYPES.get(dtypes.get(node.output[0] if node.output else "", 0))
+        if not (node.op_type == "Where" and len(parts) == 2 and parts[0] == "sglp_gate" and np_type is not None
+                and node.input[0].startswith(GATE_PREFIX)):
+            nodes.append(node)
+            continue
+        elem = dtypes[node.output[0]]
+        gate, entry, inner = node.input
+        out, name = node.output[0], node.name
+        if elem not in ones:
+            ones[elem] = f"sglp_gate/one_{elem}"
+            gated.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, dtype=np_type), ones[elem]))
+        nodes += [
+            onnx.helper.make_node("Cast", [gate], [f"{name}/s"], name=f"{name}/Cast", to=elem),
+            onnx.helper.make_node("Sub", [ones[elem], f"{name}/s"], [f"{name}/keep"], name=f"{name}/Sub"),
+            onnx.helper.make_node("Mul", [inner, f"{name}/keep"], [f"{name}/kept"], name=f"{name}/MulExit"),
+            onnx.helper.make_node("Mul", [entry, f"{name}/s"], [f"{name}/skipped"], name=f"{name}/MulEntry"),
+            onnx.helper.make_node("Add", [f"{name}/kept", f"{name}/skipped"], [out], name=f"{name}/Add"),
+        ]
+        rewritten += 1
+    del gated.graph.node[:]
+    gated.graph.node.extend(nodes)
+    return rewritten
+
+
 def baked(graph: gs.Graph) -> dict[str, str]:
     """Tensor -> tensor its readers read once every gate of `graph` is set:
     each gate's Where output maps to its entry input, chains resolved."""
