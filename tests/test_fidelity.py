@@ -277,6 +277,54 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
     assert batched.passes == separate.passes
 
 
+def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_sample(tmp_path, monkeypatch):
+    """With successive halving and contenders, later rounds and steps score
+    fewer candidates than the session has copies: where the copies read none
+    of the model's inputs, one session serves the whole search and the copies
+    of units not scored run on one sample, with the scores of one session
+    per candidate."""
+    import sglp_onnx.evidence.gated_runner as gated_runner
+    import sglp_onnx.surgery.gating as gating
+
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_mlp(n_blocks=10, seed=3), path)
+    np.savez(tmp_path / "m.calib.npz", input=np.random.default_rng(0).standard_normal((160, 8)).astype(np.float32))
+    separate = analyze(path, criterion="damage", remove=3, suggest=None, repair="none").selection
+    made, rows = [], []
+    make = gated_runner.make_session
+
+    class Watched:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            starts = {k: len(v) for k, v in feed.items() if k.startswith(gating.COPY_PREFIX) and v.ndim}
+            scored = {n.split("/")[1] for n in names}
+            rows.append(({k: n for k, n in starts.items() if k.split("/")[1] in scored},
+                         {k: n for k, n in starts.items() if k.split("/")[1] not in scored}))
+            return self.session.run(names, feed)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    def counting(model, provider="cpu", **kwargs):
+        copies = sum(i.name.startswith(gating.COPY_PREFIX) for i in model.graph.input)
+        made.append(copies)
+        session = make(model, provider, **kwargs)
+        return Watched(session) if copies else session
+
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gated_runner, "make_session", counting)
+    batched = analyze(path, criterion="damage", remove=3, suggest=None, repair="none").selection
+    assert len([n for n in made if n]) == 1
+    assert batched.removed == separate.removed
+    np.testing.assert_allclose(batched.importance, separate.importance, rtol=1e-6, atol=1e-12)
+    assert any(idle for _, idle in rows)  # rounds and steps that scored fewer units than the copies
+    for scored, idle in rows:
+        assert len(set(scored.values())) == 1 and min(scored.values()) > 1
+        assert set(idle.values()) <= {1}
+
+
 def test_batched_suffixes_refuse_subgraphs():
     import sglp_onnx.surgery.gating as gating
 

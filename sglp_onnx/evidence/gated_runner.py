@@ -100,12 +100,17 @@ class GatedRunner:
         side-by-side run takes as long as the separate ones, and ONNX
         Runtime optimizes the big graph more slowly than the small ones) or
         where the graph does not allow it. The session is built for a
-        superset of the candidates and kept across greedy steps while the
-        candidates are at least half of its copies."""
+        superset of the candidates and kept across greedy steps; a copy
+        whose unit is not a candidate runs on one sample (ONNX Runtime runs
+        every node of a session whatever outputs are asked for) where the
+        copies read no graph input of the model (its mask, positions), else
+        on every sample, and then the session is rebuilt once the candidates
+        are fewer than half of its copies."""
         if self.fits_apart(candidates):
             return None
         built = self._batched_key
-        if built is None or not set(candidates) <= set(built) or 2 * len(candidates) < len(built):
+        if built is None or not set(candidates) <= set(built) or \
+                (2 * len(candidates) < len(built) and not self._copies_apart(feed)):
             self._batched = None  # release the previous session first
             dtype = onnx.helper.np_dtype_to_tensor_dtype
             starts = {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
@@ -120,15 +125,24 @@ class GatedRunner:
             return None
         session, inputs = self._batched
         run_feed = {name: value for name, value in {**feed, **self.extra_feed}.items() if name in inputs}
-        for k in self._batched_key:  # copies of units removed since are computed and ignored
+        idle = self._copies_apart(feed)
+        wanted = set(candidates)
+        for k in self._batched_key:  # the other copies are computed and ignored
             prefix = f"{COPY_PREFIX}{k}/"
             for gate, value in self.gate_feed(set(removed) | {k}).items():
                 if prefix + gate in inputs:
                     run_feed[prefix + gate] = value
-            run_feed[prefix + self.units[k].exit] = current[self.units[k].entry]
+            start = current[self.units[k].entry]
+            run_feed[prefix + self.units[k].exit] = start if k in wanted or not idle else start[:1]
         names = [f"{COPY_PREFIX}{k}/{t}" for k in candidates for t in self.targets]
         values = iter(session.run(names, run_feed))
         return {k: {t: next(values) for t in self.targets} for k in candidates}
+
+    def _copies_apart(self, feed: dict[str, np.ndarray]) -> bool:
+        """True when the side-by-side session's copies read none of the
+        model's own inputs (`feed`'s): a copy then runs on any number of
+        samples whatever the others run on."""
+        return self._batched is not None and not (self._batched[1] & set(feed))
 
     def _suffix_size(self, unit: int) -> int:
         if unit not in self._suffix_sizes:
