@@ -50,3 +50,36 @@ def test_fewer_samples_than_the_fixed_batch_is_a_usage_error(tmp_path, capsys):
     assert main(["compress", str(path), "--remove", "1"]) == 2
     assert "fixed to 4" in capsys.readouterr().err
     assert not (tmp_path / "fixed.pruned.onnx").exists()
+
+
+def test_a_fixed_batch_keeps_every_row_in_the_side_by_side_candidate_runs(tmp_path, monkeypatch, capsys):
+    """The side-by-side session runs the copies of units it does not score on
+    one sample only where the batch may change: a fixed batch may be computed
+    with (a Reshape to it), so there every copy runs the fixed batch."""
+    import sglp_onnx.evidence.gated_runner as gated_runner
+    import sglp_onnx.surgery.gating as gating
+
+    path = _fixed_batch_model(tmp_path, 4)
+    np.savez(tmp_path / "fixed.calib.npz", input=image_batch(96, seed=1))
+    rows = []
+    make = gated_runner.make_session
+
+    class Watched:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            rows.extend(len(v) for k, v in feed.items() if k.startswith(gating.COPY_PREFIX) and v.ndim)
+            return self.session.run(names, feed)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    def watched(model, provider="cpu", **kwargs):
+        session = make(model, provider, **kwargs)
+        return Watched(session) if any(i.name.startswith(gating.COPY_PREFIX) for i in model.graph.input) else session
+
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
+    monkeypatch.setattr(gated_runner, "make_session", watched)
+    assert main(["-q", "compress", str(path), "--remove", "2", "--repair", "none"]) == 0, capsys.readouterr().err
+    assert rows and set(rows) == {4}

@@ -43,6 +43,10 @@ class GatedRunner:
                  provider: str = "cpu", transform=None, also_expose: Sequence[str] = (), entries: bool = True) -> None:
         self.units = list(units)
         self.targets = list(dict.fromkeys(targets))
+        # A model whose inputs fix the batch dimension may compute with it (a
+        # Reshape to it): the candidates' copies then always run every row.
+        self.rows_free = not any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0
+                                 for i in model.graph.input if i.type.HasField("tensor_type"))
         self.provider = provider
         self.gated, self.gates = gated_model(model, self.units)
         # `transform(gated)` edits the gated graph in place before any session
@@ -103,7 +107,8 @@ class GatedRunner:
         superset of the candidates and kept across greedy steps; a copy
         whose unit is not a candidate runs on one sample (ONNX Runtime runs
         every node of a session whatever outputs are asked for) where the
-        copies read no graph input of the model (its mask, positions), else
+        copies read no graph input of the model (its mask, positions) and
+        the model's batch dimension is not fixed, else
         on every sample, and then the session is rebuilt once the candidates
         are fewer than half of its copies."""
         if self.fits_apart(candidates):
@@ -140,9 +145,9 @@ class GatedRunner:
 
     def _copies_apart(self, feed: dict[str, np.ndarray]) -> bool:
         """True when the side-by-side session's copies read none of the
-        model's own inputs (`feed`'s): a copy then runs on any number of
-        samples whatever the others run on."""
-        return self._batched is not None and not (self._batched[1] & set(feed))
+        model's own inputs (`feed`'s) and its batch is not fixed: a copy then
+        runs on any number of samples whatever the others run on."""
+        return self.rows_free and self._batched is not None and not (self._batched[1] & set(feed))
 
     def _suffix_size(self, unit: int) -> int:
         if unit not in self._suffix_sizes:
