@@ -214,7 +214,7 @@ def _compress(model_path: str | os.PathLike, output: str | os.PathLike | None = 
     if renumber_cache:
         with timed(timings, "validation", progress):
             renumber_kept_cache(pruned, rep, feed, provider=opts.provider)
-    with clocked(timings, "write"):
+    with clocked(timings, "surgery"):
         restore_weights(pruned)  # what is written, and returned, holds its weights as the input did
     rep["output"] = str(plan.model)
     if plan.report is not None:
