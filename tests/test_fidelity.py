@@ -277,19 +277,27 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
     assert batched.passes == separate.passes
 
 
-def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_sample(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["mlp", "decoder"])
+def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_sample(tmp_path, monkeypatch,
+                                                                                       model):
     """With successive halving and contenders, later rounds and steps score
-    fewer candidates than the session has copies: where the copies read none
-    of the model's inputs, one session serves the whole search and the copies
-    of units not scored run on one sample, with the scores of one session
-    per candidate."""
+    fewer candidates than the session has copies: one session serves the
+    whole search and the copies of units not scored run on one sample (with
+    their own one-sample copies of the model's inputs: a decoder's mask),
+    with the scores of one session per candidate."""
     import sglp_onnx.evidence.gated_runner as gated_runner
     import sglp_onnx.surgery.gating as gating
 
-    path = tmp_path / "m.onnx"
-    onnx.save(residual_mlp(n_blocks=10, seed=3), path)
-    np.savez(tmp_path / "m.calib.npz", input=np.random.default_rng(0).standard_normal((160, 8)).astype(np.float32))
-    separate = analyze(path, criterion="damage", remove=3, suggest=None, repair="none").selection
+    if model == "mlp":
+        path = tmp_path / "m.onnx"
+        onnx.save(residual_mlp(n_blocks=10, seed=3), path)
+        np.savez(tmp_path / "m.calib.npz",
+                 input=np.random.default_rng(0).standard_normal((160, 8)).astype(np.float32))
+        options = dict(criterion="damage", remove=3, suggest=None, repair="none")
+    else:
+        path = ROOT / "models" / "tinyllama_pydoc.onnx"
+        options = dict(criterion="damage", remove=2, suggest=None, repair="none", max_calib_samples=40)
+    separate = analyze(path, **options).selection
     made, rows = [], []
     make = gated_runner.make_session
 
@@ -298,6 +306,7 @@ def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_
             self.session = session
 
         def run(self, names, feed):
+            assert all(k.startswith(gating.COPY_PREFIX) for k in feed)  # no input is shared between copies
             starts = {k: len(v) for k, v in feed.items() if k.startswith(gating.COPY_PREFIX) and v.ndim}
             scored = {n.split("/")[1] for n in names}
             rows.append(({k: n for k, n in starts.items() if k.split("/")[1] in scored},
@@ -315,7 +324,7 @@ def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_
 
     monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
     monkeypatch.setattr(gated_runner, "make_session", counting)
-    batched = analyze(path, criterion="damage", remove=3, suggest=None, repair="none").selection
+    batched = analyze(path, **options).selection
     assert len([n for n in made if n]) == 1
     assert batched.removed == separate.removed
     np.testing.assert_allclose(batched.importance, separate.importance, rtol=1e-6, atol=1e-12)

@@ -107,10 +107,10 @@ class GatedRunner:
         superset of the candidates and kept across greedy steps; a copy
         whose unit is not a candidate runs on one sample (ONNX Runtime runs
         every node of a session whatever outputs are asked for) where the
-        copies read no graph input of the model (its mask, positions) and
-        the model's batch dimension is not fixed, else
-        on every sample, and then the session is rebuilt once the candidates
-        are fewer than half of its copies."""
+        model's batch dimension is not fixed (each copy reads its own copy
+        of the model's inputs: a mask, positions), else on every sample, and
+        then the session is rebuilt once the candidates are fewer than half
+        of its copies."""
         if self.fits_apart(candidates):
             return None
         built = self._batched_key
@@ -129,24 +129,29 @@ class GatedRunner:
         if self._batched is None:
             return None
         session, inputs = self._batched
-        run_feed = {name: value for name, value in {**feed, **self.extra_feed}.items() if name in inputs}
         idle = self._copies_apart(feed)
         wanted = set(candidates)
+        run_feed = {}
         for k in self._batched_key:  # the other copies are computed and ignored
             prefix = f"{COPY_PREFIX}{k}/"
-            for gate, value in self.gate_feed(set(removed) | {k}).items():
-                if prefix + gate in inputs:
-                    run_feed[prefix + gate] = value
             start = current[self.units[k].entry]
-            run_feed[prefix + self.units[k].exit] = start if k in wanted or not idle else start[:1]
+            rows = slice(None) if k in wanted or not idle else slice(0, 1)
+            for name, value in feed.items():  # calibration arrays hold one row per sample
+                if prefix + name in inputs:
+                    run_feed[prefix + name] = value[rows] if value.ndim and len(value) == len(start) else value
+            for name, value in {**self.extra_feed, **self.gate_feed(set(removed) | {k})}.items():
+                if prefix + name in inputs:
+                    run_feed[prefix + name] = value
+            run_feed[prefix + self.units[k].exit] = start[rows]
         names = [f"{COPY_PREFIX}{k}/{t}" for k in candidates for t in self.targets]
         values = iter(session.run(names, run_feed))
         return {k: {t: next(values) for t in self.targets} for k in candidates}
 
     def _copies_apart(self, feed: dict[str, np.ndarray]) -> bool:
-        """True when the side-by-side session's copies read none of the
-        model's own inputs (`feed`'s) and its batch is not fixed: a copy then
-        runs on any number of samples whatever the others run on."""
+        """True when the side-by-side session's copies share none of the
+        model's own inputs (`feed`'s: each reads its own copy) and the batch
+        is not fixed: a copy then runs on any number of samples whatever the
+        others run on."""
         return self.rows_free and self._batched is not None and not (self._batched[1] & set(feed))
 
     def _suffix_size(self, unit: int) -> int:

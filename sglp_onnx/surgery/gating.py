@@ -208,18 +208,18 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
     """One model holding, for each key k of `starts` = {k: (tensor, ONNX
     dtype)}, its own copy of the part of `gated` that computes `outputs`
     from that tensor (made an input): what `suffix_model` makes for one
-    start, side by side, the weights read once. Copy k's tensors, gates and
-    outputs are renamed `sglp_candidate/k/NAME`; the other graph inputs (a
-    mask, positions) are shared. One session run then scores every
-    candidate, each on a partial pass from its own unit. None when a needed
-    node has a subgraph (its outer-scope reads would need renaming too)."""
+    start, side by side, the weights read once. Copy k's tensors, gates,
+    outputs and the other graph inputs it reads (a mask, positions) are
+    renamed `sglp_candidate/k/NAME`, so that each copy may run on its own
+    number of samples. One session run then scores every candidate, each on
+    a partial pass from its own unit. None when a needed node has a subgraph
+    (its outer-scope reads would need renaming too)."""
     graph = gated.graph
     producer = {out: node for node in graph.node for out in node.output if out}
     initializers = {init.name: init for init in graph.initializer}
     graph_inputs = {i.name: i for i in graph.input}
     gate_set = set(gates)
     nodes, inputs, outs, read_inits = [], [], [], {}
-    shared: dict[str, onnx.ValueInfoProto] = {}
     for k, (start, dtype) in starts.items():
         prefix = f"{COPY_PREFIX}{k}/"
         walked = needed_nodes(graph, outputs, stop=start, producer=producer)
@@ -229,7 +229,7 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
         local = {out for node in needed.values() for out in node.output if out} | {start}
 
         def rename(t: str) -> str:
-            return prefix + t if t in local or t in gate_set else t
+            return prefix + t if t in local or t in gate_set or t in graph_inputs else t
 
         for position, node in enumerate(graph.node):  # the gated graph's order: topological
             if id(node) not in needed:
@@ -248,12 +248,19 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
                 elif t in gate_set:
                     inputs.append(onnx.helper.make_tensor_value_info(prefix + t, onnx.TensorProto.BOOL, []))
                 elif t in graph_inputs and t != start:
-                    shared[t] = graph_inputs[t]
+                    own = onnx.ValueInfoProto()
+                    own.CopyFrom(graph_inputs[t])
+                    own.name = prefix + t
+                    # Its symbolic dims are its copy's: ONNX Runtime takes equal names for equal sizes.
+                    for dim in own.type.tensor_type.shape.dim:
+                        if dim.HasField("dim_param"):
+                            dim.dim_param = prefix + dim.dim_param
+                    inputs.append(own)
         inputs.append(onnx.helper.make_tensor_value_info(prefix + start, dtype, None))
         outs += [onnx.ValueInfoProto(name=prefix + t) for t in outputs]
     inputs = list({vi.name: vi for vi in inputs}.values())
     model = onnx.helper.make_model(
-        onnx.helper.make_graph(nodes, f"{graph.name}_candidates", list(shared.values()) + inputs, outs,
+        onnx.helper.make_graph(nodes, f"{graph.name}_candidates", inputs, outs,
                                list(read_inits.values())),
         opset_imports=list(gated.opset_import))
     model.ir_version = gated.ir_version
