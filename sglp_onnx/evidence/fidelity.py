@@ -195,7 +195,10 @@ class FidelityMeter:
         self.rows += len(ref_rows)
         step = max(1, BLOCK_VALUES // max(ref_rows.shape[-1], 1))
         for block, a in enumerate(range(0, len(ref_rows), step)):
-            ref, got = _finite(ref_rows[a:a + step]), got_rows[a:a + step]
+            got = got_rows[a:a + step]
+            # The reference in float64: for KL only where this batch's block is not prepared yet.
+            ready = self.effective == "kl" and prepared is not None and block in prepared
+            ref = None if ready else _finite(ref_rows[a:a + step])
             if self.effective == "kl":
                 got = _finite(got, keep=np.float32)
                 # KL(p || q) = sum p log p - sum p log q per row; the first sum,
