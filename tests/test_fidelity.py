@@ -277,22 +277,25 @@ def test_greedy_search_of_a_large_model_scores_every_candidate_in_one_run(mlp, m
     assert batched.passes == separate.passes
 
 
-@pytest.mark.parametrize("model", ["mlp", "decoder"])
+@pytest.mark.parametrize("case", ["mlp-stacked", "mlp-copies", "decoder-copies"])
 def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_sample(tmp_path, monkeypatch,
-                                                                                       model):
+                                                                                       case):
     """With successive halving and contenders, later rounds and steps score
     fewer candidates than the session has copies: one session serves the
-    whole search and the copies of units not scored run on one sample (with
-    their own one-sample copies of the model's inputs: a decoder's mask),
-    with the scores of one session per candidate."""
+    whole search and the copies of units not scored run on one sample, with
+    the scores of one session per candidate. An MLP's candidates are stacked
+    in one stream (`stacked_suffix_model`); with stacking off, or for a
+    decoder (every layer reads its mask), each copy has its own nodes and its
+    own one-sample copies of the model's inputs."""
     import sglp_onnx.evidence.gated_runner as gated_runner
     import sglp_onnx.surgery.gating as gating
 
-    if model == "mlp":
+    if case.startswith("mlp"):
         path = tmp_path / "m.onnx"
-        onnx.save(residual_mlp(n_blocks=10, seed=3), path)
+        # 64 wide: its weights (0.3 MiB) outweigh the stacked activations, so stacking pays.
+        onnx.save(residual_mlp(n_blocks=10, width=64, seed=3), path)
         np.savez(tmp_path / "m.calib.npz",
-                 input=np.random.default_rng(0).standard_normal((160, 8)).astype(np.float32))
+                 input=np.random.default_rng(0).standard_normal((160, 64)).astype(np.float32))
         options = dict(criterion="damage", remove=3, suggest=None, repair="none")
     else:
         path = ROOT / "models" / "tinyllama_pydoc.onnx"
@@ -300,38 +303,41 @@ def test_the_side_by_side_session_serves_every_step_and_runs_idle_copies_on_one_
     separate = analyze(path, **options).selection
     made, rows = [], []
     make = gated_runner.make_session
+    prefixes = (gating.COPY_PREFIX, gating.STACK_PREFIX)
 
     class Watched:
         def __init__(self, session):
             self.session = session
 
         def run(self, names, feed):
-            assert all(k.startswith(gating.COPY_PREFIX) for k in feed)  # no input is shared between copies
-            starts = {k: len(v) for k, v in feed.items() if k.startswith(gating.COPY_PREFIX) and v.ndim}
-            scored = {n.split("/")[1] for n in names}
-            rows.append(({k: n for k, n in starts.items() if k.split("/")[1] in scored},
-                         {k: n for k, n in starts.items() if k.split("/")[1] not in scored}))
+            assert all(k.startswith(prefixes) or k.startswith(gating.GATE_PREFIX) for k in feed)  # nothing shared
+            per_copy: dict[str, set[int]] = {}
+            for k, v in feed.items():
+                if k.startswith(prefixes) and v.ndim:
+                    per_copy.setdefault(k.split("/")[1], set()).add(len(v))
+            rows.append(per_copy)
             return self.session.run(names, feed)
 
         def __getattr__(self, name):
             return getattr(self.session, name)
 
     def counting(model, provider="cpu", **kwargs):
-        copies = sum(i.name.startswith(gating.COPY_PREFIX) for i in model.graph.input)
-        made.append(copies)
+        kinds = {p for i in model.graph.input for p in prefixes if i.name.startswith(p)}
+        made.extend(kinds)
         session = make(model, provider, **kwargs)
-        return Watched(session) if copies else session
+        return Watched(session) if kinds else session
 
     monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)  # the budget is the model's own weights
+    monkeypatch.setattr(gated_runner, "STACK_CANDIDATES", case != "mlp-copies")
     monkeypatch.setattr(gated_runner, "make_session", counting)
     batched = analyze(path, **options).selection
-    assert len([n for n in made if n]) == 1
+    assert made == [gating.STACK_PREFIX if case == "mlp-stacked" else gating.COPY_PREFIX]
     assert batched.removed == separate.removed
     np.testing.assert_allclose(batched.importance, separate.importance, rtol=1e-6, atol=1e-12)
-    assert any(idle for _, idle in rows)  # rounds and steps that scored fewer units than the copies
-    for scored, idle in rows:
-        assert len(set(scored.values())) == 1 and min(scored.values()) > 1
-        assert set(idle.values()) <= {1}
+    counts = [n for per_copy in rows for sizes in per_copy.values() for n in sizes]
+    assert all(len(sizes) == 1 for per_copy in rows for sizes in per_copy.values())  # a copy's inputs agree
+    assert 1 in counts and max(counts) > 1  # idle copies on one sample, scored ones on the piece
+    assert all(len({n for sizes in per_copy.values() for n in sizes} - {1}) == 1 for per_copy in rows)
 
 
 def test_batched_suffixes_refuse_subgraphs():
@@ -345,6 +351,48 @@ def test_batched_suffixes_refuse_subgraphs():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph)
     assert gating.batched_suffix_model(model, {0: ("h", TensorProto.FLOAT)}, ["y"], []) is None
+
+
+def test_stacked_suffixes_run_every_copy_as_its_own_suffix_and_refuse_what_crosses_a_join(tmp_path):
+    """Stacked rows give each copy what its own suffix gives; a value from
+    before a join read after it (a long skip) or a graph input read after
+    the first start would meet rows of other copies, so those graphs are
+    refused."""
+    import sglp_onnx.surgery.gating as gating
+    from sglp_onnx.graph.runtime import session_with_outputs
+
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_mlp(n_blocks=3, width=8, seed=2), path)
+    np.savez(tmp_path / "m.calib.npz", input=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    analysis = analyze(path, criterion="last", remove=1, suggest=None, repair="none")
+    model, units = analysis.model, analysis.units
+    gated, gates = gating.gated_model(model, units)
+    output = model.graph.output[0].name
+    starts = {k: (u.exit, TensorProto.FLOAT) for k, u in enumerate(units)}
+    stacked, order = gating.stacked_suffix_model(gated, starts, [output], gates)
+    assert order == [0, 1, 2]
+    x = analysis.calib.first(4)
+    entries = session_with_outputs(model, [u.entry for u in units]).run([u.entry for u in units], x)
+    session = make_session(stacked)
+    names = {i.name for i in session.get_inputs()}
+    value = session.run(None, {**{f"{gating.STACK_PREFIX}{k}": e[: k + 1] for k, e in enumerate(entries)},
+                               **{g: np.array(False) for g in gates if g in names}})[0]
+    for k, entry in enumerate(entries):  # copy k's rows: bypassing unit k, fed its entry
+        alone = gating.suffix_model(gated, units[k].exit, np.float32, [output])
+        want = make_session(alone).run(None, {units[k].exit: entry[: k + 1],
+                                              **{g: np.array(False) for g in gates if g in
+                                                 {i.name for i in alone.graph.input}}})[0]
+        np.testing.assert_allclose(value[sum(range(1, k + 1)): sum(range(1, k + 2))], want, rtol=1e-6, atol=1e-6)
+    # A long skip: the head reads the first block's output beside the last one's.
+    skipped = onnx.ModelProto()
+    skipped.CopyFrom(gated)
+    head = next(n for n in skipped.graph.node if units[2].exit in n.input and n.op_type != "Add")
+    skipped.graph.node.append(helper.make_node("Add", [units[2].exit, units[0].exit], ["long_skip"], name="skip"))
+    head.input[list(head.input).index(units[2].exit)] = "long_skip"
+    assert gating.stacked_suffix_model(skipped, starts, [output], gates) is None
+    # From the second unit on, the skip reads the model's input: refused too.
+    assert gating.stacked_suffix_model(skipped, {k: starts[k] for k in (1, 2)}, [output], gates) is None
+    assert gating.stacked_suffix_model(gated, {k: starts[k] for k in (1, 2)}, [output], gates) is not None
 
 
 def test_gated_sessions_are_closed_before_validation(mlp, monkeypatch):

@@ -266,3 +266,81 @@ def batched_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, in
     model.ir_version = gated.ir_version
     model.functions.extend(gated.functions)
     return model
+
+
+STACK_PREFIX = "sglp_stack/"
+
+
+def stacked_suffix_model(gated: onnx.ModelProto, starts: dict[int, tuple[str, int]], outputs: Sequence[str],
+                         gates: Sequence[str]) -> tuple[onnx.ModelProto, list[int]] | None:
+    """What `batched_suffix_model` computes, with the copies' rows stacked in
+    one stream instead of side by side: for each key k of `starts` = {k:
+    (tensor, ONNX dtype)}, input `sglp_stack/k` joins the stream at tensor
+    k (the stream's value there is Concat(the stream so far, input k) along
+    the rows), so every node after the first start runs once on the rows of
+    the copies that have joined, and each weight is read once per run
+    instead of once per copy (a large model's runs stream their weights:
+    on CPU those runs cost their weights, not their rows). `outputs` come
+    out with the copies' rows in join order, which is returned with the
+    model: the keys by the graph position of their tensors.
+
+    None where the rows cannot be stacked: the part after the first start
+    reads a graph input other than the gates (a decoder's mask, positions),
+    a node after a later start reads a value computed before it other than
+    through that start (a long skip connection, a mask expanded once), or a
+    needed node has a subgraph."""
+    graph = gated.graph
+    producer = {out: node for node in graph.node for out in node.output if out}
+    position = {id(node): i for i, node in enumerate(graph.node)}
+    order = sorted(starts, key=lambda k: position[id(producer[starts[k][0]])] if starts[k][0] in producer else -1)
+    first = starts[order[0]][0]
+    walked = needed_nodes(graph, outputs, stop=first, producer=producer)
+    if walked is None:
+        return None
+    needed, seen = walked
+    gate_set = set(gates)
+    if any(i.name in seen and i.name not in gate_set for i in graph.input):
+        return None
+    nodes = [node for node in graph.node if id(node) in needed]  # topological: the gated graph's order
+    # Values that carry rows: everything computed from the first start (gates and constants do not).
+    rows = {first}
+    for node in nodes:
+        if any(t in rows for t in node.input):
+            rows.update(t for t in node.output if t)
+    joins = {starts[k][0]: k for k in order[1:]}
+    if any(t not in rows for t in joins):
+        return None
+    for tensor in joins:  # only `tensor` may carry rows from before it into what follows it
+        after = {tensor}
+        for node in nodes:
+            if producer.get(tensor) is node:
+                continue
+            if any(t in after for t in node.input):
+                if any(t in rows and t not in after for t in node.input if t):
+                    return None
+                after.update(t for t in node.output if t)
+    out_nodes = [onnx.helper.make_node("Identity", [f"{STACK_PREFIX}{order[0]}"], [first],
+                                       name=f"{STACK_PREFIX}{order[0]}/join")]
+    for node in nodes:
+        joined = [t for t in node.output if t in joins]
+        if not joined:
+            out_nodes.append(node)
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = [f"{t}/sglp_stream" if t in joins else t for t in node.output]
+        out_nodes.append(copy)
+        for t in joined:
+            k = joins[t]
+            out_nodes.append(onnx.helper.make_node("Concat", [f"{t}/sglp_stream", f"{STACK_PREFIX}{k}"], [t],
+                                                   name=f"{STACK_PREFIX}{k}/join", axis=0))
+    inputs = [i for i in graph.input if i.name in gate_set and i.name in seen]
+    inputs += [onnx.helper.make_tensor_value_info(f"{STACK_PREFIX}{k}", starts[k][1], None) for k in order]
+    initializers = [init for init in graph.initializer if init.name in seen]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(out_nodes, f"{graph.name}_stacked", inputs,
+                               [onnx.ValueInfoProto(name=t) for t in outputs], initializers),
+        opset_imports=list(gated.opset_import))
+    model.ir_version = gated.ir_version
+    model.functions.extend(gated.functions)
+    return model, order
