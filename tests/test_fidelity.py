@@ -353,6 +353,44 @@ def test_batched_suffixes_refuse_subgraphs():
     assert gating.batched_suffix_model(model, {0: ("h", TensorProto.FLOAT)}, ["y"], []) is None
 
 
+def test_a_stacked_run_that_onnx_runtime_refuses_falls_back_to_copies(tmp_path, monkeypatch):
+    """Stacking is an optimisation: where ONNX Runtime refuses a stacked run
+    (a node that computes across rows got past the structure check), the
+    candidates run as copies and score the same."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
+
+    import sglp_onnx.evidence.gated_runner as gated_runner
+    import sglp_onnx.surgery.gating as gating
+
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_mlp(n_blocks=6, width=64, seed=3), path)
+    np.savez(tmp_path / "m.calib.npz", input=np.random.default_rng(0).standard_normal((80, 64)).astype(np.float32))
+    options = dict(criterion="damage", remove=2, suggest=None, repair="none")
+    separate = analyze(path, **options).selection
+    make, refused, copies = gated_runner.make_session, [], []
+
+    class Refusing:
+        def run(self, *args, **kwargs):
+            refused.append(1)
+            raise ort_state.Fail("stacked rows refused")
+
+        def get_inputs(self):
+            return []
+
+    def refusing(model, provider="cpu", **kwargs):
+        if any(i.name.startswith(gating.STACK_PREFIX) for i in model.graph.input):
+            return Refusing()
+        copies.extend(i.name for i in model.graph.input if i.name.startswith(gating.COPY_PREFIX))
+        return make(model, provider, **kwargs)
+
+    monkeypatch.setattr(gated_runner, "SUFFIX_BUDGET_BYTES", 0)
+    monkeypatch.setattr(gated_runner, "make_session", refusing)
+    fallen = analyze(path, **options).selection
+    assert refused == [1] and copies  # tried once, then copies
+    assert fallen.removed == separate.removed
+    np.testing.assert_allclose(fallen.importance, separate.importance, rtol=1e-6, atol=1e-12)
+
+
 def test_stacked_suffixes_run_every_copy_as_its_own_suffix_and_refuse_what_crosses_a_join(tmp_path):
     """Stacked rows give each copy what its own suffix gives; a value from
     before a join read after it (a long skip) or a graph input read after

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..files.model_files import initializer_bytes
-from ..graph.runtime import PREPACK_MAX_BYTES, make_session, session_with_outputs
+from ..graph.runtime import ORT_ERRORS, PREPACK_MAX_BYTES, make_session, session_with_outputs
 from ..surgery.gating import (COPY_PREFIX, STACK_PREFIX, arithmetic_gates, batched_suffix_model, gated_model,
                               stacked_suffix_model, suffix_model)
 from ..units.discovery import PrunableUnit, static_shapes
@@ -195,7 +195,11 @@ class GatedRunner:
             start = current[self.units[k].entry]
             run_feed[f"{STACK_PREFIX}{k}"] = start if k in wanted else start[:1]
             bounds.append(bounds[-1] + len(run_feed[f"{STACK_PREFIX}{k}"]))
-        values = session.run(self.targets, run_feed)
+        try:
+            values = session.run(self.targets, run_feed)
+        except ORT_ERRORS:  # a node the structure check let through computes across rows: copies, then
+            self._stacked, self._stackable = None, False
+            return None
         return {k: {t: v[bounds[i]:bounds[i + 1]] for t, v in zip(self.targets, values)}
                 for i, k in enumerate(order) if k in wanted}
 
