@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from ..files.calibration import fixed_batch, model_inputs
 from ..files.model_files import initializer_bytes
 from ..graph.runtime import ORT_ERRORS, PREPACK_MAX_BYTES, make_session, session_with_outputs
 from ..surgery.gating import (COPY_PREFIX, STACK_PREFIX, arithmetic_gates, batched_suffix_model, gated_model,
@@ -50,8 +51,7 @@ class GatedRunner:
         self.targets = list(dict.fromkeys(targets))
         # A model whose inputs fix the batch dimension may compute with it (a
         # Reshape to it): the candidates' copies then always run every row.
-        self.rows_free = not any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0
-                                 for i in model.graph.input if i.type.HasField("tensor_type"))
+        self.rows_free = fixed_batch(model_inputs(model)) is None
         self.provider = provider
         self.gated, self.gates = gated_model(model, self.units)
         # `transform(gated)` edits the gated graph in place before any session
@@ -126,11 +126,9 @@ class GatedRunner:
                 return stacked
         built = self._batched_key
         if built is None or not set(candidates) <= set(built) or \
-                (2 * len(candidates) < len(built) and not self._copies_apart(feed)):
+                (2 * len(candidates) < len(built) and not self.rows_free):
             self._batched = None  # release the previous session first
-            dtype = onnx.helper.np_dtype_to_tensor_dtype
-            starts = {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
-            model = batched_suffix_model(self.gated, starts, self.targets, self.gates)
+            model = batched_suffix_model(self.gated, self._starts(candidates, current), self.targets, self.gates)
             self._batched_key = tuple(candidates)
             if model is not None:
                 # The copies share weights: packing them ahead of time would
@@ -140,13 +138,12 @@ class GatedRunner:
         if self._batched is None:
             return None
         session, inputs = self._batched
-        idle = self._copies_apart(feed)
         wanted = set(candidates)
         run_feed = {}
         for k in self._batched_key:  # the other copies are computed and ignored
             prefix = f"{COPY_PREFIX}{k}/"
             start = current[self.units[k].entry]
-            rows = slice(None) if k in wanted or not idle else slice(0, 1)
+            rows = slice(None) if k in wanted or not self.rows_free else slice(0, 1)
             for name, value in feed.items():  # calibration arrays hold one row per sample
                 if prefix + name in inputs:
                     run_feed[prefix + name] = value[rows] if value.ndim and len(value) == len(start) else value
@@ -176,11 +173,9 @@ class GatedRunner:
             if stream > self.weights:
                 self._stackable = False
                 return None
-            dtype = onnx.helper.np_dtype_to_tensor_dtype
-            starts = {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
             # A unit with companions (a quantized entry's scale) is bypassed by its gates, not by a join.
             made = None if any(self.units[k].companions for k in candidates) else \
-                stacked_suffix_model(self.gated, starts, self.targets, self.gates)
+                stacked_suffix_model(self.gated, self._starts(candidates, current), self.targets, self.gates)
             if made is None:
                 self._stackable = False
                 return None
@@ -203,12 +198,10 @@ class GatedRunner:
         return {k: {t: v[bounds[i]:bounds[i + 1]] for t, v in zip(self.targets, values)}
                 for i, k in enumerate(order) if k in wanted}
 
-    def _copies_apart(self, feed: dict[str, np.ndarray]) -> bool:
-        """True when the side-by-side session's copies share none of the
-        model's own inputs (`feed`'s: each reads its own copy) and the batch
-        is not fixed: a copy then runs on any number of samples whatever the
-        others run on."""
-        return self.rows_free and self._batched is not None and not (self._batched[1] & set(feed))
+    def _starts(self, candidates: Sequence[int], current: dict[str, np.ndarray]) -> dict[int, tuple[str, int]]:
+        """Where each candidate's suffix starts: its unit's exit, typed as its entry's value (ONNX type)."""
+        dtype = onnx.helper.np_dtype_to_tensor_dtype
+        return {k: (self.units[k].exit, dtype(current[self.units[k].entry].dtype)) for k in candidates}
 
     def _suffix_size(self, unit: int) -> int:
         if unit not in self._suffix_sizes:
