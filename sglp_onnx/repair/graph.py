@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..surgery.gating import unit_gate
 from ..units.discovery import PrunableUnit
 
 PREFIX = "sglp_repair"
@@ -147,9 +148,8 @@ def add_runtime_maps(gated: onnx.ModelProto, specs: dict) -> None:
     removal set with its repairs (the repair-aware damage search)."""
     nodes = []
     for node in gated.graph.node:
-        parts = node.name.split("/")
-        if node.op_type == "Where" and len(parts) == 2 and parts[0] == "sglp_gate" and int(parts[1]) in specs:
-            k = int(parts[1])
+        k = unit_gate(node)
+        if k is not None and k in specs:
             axis, rank, elem = specs[k]
             weight, bias = runtime_map_inputs(k)
             name = f"{RUNTIME_PREFIX}/{k}"

@@ -23,6 +23,7 @@ from ..graph.runtime import needed_nodes
 from ..units.discovery import PrunableUnit
 
 GATE_PREFIX = "sglp_skip."
+GATE_NODE = "sglp_gate"  # unit k's gate node is named GATE_NODE/k (its companions' GATE_NODE/k/NAME)
 UNGATED_SUFFIX = "/sglp_ungated"
 GATED_SUFFIX = "/sglp_gated/"
 
@@ -59,12 +60,12 @@ def gate_graph(graph: gs.Graph, units: Sequence[PrunableUnit]) -> list[str]:
         gates.append(gate.name)
         inner = gs.Variable(f"{unit.exit}{UNGATED_SUFFIX}", dtype=exit_tensor.dtype, shape=exit_tensor.shape)
         producer.outputs[producer.outputs.index(exit_tensor)] = inner
-        graph.nodes.append(gs.Node("Where", name=f"sglp_gate/{k}", inputs=[gate, tensors[unit.entry], inner],
+        graph.nodes.append(gs.Node("Where", name=f"{GATE_NODE}/{k}", inputs=[gate, tensors[unit.entry], inner],
                                    outputs=[exit_tensor]))
         for exit_side, entry_side in unit.companions:
             original = tensors[exit_side]
             gated = gs.Variable(f"{exit_side}{GATED_SUFFIX}{k}", dtype=original.dtype, shape=original.shape)
-            where = gs.Node("Where", name=f"sglp_gate/{k}/{exit_side}",
+            where = gs.Node("Where", name=f"{GATE_NODE}/{k}/{exit_side}",
                             inputs=[gate, tensors[entry_side], original], outputs=[gated])
             graph.nodes.append(where)
             gated_sides[(unit.exit, exit_side)] = gated
@@ -112,6 +113,12 @@ def gated_model(model: onnx.ModelProto, units: Sequence[PrunableUnit]) -> tuple[
     return gated, gates
 
 
+def unit_gate(node: onnx.NodeProto) -> int | None:
+    """k when `node` is unit k's gate (`Where(skip_k, entry, exit)` of `gate_graph`), else None."""
+    parts = node.name.split("/")
+    return int(parts[1]) if node.op_type == "Where" and len(parts) == 2 and parts[0] == GATE_NODE else None
+
+
 # Gates on values of these types may run as arithmetic (`arithmetic_gates`).
 ARITHMETIC_GATE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64}
 
@@ -133,17 +140,15 @@ def arithmetic_gates(gated: onnx.ModelProto, dtypes: dict[str, int]) -> int:
     Where gates: this runs last, on the graph a session is made from."""
     nodes, rewritten, ones = [], 0, {}
     for node in gated.graph.node:
-        parts = node.name.split("/")
         np_type = ARITHMETIC_GATE_TYPES.get(dtypes.get(node.output[0] if node.output else "", 0))
-        if not (node.op_type == "Where" and len(parts) == 2 and parts[0] == "sglp_gate" and np_type is not None
-                and node.input[0].startswith(GATE_PREFIX)):
+        if unit_gate(node) is None or np_type is None or not node.input[0].startswith(GATE_PREFIX):
             nodes.append(node)
             continue
         elem = dtypes[node.output[0]]
         gate, entry, inner = node.input
         out, name = node.output[0], node.name
         if elem not in ones:
-            ones[elem] = f"sglp_gate/one_{elem}"
+            ones[elem] = f"{GATE_NODE}/one_{elem}"
             gated.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, dtype=np_type), ones[elem]))
         nodes += [
             onnx.helper.make_node("Cast", [gate], [f"{name}/s"], name=f"{name}/Cast", to=elem),
