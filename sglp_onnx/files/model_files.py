@@ -192,37 +192,46 @@ def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path
     data file one tensor at a time. (Stripping and reloading a protobuf
     message does not give its memory back, so it would double the footprint.)
     """
+    with open(data_path, "wb") as data:
+        stub = external_stub(model, data, location=location, size_threshold=size_threshold)
+    onnx.save_model(stub, str(model_path))
+
+
+def external_stub(model: onnx.ModelProto, data, *, location: str, size_threshold: int = 1024) -> onnx.ModelProto:
+    """A new ModelProto with the nodes of `model` whose numeric initializers
+    of `size_threshold` bytes or more, and its tensors already external (read
+    from the data folder), are written to the open file `data` one at a time
+    and referenced there as `location`. `model` is not modified."""
     stub = onnx.ModelProto()
     _copy_fields(model, stub, skip="graph")
     _copy_fields(model.graph, stub.graph, skip="initializer")
     source = data_folder()
     # External tensors of subgraphs and attributes, copied with the nodes.
     nested = external_tensors(stub) if source is not None else []
-    with open(data_path, "wb") as data:
-        for tensor in model.graph.initializer:
-            target = stub.graph.initializer.add()
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                target.CopyFrom(tensor)
-                if source is not None:
-                    _stream_external(target, source, data, location)
-                continue
-            size = _tensor_bytes(tensor)
-            if size is None or size < size_threshold:
-                target.CopyFrom(tensor)
-                continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
-            offset = _aligned(data)
-            data.write(raw)
-            target.name = tensor.name
-            target.data_type = tensor.data_type
-            target.dims.extend(tensor.dims)
-            if tensor.doc_string:
-                target.doc_string = tensor.doc_string
-            _set_external(target, location, offset, len(raw))
-            del raw
-        for tensor in nested:
-            _stream_external(tensor, source, data, location)
-    onnx.save_model(stub, str(model_path))
+    for tensor in model.graph.initializer:
+        target = stub.graph.initializer.add()
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            target.CopyFrom(tensor)
+            if source is not None:
+                _stream_external(target, source, data, location)
+            continue
+        size = _tensor_bytes(tensor)
+        if size is None or size < size_threshold:
+            target.CopyFrom(tensor)
+            continue
+        raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+        offset = _aligned(data)
+        data.write(raw)
+        target.name = tensor.name
+        target.data_type = tensor.data_type
+        target.dims.extend(tensor.dims)
+        if tensor.doc_string:
+            target.doc_string = tensor.doc_string
+        _set_external(target, location, offset, len(raw))
+        del raw
+    for tensor in nested:
+        _stream_external(tensor, source, data, location)
+    return stub
 
 
 def _aligned(data) -> int:
@@ -496,9 +505,14 @@ def _load_small_external(model: onnx.ModelProto, folder: Path) -> None:
         if offset + length > sizes[location]:
             raise ValueError(f"tensor {tensor.name!r} lies beyond the end of {location}")
         if length < DEFER_MIN_BYTES:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+            inline_external(tensor, folder)
+
+
+def inline_external(tensor: onnx.TensorProto, folder: Path) -> None:
+    """Read an external tensor's data from its file under `folder` into it (in place)."""
+    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def graph_input_names(path: str | os.PathLike) -> list[str]:

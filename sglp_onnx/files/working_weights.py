@@ -27,8 +27,8 @@ from typing import Iterator
 
 import onnx
 
-from .model_files import (DEFER_MIN_BYTES, _DATA_FOLDER, _aligned, _copy_fields, _external_info, _set_external,
-                          _tensor_bytes, external_tensors)
+from .model_files import (DEFER_MIN_BYTES, _DATA_FOLDER, _external_info, _tensor_bytes, external_stub,
+                          external_tensors, inline_external)
 
 # A model holding fewer bytes of weights than this stays as it is: opening a
 # session on it costs little (about 12 ms per MiB on the ResNet-50 above).
@@ -69,11 +69,6 @@ def working_weights(folder: str | os.PathLike) -> Iterator[None]:
             shutil.rmtree(run.folder, ignore_errors=True)
 
 
-def _spillable(tensor: onnx.TensorProto) -> bool:
-    size = _tensor_bytes(tensor)
-    return tensor.data_location != onnx.TensorProto.EXTERNAL and size is not None and size >= SPILL_TENSOR_MIN_BYTES
-
-
 def spill_weights(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """`model` with its main graph's initializers of `SPILL_TENSOR_MIN_BYTES` or more
     referenced in a temporary side file (a new ModelProto: the caller drops
@@ -85,31 +80,15 @@ def spill_weights(model: onnx.ModelProto) -> onnx.ModelProto | None:
     run = _RUN.get()
     if run is None or run.folder is not None or external_tensors(model):
         return None
-    big = [t for t in model.graph.initializer if _spillable(t)]
-    if not big or sum(_tensor_bytes(t) for t in big) < SPILL_MIN_BYTES:
+    big = [size for size in map(_tensor_bytes, model.graph.initializer)
+           if size is not None and size >= SPILL_TENSOR_MIN_BYTES]
+    if not big or sum(big) < SPILL_MIN_BYTES:
         return None
-    stub = onnx.ModelProto()
-    _copy_fields(model, stub, skip="graph")
-    _copy_fields(model.graph, stub.graph, skip="initializer")
     folder = None
     try:
         folder = Path(tempfile.mkdtemp(prefix="sglp-weights-"))
         with open(folder / SPILL_NAME, "wb") as data:
-            for tensor in model.graph.initializer:
-                target = stub.graph.initializer.add()
-                if not _spillable(tensor):
-                    target.CopyFrom(tensor)
-                    continue
-                raw = tensor.raw_data if tensor.HasField("raw_data") else \
-                    onnx.numpy_helper.to_array(tensor).tobytes()
-                offset = _aligned(data)
-                data.write(raw)
-                target.name, target.data_type = tensor.name, tensor.data_type
-                target.dims.extend(tensor.dims)
-                if tensor.doc_string:
-                    target.doc_string = tensor.doc_string
-                _set_external(target, SPILL_NAME, offset, len(raw))
-                del raw
+            stub = external_stub(model, data, location=SPILL_NAME, size_threshold=SPILL_TENSOR_MIN_BYTES)
     except OSError:  # a full or read-only temporary folder: work from the proto
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -129,11 +108,5 @@ def restore_weights(*models: onnx.ModelProto | None) -> None:
         if model is None:
             continue
         for tensor in external_tensors(model):
-            location, offset, length = _external_info(tensor)
-            if location != SPILL_NAME:
-                continue
-            with open(run.folder / SPILL_NAME, "rb") as f:
-                f.seek(offset)
-                tensor.raw_data = f.read(length)
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+            if _external_info(tensor)[0] == SPILL_NAME:
+                inline_external(tensor, run.folder)
