@@ -64,9 +64,9 @@ test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m slow
 	SGLP_FUZZ_EXPLORE=1 SGLP_FUZZ_EXAMPLES=25 $(BIN)/python -m pytest tests/test_fuzz_cli.py tests/test_fuzz.py
 
-# real_size.py alone takes about half an hour and up to ~17 GB of RAM:
-# ResNet-50 at 224x224, a 1 GiB MLP and a 32000-token Llama, each against
-# its one-pass floor (`--only SECTION` and smaller sizes for a quick run).
+# real_size.py takes 7-9 minutes and about 2 GB of RAM: ResNet-50 at
+# 224x224, a 1 GiB MLP and a 32000-token Llama, each against its one-pass
+# floor (`--only SECTION` and smaller sizes for a quick run).
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
 	$(BIN)/python benchmarks/repair_cost.py
@@ -79,10 +79,12 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/real_size.py
 	$(BIN)/python benchmarks/analyze_cost.py
 
-# About 12 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter
-# Llama built, exported and compressed four ways (benchmarks/llm_scale.py).
+# About 27 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter
+# Llama built, exported and compressed four ways (benchmarks/llm_scale.py),
+# and a SmolLM-135M-shaped decoder with the default options (real_size.py).
 bench-scale: $(TEST_STAMP)
 	$(BIN)/python benchmarks/llm_scale.py
+	$(BIN)/python benchmarks/real_size.py --only llm135m --output benchmarks/results/real_size_llm135m.md
 
 # About 10 minutes on 2 cores (measured: 4.1 + 4.2 min): every criterion on
 # ResNet-56, ResNet-110 and the 1-D CNN at ~30% and ~50% FLOPs removed, with
