@@ -27,7 +27,7 @@ from typing import Iterator
 
 import onnx
 
-from .model_files import (DEFER_MIN_BYTES, _DATA_FOLDER, _external_info, _tensor_bytes, external_stub,
+from .model_files import (DEFER_MIN_BYTES, _external_info, _tensor_bytes, external_data_folder, external_stub,
                           external_tensors, inline_external)
 
 # A model holding fewer bytes of weights than this stays as it is: opening a
@@ -42,9 +42,9 @@ _RUN: contextvars.ContextVar["_Run | None"] = contextvars.ContextVar("sglp_onnx_
 
 
 class _Run:
-    def __init__(self) -> None:
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack  # what ends with the run: the data folders set, the side file's folder
         self.folder: Path | None = None
-        self.token = None
 
 
 @contextlib.contextmanager
@@ -52,21 +52,11 @@ def working_weights(folder: str | os.PathLike) -> Iterator[None]:
     """One run's data folder: `external_data_folder(folder)` (the input's
     folder), in which `spill_weights` may move a model's weights to a
     temporary folder that is then the data folder; removed at the end."""
-    from .model_files import external_data_folder
-
-    run = _Run()
-    token = _RUN.set(run)
-    try:
-        with external_data_folder(folder):
-            try:
-                yield
-            finally:
-                if run.token is not None:
-                    _DATA_FOLDER.reset(run.token)
-    finally:
-        _RUN.reset(token)
-        if run.folder is not None:
-            shutil.rmtree(run.folder, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(external_data_folder(folder))
+        token = _RUN.set(_Run(stack))
+        stack.callback(_RUN.reset, token)
+        yield
 
 
 def spill_weights(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -94,7 +84,8 @@ def spill_weights(model: onnx.ModelProto) -> onnx.ModelProto | None:
             shutil.rmtree(folder, ignore_errors=True)
         return None
     run.folder = folder
-    run.token = _DATA_FOLDER.set(folder)
+    run.stack.callback(shutil.rmtree, folder, ignore_errors=True)
+    run.stack.enter_context(external_data_folder(folder))
     return stub
 
 
