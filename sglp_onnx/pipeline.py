@@ -110,7 +110,7 @@ def _analyze(model_path: str | os.PathLike, *, suggest: Sequence[float] | None =
             output_kind(model, opts.fidelity_output)  # an unknown name: exit 2 before any measuring
     with data.explained("--calib"), timed(timings, "discovery", progress):  # guessed sizes fail on the first run
         units, total_flops = discover(model, data, granularity=opts.granularity, provider=opts.provider,
-                                      executor=Executor.of(opts.sequential))
+                                      executor=Executor.of(opts.sequential), batch_size=opts.batch_size)
     if not units:
         raise UserError(f"no prunable unit in {model_path}: no residual join x + f(x) whose output keeps x's "
                         "shape (projection/downsampling blocks are never candidates; blocks inside If/Loop/Scan "
@@ -119,7 +119,7 @@ def _analyze(model_path: str | os.PathLike, *, suggest: Sequence[float] | None =
     if opts.torch_model is not None:
         with timed(timings, "pairing", progress):
             paired = PairedModel.load(opts.torch_model, opts.torch_weights, model, units, data,
-                                      provider=opts.provider)
+                                      provider=opts.provider, batch_size=opts.batch_size)
     # `analyze` of a model with one unit and no budget asked for: nothing can
     # go (one unit always stays), but the unit and its measurements are shown.
     only_measure = (len(units) == 1 and measure_single_unit and opts.max_loss is None

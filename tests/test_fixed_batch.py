@@ -83,3 +83,51 @@ def test_a_fixed_batch_keeps_every_row_in_the_side_by_side_candidate_runs(tmp_pa
     monkeypatch.setattr(gated_runner, "make_session", watched)
     assert main(["-q", "compress", str(path), "--remove", "2", "--repair", "none"]) == 0, capsys.readouterr().err
     assert rows and set(rows) == {4}
+
+
+def _one_at_a_time_model(tmp_path):
+    """A residual MLP whose batch is declared dynamic but that runs one sample
+    at a time only (a Reshape to [1, width] first), as ONNX Runtime runs some
+    exports (torch's opset-23 RotaryEmbedding, in ONNX Runtime 1.31)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tiny_graphs import calibration, residual_mlp
+
+    model = residual_mlp(4, 8)
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["input.one" if x == "input" else x for x in node.input]
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 8], dtype=np.int64), "one_row"))
+    graph.node.insert(0, helper.make_node("Reshape", ["input", "one_row"], ["input.one"], name="one/Reshape"))
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "one.onnx"
+    onnx.save_model(model, str(path))
+    np.savez(tmp_path / "one.calib.npz", **calibration(16, 8))
+    return path
+
+
+def test_batch_size_one_is_every_run_s_size_even_the_probes(tmp_path, capsys):
+    """--batch-size 1 bounds every run, the discovery probe and the
+    repair-aware search's probe included: a model that runs one sample at a
+    time is pruned (and equals the rewiring); with the default batch size it
+    is refused in one line."""
+    import onnx
+
+    path = _one_at_a_time_model(tmp_path)
+    assert main(["compress", str(path), "--remove", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run in ONNX Runtime" in err and "needs --batch-size 1" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "one.pruned.onnx").exists()
+    assert main(["compress", str(path), "--remove", "2", "--batch-size", "1"]) == 0
+    assert main(["compress", str(path), "--remove", "2", "--batch-size", "1", "--repair", "none",
+                 "-o", str(tmp_path / "plain.onnx")]) == 0
+    report = json.loads((tmp_path / "plain.json").read_text())
+    removed = [(u["entry"], u["exit"]) for u in report["units"] if u["removed"]]
+    assert len(removed) == 2
+    x = image_batch(1, shape=(8,), seed=5)
+    expected = run(rewire(onnx.load(str(path)), removed), x)[0]
+    assert np.array_equal(run(tmp_path / "plain.onnx", x)[0], expected)
+    repaired = json.loads((tmp_path / "one.pruned.json").read_text())
+    assert repaired["fidelity"]["score"] <= report["fidelity"]["score"]

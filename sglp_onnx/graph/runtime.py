@@ -153,16 +153,19 @@ def ort_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def input_model_errors(what: str = "the input model") -> Iterator[None]:
+def input_model_errors(what: str = "the input model", rows: int | None = None) -> Iterator[None]:
     """Turn an ONNX Runtime failure into a UserError: for a model the user
     gave, a graph ONNX Runtime refuses (an opset that does not fit the ops) or
     data it cannot run on (token ids outside the vocabulary) is the input's
-    fault, not a bug."""
+    fault, not a bug. `rows`: the samples the failed run fed at once (more
+    than one: the message says how to run one at a time)."""
     try:
         yield
     except ORT_ERRORS as exc:
+        batch = (f" ({rows} samples at once; a model that runs only one at a time needs --batch-size 1)"
+                 if rows is not None and rows > 1 else "")
         raise UserError(f"{what} does not run in ONNX Runtime: {ort_reason(exc)}; check that the model "
-                        "loads and runs in ONNX Runtime on this data") from None
+                        f"loads and runs in ONNX Runtime on this data{batch}") from None
 
 
 class InputSession:
@@ -174,7 +177,9 @@ class InputSession:
         self._what = what
 
     def run(self, *args, **kwargs):
-        with input_model_errors(self._what):
+        feed = args[1] if len(args) > 1 else kwargs.get("input_feed")
+        rows = next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), None) if feed else None
+        with input_model_errors(self._what, rows):
             return self._session.run(*args, **kwargs)
 
     def __getattr__(self, name):

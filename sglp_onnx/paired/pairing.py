@@ -60,12 +60,12 @@ def check_empty_cache(data: CalibrationSet, cache_inputs: set[str]) -> None:
                         ".npz (they are then empty: whole sequences, as the paired model runs them)")
 
 
-def pair(model, paired, units, data: CalibrationSet, provider: str):
+def pair(model, paired, units, data: CalibrationSet, provider: str, *, batch_size: int | None = None):
     """Match each unit to the torch modules that compute it (see `gradnorm.pair_units`),
     and the report's record of that match."""
     from .gradnorm import pair_units
 
-    feed = data.first(PAIRING_SAMPLES)
+    feed = data.first(min(PAIRING_SAMPLES, batch_size or PAIRING_SAMPLES))
     names = list(dict.fromkeys(t for u in units for t in (u.entry, u.exit)))
     values = probe(model, feed, names, provider=provider)
     outputs = [values[o.name] for o in model.graph.output]
@@ -95,13 +95,13 @@ class PairedModel:
 
     @classmethod
     def load(cls, spec: str, weights, model: onnx.ModelProto, units: Sequence[PrunableUnit],
-             data: CalibrationSet, *, provider: str) -> "PairedModel":
+             data: CalibrationSet, *, provider: str, batch_size: int | None = None) -> "PairedModel":
         """Load `spec` (`MODULE:FACTORY` or `hf:DIR`), check the calibration suits
-        it, and pair its modules with `units`."""
+        it, and pair its modules with `units` (on at most `batch_size` samples)."""
         cache = cache_inputs(model, units)
         module = load_paired_model(spec, None if weights is None else str(weights))
         check_empty_cache(data, cache)
-        pairing, info = pair(model, module, units, data, provider)
+        pairing, info = pair(model, module, units, data, provider, batch_size=batch_size)
         order = [s.name for s in model_inputs(model) if s.name not in cache]
         return cls(module, pairing, info, order, cache)
 

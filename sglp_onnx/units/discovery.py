@@ -475,13 +475,14 @@ PROBE_SAMPLES = 2
 
 
 def discover(model: onnx.ModelProto, calib: CalibrationSet, *, granularity: str, provider: str,
-             executor: Executor = Executor.WHOLE) -> tuple[list[PrunableUnit], int]:
+             executor: Executor = Executor.WHOLE, batch_size: int | None = None) -> tuple[list[PrunableUnit], int]:
     """The prunable units of `model` with their FLOPs per sample, and the
     model's total FLOPs per sample, from one probe run on the first
-    `PROBE_SAMPLES` calibration samples, run by `executor` (piece by piece:
-    `Executor.PIECEWISE`)."""
+    `PROBE_SAMPLES` calibration samples (at most `batch_size`: a model that
+    runs only one sample at a time is run so), run by `executor` (piece by
+    piece: `Executor.PIECEWISE`)."""
     names = probe_targets(model) + tensors_needed(model)
-    feed = calib.first(PROBE_SAMPLES)
+    feed = calib.first(min(PROBE_SAMPLES, batch_size or PROBE_SAMPLES))
     n_probe = next(iter(feed.values())).shape[0]
     # The probes run ONNX Runtime, which `executor` imports only now: reading
     # units (the report does) and finding them in a graph do not load it.

@@ -46,7 +46,7 @@ def repaired_search(ctx: Context, *, candidates: int | None = None) -> "Repaired
     if len(ctx.units) * weights > max(SUFFIX_BUDGET_BYTES, weights):
         return None
     entries = list(dict.fromkeys(u.entry for u in ctx.units))
-    values = probe(ctx.model, ctx.calib.first(min(2, ctx.calib.n_samples)), entries, provider=ctx.provider)
+    values = probe(ctx.model, ctx.calib.first(min(2, ctx.batch_size, ctx.calib.n_samples)), entries, provider=ctx.provider)
     index = GraphIndex(ctx.model)
     specs = {}
     for k, unit in enumerate(ctx.units):
