@@ -177,17 +177,29 @@ def _tail(op: str, **attrs) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["input", "w"], ["b"]), helper.make_node("Add", ["input", "b"], ["h"])]
     if op == "Gemm":
         nodes.append(helper.make_node("MatMul", ["h", "w"], ["output"]))
+    elif op in ("softcap", "pooler"):  # c * tanh(head / c) (Gemma 2's logits); tanh(dense) (BERT's pooler)
+        nodes.append(helper.make_node("MatMul", ["h", "w"], ["head"]))
+        if op == "softcap":
+            nodes += [helper.make_node("Div", ["head", "cap"], ["scaled"]),
+                      helper.make_node("Tanh", ["scaled"], ["capped"]),
+                      helper.make_node("Mul", ["capped", "cap"], ["output"])]
+        else:
+            nodes.append(helper.make_node("Tanh", ["head"], ["output"]))
     elif op == "none":
         nodes.append(helper.make_node("Relu", ["h"], ["output"]))
     else:
         extra = {"LayerNormalization": ["w_scale"]}.get(op, [])
         nodes.append(helper.make_node(op, ["h", *extra], ["output"], **attrs))
-    inits = [w, helper.make_tensor("w_scale", TensorProto.FLOAT, [4], [1.0] * 4)]
+    inits = [w, helper.make_tensor("w_scale", TensorProto.FLOAT, [4], [1.0] * 4),
+             helper.make_tensor("cap", TensorProto.FLOAT, [], [30.0])]
+    if op not in ("softcap",):
+        inits.pop()
     return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
                       [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])], inits)
 
 
 @pytest.mark.parametrize("op, kind, form", [("Gemm", "kl", "logits"), ("Softmax", "kl", "probabilities"),
+                                            ("softcap", "kl", "logits"), ("pooler", "cosine", "hidden state"),
                                             ("LayerNormalization", "cosine", "hidden state"),
                                             ("none", "relative", "tensor")])
 def test_output_kind_is_read_from_the_producers(op, kind, form):

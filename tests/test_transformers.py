@@ -1,6 +1,6 @@
 """Transformers and LLMs through the whole pipeline.
 
-Tiny Llama, Qwen2, GPT-2, BERT and ViT models are built from configs with
+Tiny Llama, Qwen2, GPT-2, OPT, Gemma 2, BERT and ViT models are built from configs with
 random weights (nothing is downloaded), saved to a temporary folder and
 exported with both exporters. `compress --remove 2` must validate and give
 exactly what transformers computes with those layers deleted (and the kept
@@ -100,6 +100,8 @@ CASES = [
     ("qwen2", "dynamo", {"criterion": "random", "seed": 3}),
     ("gpt2", "legacy", _hf(criterion="sglp")),
     ("gpt2", "dynamo", {"criterion": "last"}),
+    ("opt", "legacy", {}),
+    ("gemma2", "legacy", {"criterion": "block-influence"}),
     ("bert", "legacy", _hf(criterion="sglp")),
     ("bert", "dynamo", {"criterion": "block-influence"}),
     ("vit", "legacy", _hf(criterion="gradnorm")),
@@ -124,10 +126,13 @@ def test_compress_equals_transformers_with_layers_deleted(staged, arch, exporter
                       **options)
     report = result.report
     assert_valid(report)
+    assert report["fidelity"]["kind"] == "kl"  # logits, soft-capped (Gemma 2) or not
 
     model = load_hf_model(folder / "hf")
     scopes = [f"{layer_list(model)}.{i}" for i in range(LAYERS)]
-    assert [u["scope"] for u in report["units"]] == scopes
+    # The TorchScript exporter leaves OPT's `model.` out of its scopes.
+    assert len(report["units"]) == LAYERS
+    assert all(s == u["scope"] or s.endswith("." + u["scope"]) for s, u in zip(scopes, report["units"]))
     assert all(u["sublayers"] == 2 and u["attention"] for u in report["units"])
     removed = removed_layers(report)
     assert removed == {i for i, u in enumerate(report["units"]) if u["removed"]} and len(removed) == 2
@@ -256,6 +261,17 @@ def test_token_samples_follow_the_mask_of_the_new_tokens():
     np.testing.assert_array_equal(as_samples(hidden, token_level=True, token_mask=with_past),
                                   as_samples(hidden, token_level=True, token_mask=mask))
     assert as_samples(hidden, token_level=False).shape == (2, 12)
+    # Flattened to (B*T, hidden) (OPT's MLP), the same rows; the repair fit's rows alike.
+    from sglp_onnx.repair.fit import as_rows
+
+    flat = hidden.reshape(6, 4)
+    for m in (mask, with_past):
+        np.testing.assert_array_equal(as_samples(flat, token_level=True, token_mask=m),
+                                      as_samples(hidden, token_level=True, token_mask=mask))
+        np.testing.assert_array_equal(as_rows(flat, 1, m), as_rows(hidden, 2, m))
+    np.testing.assert_array_equal(as_rows(hidden, 2, mask), hidden.reshape(6, 4)[:5])
+    # One row per sequence (a pooled output) is never masked.
+    np.testing.assert_array_equal(as_samples(hidden[:, 0], token_level=True, token_mask=mask), hidden[:, 0])
 
 
 def test_genai_config_is_rewritten_beside_the_output(staged, tmp_path):
@@ -291,6 +307,22 @@ def test_genai_config_is_rewritten_beside_the_output(staged, tmp_path):
     with pytest.raises(UserError, match="exists"):
         compress(source / "model.onnx", source / "other.onnx", remove=1, criterion="last")
     assert not (source / "other.onnx").exists()
+
+
+def test_opt_sublayers_read_flattened_tokens_like_the_others(staged):
+    """OPT's MLP sublayer reads the hidden state flattened to (tokens, hidden):
+    at sublayer granularity its entry and exit have one row per token, padded
+    ones included, and are read through the mask like the attention's (B, T,
+    hidden) ones: the default criterion with its repair runs, and every
+    unit's CKA rows are the unpadded selection tokens."""
+    folder = staged("opt")
+    path = staged("opt", "legacy")
+    report = compress(path, folder / "sublayer.onnx", calib=folder / "calib.npz", remove=2, granularity="sublayer",
+                      batch_size=8, force=True).report
+    assert_valid(report)
+    assert len(report["units"]) == 2 * LAYERS and report["repair"]["applied"] is not None
+    assert report["calibration"]["rows"] == selection_tokens(folder)
+    assert report["fidelity"]["kind"] == "kl" and report["fidelity"]["score"] >= 0
 
 
 def test_sublayer_granularity_on_llama_with_cache(staged):

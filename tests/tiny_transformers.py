@@ -1,4 +1,4 @@
-"""Tiny Hugging Face transformers (Llama, Qwen2, GPT-2, BERT, ViT) built
+"""Tiny Hugging Face transformers (Llama, Qwen2, GPT-2, OPT, Gemma 2, BERT, ViT) built
 from configs with random weights (nothing is downloaded), and what tests
 compare a pruned export of one with: the model with those layers deleted,
 its logits, and greedy decoding with a KV cache, in transformers and in
@@ -15,10 +15,14 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     ViTConfig,
@@ -42,6 +46,16 @@ CONFIGS = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, initializer_range=0.2,
         bos_token_id=0, eos_token_id=0)),
+    # OPT flattens the hidden state to (tokens, hidden) around its MLP: a layer's
+    # two residuals chain through Reshapes.
+    "opt": lambda: OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2, pad_token_id=1)),
+    # Gemma 2 soft-caps its logits: c * tanh(logits / c).
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.2,
+        final_logit_softcapping=5.0)),
     "bert": lambda: BertForMaskedLM(BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, initializer_range=0.2)),

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from ..files.calibration import CalibrationSet
+from ..files.calibration import CalibrationSet, token_keep
 from ..graph.runtime import session_with_outputs
 from .budget import RETURNED_COPIES, WORKING_TENSORS, bytes_per_sample, rows_within
 
@@ -59,17 +59,17 @@ def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray |
     A CNN feature map (B, C, H, W) becomes (B, C*H*W); a transformer hidden
     state (B, T, D) becomes (tokens, D), keeping only tokens whose mask is 1.
     A mask longer than T (a model with a KV cache masks past + new tokens)
-    is read for its last T positions, the new tokens.
+    is read for its last T positions, the new tokens; a hidden state
+    flattened to (B*T, D) is masked alike (`token_keep`).
     """
-    if token_level and array.ndim >= 3:
-        if token_mask is not None and token_mask.ndim == 2 and token_mask.shape[0] == array.shape[0] \
-                and token_mask.shape[1] >= array.shape[1]:
-            keep = token_mask[:, token_mask.shape[1] - array.shape[1]:].astype(bool)
-            if keep.all():  # nothing padded: a view, not a copy
-                return array.reshape(array.shape[0] * array.shape[1], -1)
-            return array[keep].reshape(-1, int(np.prod(array.shape[2:])))
-        return array.reshape(array.shape[0] * array.shape[1], -1)
-    return array.reshape(array.shape[0], -1)
+    if not token_level or array.ndim < 2:
+        return array.reshape(array.shape[0], -1)
+    leading = array.shape[:2] if array.ndim >= 3 else array.shape[:1]
+    rows = array.reshape(int(np.prod(leading)), -1)
+    keep = token_keep(token_mask, leading)
+    if keep is None or keep.all():  # nothing padded: a view, not a copy
+        return rows
+    return rows[keep.reshape(-1)]
 
 
 @dataclass

@@ -108,6 +108,8 @@ def _kind_of(model: onnx.ModelProto, first: str, why: str) -> OutputKind:
 
 
 def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
+    index = GraphIndex(model)
+
     def visit(node, computed):
         op = node.op_type
         what = f"{node.name or op} ({op})"
@@ -115,13 +117,28 @@ def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
             return OutputKind(first, "kl", DISTRIBUTION_OPS[op], f"{first!r} comes out of {what}")
         if is_weighted_head(node, computed, LINEAR_OPS):
             return OutputKind(first, "kl", "logits", f"{first!r} comes out of the head {what}")
+        if op == "Tanh" and _softcap(index, node):
+            return computed
         if op in FEATURE_NORM_OPS:
             return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of {what}")
         return computed if op in PASS_THROUGH and len(computed) == 1 else []
 
-    found = walk_back(GraphIndex(model), first, visit)
+    found = walk_back(index, first, visit)
     return found or OutputKind(first, "relative", "tensor",
                                f"{first!r}: no head, distribution or normalisation before it")
+
+
+def _softcap(index: GraphIndex, tanh: onnx.NodeProto) -> bool:
+    """A logit soft-cap `c * tanh(x / c)` (Gemma 2's final logits): the Tanh
+    reads a Div (or Mul) by a constant and only a Mul by a constant reads it.
+    A pooler's Tanh (BERT) is scaled by nothing and stays a feature output."""
+    def scaled(node, ops) -> bool:
+        return node is not None and node.op_type in ops and len(node.input) == 2 \
+            and sum(index.is_constant(t) for t in node.input) == 1
+    source = index.producer.get(tanh.input[0])
+    readers = index.consumers.get(tanh.output[0], [])
+    return scaled(None if source is None else index.nodes[source], ("Div", "Mul")) and len(readers) == 1 \
+        and scaled(index.nodes[readers[0]], ("Mul",))
 
 
 def _finite(x: np.ndarray, keep: type | None = None) -> np.ndarray:

@@ -133,6 +133,23 @@ class CalibrationSet:
 
 
 
+def token_keep(mask: np.ndarray | None, leading: Sequence[int]) -> np.ndarray | None:
+    """Which rows of a token model's tensor are unpadded tokens, from the
+    batch's (B, T') attention mask: for leading dims (B, T), the mask's last
+    T positions (a mask longer than T covers a KV cache's past too); for one
+    leading dim of B*T rows, T > 1 (a hidden state flattened to (B*T, C),
+    as OPT's MLP reads it), the same flattened; None where neither applies
+    (no mask, one row per sequence)."""
+    if mask is None or mask.ndim != 2:
+        return None
+    batch, total = mask.shape
+    if len(leading) == 2 and leading[0] == batch and leading[1] <= total:
+        return mask[:, total - leading[1]:].astype(bool)
+    if len(leading) == 1 and batch and leading[0] % batch == 0 and 1 < leading[0] // batch <= total:
+        return mask[:, total - leading[0] // batch:].astype(bool).reshape(-1)
+    return None
+
+
 class Batches:
     """One pass over a calibration set in batches: `len` is the number of batches."""
 

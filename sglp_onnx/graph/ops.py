@@ -30,6 +30,8 @@ NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Bernoulli"}
 # Casts and identities that change nothing can sit on a skip path.
 PASS_THROUGH_OPS = {"Identity", "Cast"}
+# Ops that only view their first input in another shape (same values, same order).
+VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
 # Ops whose output shape is a function of the shapes (not the values) of the

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..files.calibration import token_keep
+
 # full: y = x W + b (a C x C matrix and a bias); diagonal: y_c = a_c x_c + b_c.
 FORMS = ("full", "diagonal")
 # Ridge strength relative to the mean energy of one input channel, plus SCARCITY
@@ -23,13 +25,11 @@ CHUNK_ROWS = 1 << 16
 def as_rows(value: np.ndarray, axis: int, mask: np.ndarray | None = None) -> np.ndarray:
     """`value` as (rows, channels), channels from `axis`; for a (B, T, C)
     sequence with a (B, T') token mask, only the unpadded tokens (the mask's
-    last T positions, as with a KV cache)."""
+    last T positions, as with a KV cache; a (B*T, C) flattening alike)."""
     moved = np.moveaxis(value, axis, -1)
-    if mask is not None and moved.ndim == 3 and mask.ndim == 2 and mask.shape[0] == moved.shape[0] \
-            and mask.shape[1] >= moved.shape[1]:
-        keep = mask[:, mask.shape[1] - moved.shape[1]:].astype(bool)
-        return moved[keep]
-    return moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(-1, moved.shape[-1])
+    keep = token_keep(mask, moved.shape[:-1]) if moved.ndim in (2, 3) else None
+    return rows if keep is None else rows[keep.reshape(-1)]
 
 
 class LinearFit:

@@ -19,7 +19,7 @@ from ..evidence.executor import Executor
 from ..options import GRANULARITIES
 from ..graph.flops import node_flops, packed_weights, quantization_roles, tensors_needed
 from ..graph.index import GraphIndex, declared_dims
-from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, is_onnx
+from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, VIEW_OPS, is_onnx
 from .patterns import Join, applicable
 
 if TYPE_CHECKING:
@@ -106,11 +106,51 @@ def probe_targets(model: onnx.ModelProto) -> list[str]:
                 t = source
                 names.append(t)
         names.append(join.output)
+        names += _views_after(index, join.output)
         names += join.pattern.probe_targets(index, join)
         post = _post_op(index, join.output)
         if post is not None:
             names.append(index.nodes[post].output[0])
     return list(dict.fromkeys(names))
+
+
+# At most this many view ops (`VIEW_OPS`) between a layer's sublayers, or after its last.
+VIEW_STEPS = 3
+
+
+def _view_of(index: GraphIndex, tensor: str) -> int | None:
+    """The one view node that reads `tensor` (its data input) where every
+    other reader takes only its shape, else None."""
+    if tensor in index.output_names or tensor in index.subgraph_refs:
+        return None
+    views = []
+    for c in index.consumers.get(tensor, ()):
+        node = index.nodes[c]
+        if is_onnx(node, *SHAPE_ONLY_OPS):
+            continue
+        if not (is_onnx(node, *VIEW_OPS) and node.input[0] == tensor and tensor not in node.input[1:]):
+            return None
+        views.append(c)
+    return views[0] if len(views) == 1 else None
+
+
+def _views_after(index: GraphIndex, tensor: str) -> list[str]:
+    """The outputs of the chain of views that alone read `tensor` (`_view_of`), in order."""
+    chain = []
+    for _ in range(VIEW_STEPS):
+        node = _view_of(index, tensor)
+        if node is None:
+            break
+        tensor = index.nodes[node].output[0]
+        chain.append(tensor)
+    return chain
+
+
+def _chains(index: GraphIndex, exit_: str, entry: str) -> bool:
+    """True when a residual whose skip starts at `entry` follows one ending at
+    `exit_`: the same tensor, or `entry` a view of `exit_` that nothing else
+    reads but for its shape (OPT flattens the hidden state for its MLP)."""
+    return exit_ == entry or entry in _views_after(index, exit_)
 
 
 def residual_adds(index: GraphIndex) -> list[Residual]:
@@ -179,9 +219,9 @@ def layer_key(scope: str) -> str:
     return scope
 
 
-def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residual]]:
-    """Consecutive residuals that chain (next entry = previous exit) and belong
-    to one layer form one unit at layer granularity.
+def _group(index: GraphIndex, residuals: Sequence[Residual], granularity: str) -> list[list[Residual]]:
+    """Consecutive residuals that chain (next entry = previous exit, or a view
+    of it: `_chains`) and belong to one layer form one unit at layer granularity.
 
     A layer is recognised by a shared numbered module scope; when the export
     carries no scopes, an attention branch starts a layer and the branches
@@ -192,7 +232,7 @@ def _group(residuals: Sequence[Residual], granularity: str) -> list[list[Residua
     have_scopes = any(r.scope for r in residuals)
     groups: list[list[Residual]] = []
     for r in residuals:
-        if groups and groups[-1][-1].exit == r.entry:
+        if groups and _chains(index, groups[-1][-1].exit, r.entry):
             prev = groups[-1]
             if have_scopes:
                 # Branches of one transformer layer share the layer's numbered
@@ -253,7 +293,8 @@ def find_units(
         r for r in (_fit_exit(index, r, shapes, dtypes) for r in residuals)
         if _shape_ok(r.entry, r.exit, shapes, dtypes)
     ])
-    units = [_make_unit(index, group) for group in _group(residuals, granularity)]
+    units = [_make_unit(index, group, exit_) for group in _group(index, residuals, granularity)
+             for group, exit_ in _group_exits(index, group, shapes, dtypes)]
     _fill_removal_sets(index, units)
     _set_layer_indices(units)
     _name_units(units)
@@ -278,18 +319,31 @@ def static_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, i
     return shapes, dtypes
 
 
-def _make_unit(index: GraphIndex, group: list[Residual]) -> PrunableUnit:
+def _group_exits(index: GraphIndex, group: list[Residual], shapes: Mapping[str, Sequence],
+                 dtypes: Mapping[str, int]) -> list[tuple[list[Residual], str]]:
+    """(residuals, exit) of the units a group makes: one whose exit is its
+    last residual's, or the view after it (`_views_after`) that has the
+    entry's shape when the sublayers were chained through views; else each
+    residual alone."""
+    first, last = group[0], group[-1]
+    for exit_ in [last.exit] + (_views_after(index, last.exit) if len(group) > 1 else []):
+        if _shape_ok(first.entry, exit_, shapes, dtypes):
+            return [(group, exit_)]
+    return [([r], r.exit) for r in group]
+
+
+def _make_unit(index: GraphIndex, group: list[Residual], exit_: str) -> PrunableUnit:
     first, last = group[0], group[-1]
     scope = layer_key(first.scope) if len(group) > 1 else first.scope
     return PrunableUnit(
         name="",
         scope=scope,
         entry=first.entry,
-        exit=last.exit,
+        exit=exit_,
         add_nodes=tuple(index.nodes[r.add_node].name or f"#{r.add_node}" for r in group),
         sublayers=len(group),
         has_attention=any(r.has_attention for r in group),
-        companions=last.join.pattern.companions(index, first.entry, last.exit),
+        companions=last.join.pattern.companions(index, first.entry, exit_),
     )
 
 
