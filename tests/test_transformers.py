@@ -127,6 +127,7 @@ def test_compress_equals_transformers_with_layers_deleted(staged, arch, exporter
     report = result.report
     assert_valid(report)
     assert report["fidelity"]["kind"] == "kl"  # logits, soft-capped (Gemma 2) or not
+    assert report["fidelity"]["definition"].endswith("per sample" if arch == "vit" else "per unpadded token")
 
     model = load_hf_model(folder / "hf")
     scopes = [f"{layer_list(model)}.{i}" for i in range(LAYERS)]
@@ -307,6 +308,37 @@ def test_genai_config_is_rewritten_beside_the_output(staged, tmp_path):
     with pytest.raises(UserError, match="exists"):
         compress(source / "model.onnx", source / "other.onnx", remove=1, criterion="last")
     assert not (source / "other.onnx").exists()
+
+
+def test_a_sequence_classifier_is_scored_per_sample(tmp_path):
+    """Token inputs, but one row of logits per sequence: the report says the
+    score is per sample, and counts one row per held-out sample."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3, initializer_range=0.2)).eval()
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    feed = token_batch(2, SEQ, seed=0)
+    path = tmp_path / "classifier.onnx"
+    torch.onnx.export(Logits(), (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])),
+                      str(path), dynamo=False, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}})
+    np.savez(tmp_path / "calib.npz", **token_batch(N_CALIB, SEQ, seed=1))
+    report = compress(path, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", remove=1, batch_size=8).report
+    assert_valid(report)
+    fidelity = report["fidelity"]
+    assert fidelity["kind"] == "kl" and fidelity["definition"].endswith("nats per sample")
+    assert fidelity["rows"] == fidelity["samples"] == N_CALIB // HOLDOUT_EVERY
 
 
 def test_opt_sublayers_read_flattened_tokens_like_the_others(staged):

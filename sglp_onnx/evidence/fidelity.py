@@ -335,12 +335,15 @@ def measure_sets_sequential(model: onnx.ModelProto, units, kind: OutputKind, dat
 def fidelity_record(record: dict, kind: OutputKind, data, held_out) -> dict:
     """A `measure_sets` record as the report stores it: with its definition,
     the scored output and rule, and which samples it was measured on."""
+    samples = (held_out or data).n_samples
+    # A sequence model's output with one row per sequence (a classifier's logits) is scored per sample.
+    per_token = data.is_token_data and record.get("rows", samples) != samples
     return {
         **record,
-        "definition": describe(record["kind"], kind.form, token_level=data.is_token_data),
+        "definition": describe(record["kind"], kind.form, token_level=per_token),
         "output": kind.output,
         "rule": kind.rule,
         "held_out": held_out is not None,
-        "samples": (held_out or data).n_samples,
+        "samples": samples,
         "poor": is_poor(record),
     }

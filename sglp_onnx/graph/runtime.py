@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import onnx
 import onnxruntime as ort
@@ -153,19 +153,20 @@ def ort_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def input_model_errors(what: str = "the input model", rows: int | None = None) -> Iterator[None]:
+def input_model_errors(what: str = "the input model", one_at_a_time: Callable[[], bool] | None = None
+                       ) -> Iterator[None]:
     """Turn an ONNX Runtime failure into a UserError: for a model the user
     gave, a graph ONNX Runtime refuses (an opset that does not fit the ops) or
     data it cannot run on (token ids outside the vocabulary) is the input's
-    fault, not a bug. `rows`: the samples the failed run fed at once (more
-    than one: the message says how to run one at a time)."""
+    fault, not a bug. `one_at_a_time()`: whether the failed run succeeds on
+    its first sample alone (then the message says to pass --batch-size 1)."""
     try:
         yield
     except ORT_ERRORS as exc:
-        batch = (f" ({rows} samples at once; a model that runs only one at a time needs --batch-size 1)"
-                 if rows is not None and rows > 1 else "")
+        hint = ("; it runs one sample at a time: pass --batch-size 1"
+                if one_at_a_time is not None and one_at_a_time() else "")
         raise UserError(f"{what} does not run in ONNX Runtime: {ort_reason(exc)}; check that the model "
-                        f"loads and runs in ONNX Runtime on this data{batch}") from None
+                        f"loads and runs in ONNX Runtime on this data{hint}") from None
 
 
 class InputSession:
@@ -176,11 +177,22 @@ class InputSession:
         self._session = session
         self._what = what
 
-    def run(self, *args, **kwargs):
-        feed = args[1] if len(args) > 1 else kwargs.get("input_feed")
-        rows = next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), None) if feed else None
-        with input_model_errors(self._what, rows):
-            return self._session.run(*args, **kwargs)
+    def run(self, output_names, input_feed, *args, **kwargs):
+        with input_model_errors(self._what, lambda: self._runs_one(output_names, input_feed)):
+            return self._session.run(output_names, input_feed, *args, **kwargs)
+
+    def _runs_one(self, output_names, feed: dict) -> bool:
+        """Whether a run of several samples that failed runs on its first sample
+        alone (every input whose first dimension is the batch's, cut to one)."""
+        rows = next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), 1)
+        if rows <= 1:
+            return False
+        one = {k: v[:1] if getattr(v, "ndim", 0) >= 1 and len(v) == rows else v for k, v in feed.items()}
+        try:
+            self._session.run(output_names, one)
+        except ORT_ERRORS:
+            return False
+        return True
 
     def __getattr__(self, name):
         return getattr(self._session, name)
