@@ -185,6 +185,14 @@ def _tail(op: str, **attrs) -> onnx.ModelProto:
                       helper.make_node("Mul", ["capped", "cap"], ["output"])]
         else:
             nodes.append(helper.make_node("Tanh", ["head"], ["output"]))
+    elif op == "rmsnorm":  # x * 1/sqrt(mean(x^2) + eps) * w, as a legacy export spells T5's or Llama's final norm
+        nodes += [helper.make_node("Pow", ["h", "two"], ["sq"]),
+                  helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+                  helper.make_node("Add", ["ms", "eps"], ["mse"]),
+                  helper.make_node("Sqrt", ["mse"], ["rms"]),
+                  helper.make_node("Div", ["one", "rms"], ["inv"]),
+                  helper.make_node("Mul", ["h", "inv"], ["normed"]),
+                  helper.make_node("Mul", ["w_scale", "normed"], ["output"])]
     elif op == "none":
         nodes.append(helper.make_node("Relu", ["h"], ["output"]))
     else:
@@ -192,14 +200,18 @@ def _tail(op: str, **attrs) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, ["h", *extra], ["output"], **attrs))
     inits = [w, helper.make_tensor("w_scale", TensorProto.FLOAT, [4], [1.0] * 4),
              helper.make_tensor("cap", TensorProto.FLOAT, [], [30.0])]
-    if op not in ("softcap",):
+    if op != "softcap":
         inits.pop()
+    if op == "rmsnorm":
+        inits += [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("two", 2.0), ("eps", 1e-6),
+                                                                                   ("one", 1.0))]
     return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
                       [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])], inits)
 
 
 @pytest.mark.parametrize("op, kind, form", [("Gemm", "kl", "logits"), ("Softmax", "kl", "probabilities"),
                                             ("softcap", "kl", "logits"), ("pooler", "cosine", "hidden state"),
+                                            ("rmsnorm", "cosine", "hidden state"),
                                             ("LayerNormalization", "cosine", "hidden state"),
                                             ("none", "relative", "tensor")])
 def test_output_kind_is_read_from_the_producers(op, kind, form):

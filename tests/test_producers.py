@@ -7,7 +7,9 @@ reference computed independently of the producer's graph:
 
 - optimum-onnx (`main_export`, text-generation with and without KV cache) of
   a tiny Llama: = transformers with those layers deleted, and one decoding
-  step with the cache = transformers' own cache (also with layer 0 removed).
+  step with the cache = transformers' own cache (also with layer 0 removed);
+  text2text-generation of a tiny T5: its encoder and decoder files, each =
+  transformers with those blocks deleted.
 - fp16 conversion (ONNX Runtime's `convert_float_to_float16` and
   onnxconverter-common's, `keep_io_types`) of an unfused BERT / Llama
   export: = the fp32 export pruned the same way (fp16 tolerance).
@@ -328,8 +330,8 @@ except Exception as error:  # missing, or not importable with this transformers
     sys.exit(3)
 import torch
 torch.set_num_threads(1)
-source, target = sys.argv[1:3]
-for task in ("text-generation", "text-generation-with-past"):
+source, target, *tasks = sys.argv[1:]
+for task in tasks or ("text-generation", "text-generation-with-past"):
     main_export(model_name_or_path=source, output=f"{target}/{task}", task=task, device="cpu",
                 local_files_only=True, do_validation=False)
 """
@@ -341,6 +343,19 @@ def optimum_pythonpath() -> str | None:
     return path if Path(path).is_dir() else None
 
 
+def optimum_export(source: Path, target: Path, *tasks: str) -> None:
+    """optimum-onnx's `main_export` of the saved model `source` into `target/<task>`, in its own process."""
+    extra = optimum_pythonpath()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(source), str(target), *tasks],
+                            capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode == 3:
+        pytest.skip(f"optimum.exporters.onnx is not importable ({result.stderr.strip().splitlines()[-1]}); "
+                    f"install optimum-onnx into {Path(sys.prefix) / 'optimum-onnx'} or set {OPTIMUM_ENV}")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def optimum_exports(root):
     """A tiny Llama saved with save_pretrained and exported by optimum-onnx, without and with KV cache."""
@@ -350,16 +365,8 @@ def optimum_exports(root):
     torch.manual_seed(0)
     source = root / "llama-hf"
     tiny_llama().save_pretrained(str(source))
-    extra = optimum_pythonpath()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH")) if p)}
     target = root / "optimum"
-    result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(source), str(target)],
-                            capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode == 3:
-        pytest.skip(f"optimum.exporters.onnx is not importable ({result.stderr.strip().splitlines()[-1]}); "
-                    f"install optimum-onnx into {Path(sys.prefix) / 'optimum-onnx'} or set {OPTIMUM_ENV}")
-    assert result.returncode == 0, result.stderr[-4000:]
+    optimum_export(source, target)
     model = LlamaForCausalLM.from_pretrained(str(source)).eval()  # this environment's transformers
     return model, {False: target / "text-generation" / "model.onnx",
                    True: target / "text-generation-with-past" / "model.onnx"}
@@ -421,6 +428,56 @@ def test_optimum_llama_equals_transformers_with_layers_deleted(optimum_exports, 
         np.testing.assert_array_equal(first.logits[:, -1].argmax(-1, keepdim=True).numpy(), token)
         second = reference(input_ids=torch.from_numpy(token), past_key_values=first.past_key_values, use_cache=True)
     np.testing.assert_allclose(step, second.logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_optimum_t5_blocks_are_layers_and_prune_like_transformers(root):
+    """T5 through optimum-onnx (text2text-generation: encoder_model.onnx and
+    decoder_model.onnx). Each `block.N` runs `layer.0` self-attention,
+    [`layer.1` cross-attention,] then its MLP, each module doing its own
+    residual Add, and every attention adds block 0's position bias to its
+    scores (an Add that looks residual, inside each real residual's
+    branch). Every block is one unit of all its sublayers; removing the last
+    two equals transformers without them; the encoder's output, after an
+    RMS norm spelled out in element-wise ops, is scored as a hidden state."""
+    pytest.importorskip("transformers")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    source = root / "t5-hf"
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=4,
+        decoder_start_token_id=0)).eval().save_pretrained(str(source))
+    target = root / "optimum-t5"
+    optimum_export(source, target, "text2text-generation")
+    folder = target / "text2text-generation"
+    encoder_feed = token_batch(N_CALIB, seed=1)
+    decoder_feed = {"input_ids": token_batch(N_CALIB, seed=2, length=5)["input_ids"],
+                    "encoder_attention_mask": encoder_feed["attention_mask"],
+                    "encoder_hidden_states": np.random.default_rng(3).standard_normal(
+                        (N_CALIB, SEQ, 32)).astype(np.float32)}
+    out = {}
+    for part, feed, sublayers, kind in (("encoder", encoder_feed, 2, "cosine"), ("decoder", decoder_feed, 3, "kl")):
+        model = folder / f"{part}_model.onnx"
+        out[part], report = compress_cli(model, calib_for(model, feed))
+        assert [u["sublayers"] for u in report["units"]] == [sublayers] * LAYERS
+        assert removed_of(report) == REMOVED
+        assert report["fidelity"]["kind"] == kind
+
+    model = T5ForConditionalGeneration.from_pretrained(str(source)).eval()  # this environment's transformers
+    for stack in (model.encoder, model.decoder):
+        stack.block = nn.ModuleList([b for i, b in enumerate(stack.block) if i not in REMOVED])
+    test = token_batch(3, seed=7)
+    ids, mask = test["input_ids"], test["attention_mask"]
+    with torch.no_grad():
+        states = model.encoder(input_ids=torch.from_numpy(ids),
+                               attention_mask=torch.from_numpy(mask)).last_hidden_state
+        logits = model(decoder_input_ids=torch.from_numpy(ids[:, :5]), encoder_outputs=(states,),
+                       attention_mask=torch.from_numpy(mask)).logits.numpy()
+    (got,) = run(out["encoder"], test)
+    assert_close_on_tokens(got, states.numpy(), mask, 1e-4)
+    (got,) = run(out["decoder"], {"input_ids": ids[:, :5], "encoder_attention_mask": mask,
+                                  "encoder_hidden_states": states.numpy()})
+    np.testing.assert_allclose(got, logits, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- 2. fp16

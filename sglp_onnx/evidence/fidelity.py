@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from ..graph.index import GraphIndex, is_weighted_head, walk_back
-from ..graph.ops import FEATURE_NORM_OPS, LINEAR_OPS
+from ..graph.ops import FEATURE_NORM_OPS, LINEAR_OPS, is_onnx
 from .metrics import log_softmax
 from .activations import as_samples
 
@@ -121,11 +121,41 @@ def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
             return computed
         if op in FEATURE_NORM_OPS:
             return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of {what}")
-        return computed if op in PASS_THROUGH and len(computed) == 1 else []
+        if op in PASS_THROUGH and len(computed) == 1:
+            return computed
+        if _ends_spelled_norm(index, node):
+            return OutputKind(first, "cosine", "hidden state",
+                              f"{first!r} comes out of a normalisation spelled out in element-wise ops ({what} among them)")
+        return []
 
     found = walk_back(index, first, visit)
     return found or OutputKind(first, "relative", "tensor",
                                f"{first!r}: no head, distribution or normalisation before it")
+
+
+def _ends_spelled_norm(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """True when `node` belongs to a LayerNorm or RMSNorm spelled out in
+    element-wise ops (a legacy export's T5 or Llama final norm): some tensor
+    read by the element-wise ops before it starts a norm (`spelled_norm`)
+    whose nodes include it."""
+    from ..units.patterns.decomposed_norm import MAX_NODES, NORM_OPS, norm_region, spelled_norm
+
+    if not node.output or node.op_type not in NORM_OPS:
+        return False
+    here = index.producer.get(node.output[0])
+    seen: set[str] = set()
+    frontier = [t for t in node.input if t and not index.is_constant(t)]
+    while frontier and len(seen) <= 2 * MAX_NODES:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if spelled_norm(index, t) is not None and here in norm_region(index, t)[0]:
+            return True
+        p = index.producer.get(t)
+        if p is not None and is_onnx(index.nodes[p], *NORM_OPS):
+            frontier += [i for i in index.nodes[p].input if i and not index.is_constant(i)]
+    return False
 
 
 def _softcap(index: GraphIndex, tanh: onnx.NodeProto) -> bool:

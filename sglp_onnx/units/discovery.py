@@ -181,15 +181,26 @@ def residual_adds(index: GraphIndex) -> list[Residual]:
 
 
 def innermost(residuals: Sequence[Residual]) -> list[Residual]:
-    """Drop every residual whose branch contains another residual.
+    """Drop every residual whose branch contains a kept residual.
 
     The inner blocks are the units: removing an outer one would take a whole
     stage with it (a U-Net long skip), and an Add that merely looks residual
-    because its "skip" (an attention mask built in an earlier layer) feeds the
-    rest of the network contains real residual blocks in its branch.
+    because its "skip" (an attention mask or T5's position bias, built in an
+    earlier layer) feeds the rest of the network contains real residual
+    blocks in its branch. Such a dropped Add does not in turn drop the real
+    residual whose branch holds it (T5's attention adds the position bias to
+    its scores inside the layer's residual branch): residuals are decided in
+    graph order, each against those kept before it (what a branch contains
+    comes before its Add).
     """
-    adds = {r.add_node for r in residuals}
-    return [r for r in residuals if not (r.region & (adds - {r.add_node}))]
+    kept: list[Residual] = []
+    adds: set[int] = set()
+    for r in sorted(residuals, key=lambda r: r.add_node):
+        if not (r.region & adds):
+            kept.append(r)
+            adds.add(r.add_node)
+    order = {id(r): k for k, r in enumerate(residuals)}
+    return sorted(kept, key=lambda r: order[id(r)])
 
 
 def _consistent_post_ops(index: GraphIndex, found: list[Residual]) -> list[Residual]:
@@ -230,16 +241,17 @@ def _group(index: GraphIndex, residuals: Sequence[Residual], granularity: str) -
     if granularity == "sublayer":
         return [[r] for r in residuals]
     have_scopes = any(r.scope for r in residuals)
+    keys = _layer_keys(residuals)
     groups: list[list[Residual]] = []
-    for r in residuals:
+    for i, r in enumerate(residuals):
         if groups and _chains(index, groups[-1][-1].exit, r.entry):
             prev = groups[-1]
             if have_scopes:
                 # Branches of one transformer layer share the layer's numbered
                 # scope; two CNN blocks under one numbered stage do not merge
                 # unless their Adds sit in the very same module.
-                key = layer_key(r.scope)
-                same = bool(key) and key == layer_key(prev[0].scope) and (
+                key = keys[i]
+                same = bool(key) and key == keys[i - len(prev)] and (
                     r.scope == prev[-1].scope or any(p.has_attention for p in prev + [r])
                 )
             else:
@@ -249,6 +261,35 @@ def _group(index: GraphIndex, residuals: Sequence[Residual], granularity: str) -
                 continue
         groups.append([r])
     return groups
+
+
+def _parent_key(key: str) -> str:
+    """The numbered scope above a layer key: `block.1.layer.0` -> `block.1`."""
+    parts = key.split(".")
+    return layer_key(".".join(parts[:-1])) if len(parts) > 1 and parts[-1].isdigit() else ""
+
+
+def _layer_keys(residuals: Sequence[Residual]) -> list[str]:
+    """Each residual's layer: its `layer_key`, or, where every such key holds
+    one residual only and the keys run in numbered parents that each start
+    with an attention and end without one, the parent (T5's `block.1` holds
+    `layer.0` self-attention, [`layer.1` cross-attention,] `layer.1|2` MLP,
+    each a module doing its own residual Add). Swin's `blocks.1` holds both
+    of its residuals, so its blocks stay apart."""
+    keys = [layer_key(r.scope) for r in residuals]
+    parents = [_parent_key(k) for k in keys]
+    if not residuals or not all(parents) or len(set(keys)) != len(keys):
+        return keys
+    runs: list[list[Residual]] = []
+    for k, r in enumerate(residuals):
+        if k and parents[k] == parents[k - 1]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    if len(runs) != len(set(parents)) or max(map(len, runs)) < 2 or \
+            not all(run[0].has_attention and not run[-1].has_attention for run in runs):
+        return keys
+    return parents
 
 
 def _fit_exit(index: GraphIndex, r: Residual, shapes: Mapping[str, Sequence], dtypes: Mapping[str, int]) -> Residual:
@@ -332,9 +373,21 @@ def _group_exits(index: GraphIndex, group: list[Residual], shapes: Mapping[str, 
     return [([r], r.exit) for r in group]
 
 
+def _numbered_prefix(scopes: Sequence[str]) -> str:
+    """The scopes' common prefix up to its last numeric component (a layer's
+    scope from its sublayers': `model.layers.3.self_attn`, `model.layers.3.mlp`
+    -> `model.layers.3`)."""
+    common: list[str] = []
+    for parts in zip(*(s.split(".") for s in scopes)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return layer_key(".".join(common))
+
+
 def _make_unit(index: GraphIndex, group: list[Residual], exit_: str) -> PrunableUnit:
     first, last = group[0], group[-1]
-    scope = layer_key(first.scope) if len(group) > 1 else first.scope
+    scope = _numbered_prefix([r.scope for r in group]) if len(group) > 1 else first.scope
     return PrunableUnit(
         name="",
         scope=scope,
