@@ -430,17 +430,20 @@ def test_optimum_llama_equals_transformers_with_layers_deleted(optimum_exports, 
     np.testing.assert_allclose(step, second.logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_optimum_t5_blocks_are_layers_and_prune_like_transformers(root):
+def test_optimum_t5_blocks_are_layers_and_prune_like_transformers(root, capsys):
     """T5 through optimum-onnx (text2text-generation: encoder_model.onnx and
     decoder_model.onnx). Each `block.N` runs `layer.0` self-attention,
     [`layer.1` cross-attention,] then its MLP, each module doing its own
     residual Add, and every attention adds block 0's position bias to its
     scores (an Add that looks residual, inside each real residual's
     branch). Every block is one unit of all its sublayers; removing the last
-    two equals transformers without them; the encoder's output, after an
-    RMS norm spelled out in element-wise ops, is scored as a hidden state."""
+    two, and what the default options remove (their maps taken out), equals
+    transformers without those blocks; the encoder's output, after an RMS
+    norm spelled out in element-wise ops, is scored as a hidden state."""
     pytest.importorskip("transformers")
     from transformers import T5Config, T5ForConditionalGeneration
+
+    from sglp_onnx.cli import main
 
     torch.manual_seed(0)
     source = root / "t5-hf"
@@ -450,34 +453,53 @@ def test_optimum_t5_blocks_are_layers_and_prune_like_transformers(root):
     target = root / "optimum-t5"
     optimum_export(source, target, "text2text-generation")
     folder = target / "text2text-generation"
+    model = T5ForConditionalGeneration.from_pretrained(str(source)).eval()  # this environment's transformers
     encoder_feed = token_batch(N_CALIB, seed=1)
     decoder_feed = {"input_ids": token_batch(N_CALIB, seed=2, length=5)["input_ids"],
                     "encoder_attention_mask": encoder_feed["attention_mask"],
                     "encoder_hidden_states": np.random.default_rng(3).standard_normal(
                         (N_CALIB, SEQ, 32)).astype(np.float32)}
-    out = {}
+    test = token_batch(3, seed=7)
+    ids, mask = test["input_ids"], test["attention_mask"]
+    states = np.random.default_rng(4).standard_normal((3, SEQ, 32)).astype(np.float32)
+
+    def reference(part: str, removed: set[int]) -> np.ndarray:
+        """transformers' encoder output, or its decoder's logits on `states`, without the blocks `removed`."""
+        smaller = copy.deepcopy(model)
+        stack = getattr(smaller, part)
+        stack.block = nn.ModuleList([b for i, b in enumerate(stack.block) if i not in removed])
+        with torch.no_grad():
+            if part == "encoder":
+                return stack(input_ids=torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+            return smaller(decoder_input_ids=torch.from_numpy(ids[:, :5]), encoder_outputs=(torch.from_numpy(states),),
+                           attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+    def check(part: str, out, removed: set[int]) -> None:
+        if part == "encoder":
+            (got,) = run(out, test)
+            assert_close_on_tokens(got, reference(part, removed), mask, 1e-4)
+        else:
+            (got,) = run(out, {"input_ids": ids[:, :5], "encoder_attention_mask": mask,
+                               "encoder_hidden_states": states})
+            np.testing.assert_allclose(got, reference(part, removed), atol=1e-4, rtol=1e-4)
+
     for part, feed, sublayers, kind in (("encoder", encoder_feed, 2, "cosine"), ("decoder", decoder_feed, 3, "kl")):
-        model = folder / f"{part}_model.onnx"
-        out[part], report = compress_cli(model, calib_for(model, feed))
+        path = folder / f"{part}_model.onnx"
+        calib = calib_for(path, feed)
+        out, report = compress_cli(path, calib)
         assert [u["sublayers"] for u in report["units"]] == [sublayers] * LAYERS
         assert removed_of(report) == REMOVED
         assert report["fidelity"]["kind"] == kind
-
-    model = T5ForConditionalGeneration.from_pretrained(str(source)).eval()  # this environment's transformers
-    for stack in (model.encoder, model.decoder):
-        stack.block = nn.ModuleList([b for i, b in enumerate(stack.block) if i not in REMOVED])
-    test = token_batch(3, seed=7)
-    ids, mask = test["input_ids"], test["attention_mask"]
-    with torch.no_grad():
-        states = model.encoder(input_ids=torch.from_numpy(ids),
-                               attention_mask=torch.from_numpy(mask)).last_hidden_state
-        logits = model(decoder_input_ids=torch.from_numpy(ids[:, :5]), encoder_outputs=(states,),
-                       attention_mask=torch.from_numpy(mask)).logits.numpy()
-    (got,) = run(out["encoder"], test)
-    assert_close_on_tokens(got, states.numpy(), mask, 1e-4)
-    (got,) = run(out["decoder"], {"input_ids": ids[:, :5], "encoder_attention_mask": mask,
-                                  "encoder_hidden_states": states.numpy()})
-    np.testing.assert_allclose(got, logits, atol=1e-4, rtol=1e-4)
+        check(part, out, REMOVED)
+        # The default options (repair included), the maps taken out: the same bypass.
+        out = folder / f"{part}.default.onnx"
+        assert main(["-q", "compress", str(path), "-o", str(out), "--calib", str(calib)]) == 0, capsys.readouterr().err
+        report = json.loads(out.with_suffix(".json").read_text())
+        validate_report(report)
+        assert all(report["validation"][k] for k in VALIDATION)
+        assert len(removed_of(report)) == 1  # the default ratio, 0.25 of 4
+        check(part, plain_bypass(out, report), removed_of(report))
 
 
 # --------------------------------------------------------------------------- 2. fp16

@@ -124,8 +124,8 @@ def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
         if op in PASS_THROUGH and len(computed) == 1:
             return computed
         if _ends_spelled_norm(index, node):
-            return OutputKind(first, "cosine", "hidden state",
-                              f"{first!r} comes out of a normalisation spelled out in element-wise ops ({what} among them)")
+            return OutputKind(first, "cosine", "hidden state", f"{first!r} comes out of a normalisation spelled "
+                                                               f"out in element-wise ops ({what} among them)")
         return []
 
     found = walk_back(index, first, visit)
