@@ -13,6 +13,8 @@ from transformers import (
     ConvNextForImageClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
+    MobileViTConfig,
+    MobileViTForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
     ViTConfig,
@@ -35,6 +37,13 @@ def mobilenet_v2_config() -> MobileNetV2Config:
     return MobileNetV2Config(num_channels=3, image_size=IMAGE_SIZE, depth_multiplier=0.25, min_depth=8,
                              depth_divisible_by=8, expand_ratio=2.0, classifier_dropout_prob=0.0,
                              num_labels=NUM_LABELS)
+
+
+def mobilevit_config() -> MobileViTConfig:
+    # Its transformers run on (batch * patch area, patches, channels): 4 rows per image.
+    return MobileViTConfig(num_channels=3, image_size=IMAGE_SIZE, hidden_sizes=[16, 24, 32],
+                           neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2,
+                           classifier_dropout_prob=0.0, num_labels=NUM_LABELS)
 
 
 def convnext_config() -> ConvNextConfig:
@@ -61,6 +70,10 @@ def resnet() -> torch.nn.Module:
 
 def mobilenet_v2() -> torch.nn.Module:
     return _eval(MobileNetV2ForImageClassification(mobilenet_v2_config()))
+
+
+def mobilevit() -> torch.nn.Module:
+    return _eval(MobileViTForImageClassification(mobilevit_config()))
 
 
 def convnext() -> torch.nn.Module:

@@ -53,6 +53,18 @@ def convnext_blocks(config) -> list[str]:
     return [f"convnext.encoder.stages.{s}.layers.{j}" for s, depth in enumerate(config.depths) for j in range(depth)]
 
 
+def mobilevit_blocks(config) -> list[str]:
+    """MobileViT: its stride-1 inverted residuals that keep the width (the first
+    stage's one block, the second's blocks after the first), then every layer
+    of the transformers of stages 3-5 (2, 4 and 3 layers in transformers'
+    MobileViT), attention and MLP together."""
+    neck = config.neck_hidden_sizes
+    mv2 = (["mobilevit.encoder.layer.0.layer.0"] if neck[0] == neck[1] else []) + \
+        [f"mobilevit.encoder.layer.1.layer.{j}" for j in (1, 2)]
+    return mv2 + [f"mobilevit.encoder.layer.{s}.transformer.layer.{j}"
+                  for s, depth in ((2, 2), (3, 4), (4, 3)) for j in range(depth)]
+
+
 def vit_blocks(config) -> list[str]:
     """Every encoder layer (attention and MLP residuals together) is one unit."""
     return [f"vit.layers.{i}" for i in range(config.num_hidden_layers)]
@@ -62,9 +74,10 @@ MODELS = {
     "resnet": (hf_factories.resnet_config, resnet_blocks),
     "mobilenet_v2": (hf_factories.mobilenet_v2_config, mobilenet_v2_blocks),
     "convnext": (hf_factories.convnext_config, convnext_blocks),
+    "mobilevit": (hf_factories.mobilevit_config, mobilevit_blocks),
     "vit": (hf_factories.vit_config, vit_blocks),
 }
-EXPECTED_COUNTS = {"resnet": 3, "mobilenet_v2": 10, "convnext": 5, "vit": 3}
+EXPECTED_COUNTS = {"resnet": 3, "mobilenet_v2": 10, "convnext": 5, "mobilevit": 12, "vit": 3}
 
 
 def test_expected_block_counts_follow_from_the_configs():
@@ -92,8 +105,9 @@ def _staged(name: str, exporter: str, tmp_path_factory):
 
 
 CASES = [(name, exporter) for name in MODELS for exporter in EXPORTERS]
-# MobileNetV2's dynamo export (10 s on 2 cores) runs with the slow tests; its legacy export always runs.
-SLOW = {("mobilenet_v2", "dynamo")}
+# MobileNetV2's and MobileViT's dynamo exports (10 s each on 2 cores) run with the slow tests; their legacy
+# exports always run.
+SLOW = {("mobilenet_v2", "dynamo"), ("mobilevit", "dynamo")}
 
 
 @pytest.mark.parametrize(("name", "exporter"), [

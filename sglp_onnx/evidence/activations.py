@@ -53,16 +53,22 @@ def probe_shapes(
     return shapes, dtypes
 
 
-def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray | None = None) -> np.ndarray:
+def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray | None = None,
+               samples: int | None = None) -> np.ndarray:
     """Rows are samples: one per input, or one per (unpadded) token for sequence models.
 
     A CNN feature map (B, C, H, W) becomes (B, C*H*W); a transformer hidden
     state (B, T, D) becomes (tokens, D), keeping only tokens whose mask is 1.
     A mask longer than T (a model with a KV cache masks past + new tokens)
     is read for its last T positions, the new tokens; a hidden state
-    flattened to (B*T, D) is masked alike (`token_keep`).
+    flattened to (B*T, D) is masked alike (`token_keep`). Where the batch
+    holds `samples` inputs and a (non-token) tensor's first dimension is a
+    multiple of it (MobileViT's transformer runs on (B * patch area, N, C)),
+    each sample's rows become one row.
     """
     if not token_level or array.ndim < 2:
+        if samples and array.shape[0] != samples and array.shape[0] % samples == 0:
+            return array.reshape(samples, -1)
         return array.reshape(array.shape[0], -1)
     leading = array.shape[:2] if array.ndim >= 3 else array.shape[:1]
     rows = array.reshape(int(np.prod(leading)), -1)
@@ -70,6 +76,11 @@ def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray |
     if keep is None or keep.all():  # nothing padded: a view, not a copy
         return rows
     return rows[keep.reshape(-1)]
+
+
+def feed_rows(feed: dict[str, np.ndarray]) -> int | None:
+    """The samples a feed holds: its inputs' first dimension (None for a feed without arrays)."""
+    return next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), None)
 
 
 @dataclass
@@ -83,7 +94,7 @@ class Batch:
 
     def samples(self, name: str, calib: CalibrationSet) -> np.ndarray:
         return as_samples(self.tensors[name], token_level=calib.is_token_data,
-                          token_mask=calib.token_mask(self.feed))
+                          token_mask=calib.token_mask(self.feed), samples=feed_rows(self.feed))
 
 
 def stream(

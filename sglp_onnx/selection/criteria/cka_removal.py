@@ -19,7 +19,7 @@ from ...errors import UserError
 from ...evidence import gated_runner
 from ...evidence.gated_runner import GatedRunner
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
-from ...evidence.activations import as_samples
+from ...evidence.activations import as_samples, feed_rows
 from ...evidence.similarity import MinibatchCKA
 from ...graph.ops import CONV_OPS, LINEAR_OPS
 from ...evidence import Context
@@ -67,7 +67,8 @@ class CKAMeasure(Measure):
         self.calib = ctx.calib
 
     def reference(self, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return as_samples(value, token_level=self.calib.is_token_data, token_mask=self.calib.token_mask(feed))
+        return as_samples(value, token_level=self.calib.is_token_data, token_mask=self.calib.token_mask(feed),
+                          samples=feed_rows(feed))
 
     def meter(self) -> MinibatchCKA:
         return MinibatchCKA(2)
