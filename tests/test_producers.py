@@ -744,6 +744,8 @@ def test_every_format_prunes_with_the_default_options(staged, capsys, monkeypatc
     assert all(report["validation"][k] for k in VALIDATION), report["validation"]
     removed = removed_of(report)
     assert len(removed) == max(1, round(0.25 * len(report["units"])))  # the default ratio
+    # Logits, also through a dynamically quantized head (MatMulInteger rescaled by run-time scales).
+    assert report["fidelity"]["kind"] == "kl", report["fidelity"]["rule"]
     (got,) = run(plain_bypass(out, report), feed)[:1]
     if arch == "resnet":
         bypassed = copy.deepcopy(torch_model)

@@ -475,3 +475,69 @@ def test_repaired_qdq_equals_an_independent_computation(models):
     assert error <= 0.02 * np.abs(want).max()
     assert error < np.abs(bypass - want).max() / 4
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+# -- a transformer whose layers chain through views (OPT), in QDQ ----------------------------------------------
+
+def test_opt_qdq_layers_chain_through_requantized_views(tmp_path):
+    """OPT flattens its hidden state to (tokens, hidden) around the MLP; in QDQ
+    every Reshape's output is requantized (`Reshape -> Q -> DQ`). A layer's
+    two residuals still make one unit, whose exit is the requantized view back
+    to the entry's shape; removing the last two layers equals the float model
+    pruned the same way, then quantized with the original's parameters."""
+    from tiny_transformers import CONFIGS, LAYERS, SEQ, token_batch
+
+    from sglp_onnx.tools.export.hf import export_hf
+
+    torch.manual_seed(0)
+    exported = tmp_path / "opt.onnx"
+    export_hf(CONFIGS["opt"]().eval(), exported, with_cache=False, exporter="legacy")
+    pre = tmp_path / "opt.pre.onnx"
+    quant_pre_process(str(exported), str(pre))
+    feed = token_batch(16, SEQ, seed=1)
+    np.savez(tmp_path / "calib.npz", **feed)
+
+    class Tokens(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{k: v[i:i + 4] for k, v in feed.items()} for i in range(0, 16, 4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def quantize_opt(source: Path, target: Path, overrides: dict | None = None) -> Path:
+        quantize_static(str(source), str(target), Tokens(), quant_format=QuantFormat.QDQ, per_channel=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": overrides} if overrides else {})
+        return target
+
+    quantized = quantize_opt(pre, tmp_path / "opt.qdq.onnx")
+    outputs = {}
+    for name, source in (("qdq", quantized), ("float", pre)):
+        outputs[name] = tmp_path / f"{name}.pruned.onnx"
+        assert main(["-q", "compress", str(source), "--calib", str(tmp_path / "calib.npz"), "-o", str(outputs[name]),
+                     "--criterion", "last", "--remove", "2", "--repair", "none"]) == 0
+        report = json.loads(outputs[name].with_suffix(".json").read_text())
+        assert [u["sublayers"] for u in report["units"]] == [2] * LAYERS
+        assert [u["removed"] for u in report["units"]] == [False] * (LAYERS - 2) + [True] * 2
+        assert report["fidelity"]["kind"] == "kl"
+    ref = onnx.load(str(quantize_opt(outputs["float"], tmp_path / "reference.onnx",
+                                     activation_parameters(onnx.load(str(quantized))))))
+    pruned = onnx.load(str(outputs["qdq"]))
+    got, want = canonical(pruned), canonical(ref)
+    assert sorted(got) == sorted(want)
+    norms = {n.name for n in pruned.graph.node if n.op_type == "LayerNormalization"}
+    for node in got:
+        for k, (a, b) in enumerate(zip(got[node], want[node])):
+            if node in norms and k == 2:
+                # The quantizer gives a norm's int32 bias the input's scale times the weight's: the tool
+                # keeps the bias (its float value) where the norm reads another layer's output now, the
+                # reference quantizes it for the new input scale. Both dequantize to the float bias.
+                assert a[0] == b[0] == "DequantizeLinear"
+                step = max(float(np.max(a[2])), float(np.max(b[2])))
+                assert np.abs((a[1] - a[3]) * a[2] - (b[1] - b[3]) * b[2]).max() <= step
+            else:
+                assert_same(a, b, f"{node}[{k}]")
+    test = token_batch(3, SEQ, seed=7)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (pruned, ref)]
+    a, b = (s.run(None, test)[0] for s in sessions)
+    np.testing.assert_allclose(a, b, atol=1e-3)

@@ -109,8 +109,10 @@ def _kind_of(model: onnx.ModelProto, first: str, why: str) -> OutputKind:
 
 def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
     index = GraphIndex(model)
+    scales = _dynamic_scales(index)
 
     def visit(node, computed):
+        computed = [t for t in computed if t not in scales]
         op = node.op_type
         what = f"{node.name or op} ({op})"
         if op in DISTRIBUTION_OPS:
@@ -131,6 +133,21 @@ def _read_kind(model: onnx.ModelProto, first: str) -> OutputKind:
     found = walk_back(index, first, visit)
     return found or OutputKind(first, "relative", "tensor",
                                f"{first!r}: no head, distribution or normalisation before it")
+
+
+def _dynamic_scales(index: GraphIndex) -> set[str]:
+    """The scales and zero points a dynamically quantized model computes at run
+    time (DynamicQuantizeLinear's second and third outputs), and what is
+    computed from them and constants alone (the x_scale * w_scale that
+    rescales a MatMulInteger): a head reads them beside its one activation."""
+    scales: set[str] = set()
+    for node in index.nodes:
+        if is_onnx(node, "DynamicQuantizeLinear"):
+            scales.update(o for o in node.output[1:3] if o)
+        elif is_onnx(node, "Mul", "Div", "Cast", "Reshape", "Unsqueeze") and any(i in scales for i in node.input) \
+                and all(not i or i in scales or index.is_constant(i) for i in node.input):
+            scales.update(o for o in node.output if o)
+    return scales
 
 
 def _ends_spelled_norm(index: GraphIndex, node: onnx.NodeProto) -> bool:

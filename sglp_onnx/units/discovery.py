@@ -21,6 +21,7 @@ from ..graph.flops import node_flops, packed_weights, quantization_roles, tensor
 from ..graph.index import GraphIndex, declared_dims
 from ..graph.ops import ATTENTION_OPS, SHAPE_DETERMINED_OPS, SHAPE_ONLY_OPS, VIEW_OPS, is_onnx
 from .patterns import Join, applicable
+from .patterns.qdq import requantized
 
 if TYPE_CHECKING:
     from ..files.calibration import CalibrationSet
@@ -106,11 +107,10 @@ def probe_targets(model: onnx.ModelProto) -> list[str]:
                 t = source
                 names.append(t)
         names.append(join.output)
-        names += _views_after(index, join.output)
         names += join.pattern.probe_targets(index, join)
         post = _post_op(index, join.output)
-        if post is not None:
-            names.append(index.nodes[post].output[0])
+        end = join.output if post is None else index.nodes[post].output[0]
+        names += [end] + _views_after(index, end)
     return list(dict.fromkeys(names))
 
 
@@ -135,10 +135,13 @@ def _view_of(index: GraphIndex, tensor: str) -> int | None:
 
 
 def _views_after(index: GraphIndex, tensor: str) -> list[str]:
-    """The outputs of the chain of views that alone read `tensor` (`_view_of`), in order."""
+    """The outputs of the chain of views that alone read `tensor` (`_view_of`),
+    in order; a QDQ model's requantization of a view (`Q -> DQ`) is a step too."""
     chain = []
-    for _ in range(VIEW_STEPS):
+    for _ in range(2 * VIEW_STEPS):
         node = _view_of(index, tensor)
+        if node is None and chain:
+            node = requantized(index, tensor)
         if node is None:
             break
         tensor = index.nodes[node].output[0]
@@ -367,7 +370,8 @@ def _group_exits(index: GraphIndex, group: list[Residual], shapes: Mapping[str, 
     entry's shape when the sublayers were chained through views; else each
     residual alone."""
     first, last = group[0], group[-1]
-    for exit_ in [last.exit] + (_views_after(index, last.exit) if len(group) > 1 else []):
+    # The last that fits: past a view back to the entry's shape, its requantization (QDQ).
+    for exit_ in reversed([last.exit] + (_views_after(index, last.exit) if len(group) > 1 else [])):
         if _shape_ok(first.entry, exit_, shapes, dtypes):
             return [(group, exit_)]
     return [([r], r.exit) for r in group]
