@@ -341,6 +341,55 @@ def test_a_sequence_classifier_is_scored_per_sample(tmp_path):
     assert fidelity["rows"] == fidelity["samples"] == N_CALIB // HOLDOUT_EVERY
 
 
+def test_a_text_tower_beside_an_image_tower_reads_one_row_per_sample(tmp_path):
+    """CLIP-like: token ids and a mask feed a text tower, pixels an image tower
+    of 4 patches; their hidden states hold different numbers of token rows, so
+    CKA reads one row per sample and the report says so (it failed with an
+    internal error before)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.patch = nn.Embedding(VOCAB, 16), nn.Linear(48, 16)
+            self.text = nn.Sequential(Block(), Block())
+            self.image = nn.Sequential(Block(), Block())
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            text = self.text(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+            patches = pixel_values.reshape(pixel_values.shape[0], 3, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5)
+            image = self.image(self.patch(patches.reshape(pixel_values.shape[0], 4, 48)))
+            return self.head(torch.cat([text.sum(1), image.mean(1)], -1))
+
+    torch.manual_seed(0)
+    feed = token_batch(2, SEQ, seed=0)
+    pixels = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "towers.onnx"
+    torch.onnx.export(TwoTowers().eval(), (torch.from_numpy(feed["input_ids"]),
+                                           torch.from_numpy(feed["attention_mask"]), pixels),
+                      str(path), dynamo=False, input_names=["input_ids", "attention_mask", "pixel_values"],
+                      output_names=["logits"], dynamic_axes={"input_ids": {0: "b", 1: "t"},
+                                                             "attention_mask": {0: "b", 1: "t"},
+                                                             "pixel_values": {0: "b"}})
+    calib = token_batch(N_CALIB, SEQ, seed=1)
+    np.savez(tmp_path / "calib.npz", **calib,
+             pixel_values=np.random.default_rng(2).standard_normal((N_CALIB, 3, 8, 8)).astype(np.float32))
+    report = compress(path, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", remove=2, batch_size=8).report
+    assert_valid(report)
+    assert len(report["units"]) == 4 and len(report["removed"]) == 2
+    assert report["calibration"]["token_level"] is False
+    assert report["calibration"]["rows"] == report["calibration"]["selection_samples"]
+    assert any("one token layout" in n for n in report["notes"])
+
+
 def test_opt_sublayers_read_flattened_tokens_like_the_others(staged):
     """OPT's MLP sublayer reads the hidden state flattened to (tokens, hidden):
     at sublayer granularity its entry and exit have one row per token, padded

@@ -92,9 +92,16 @@ class Batch:
     outputs: dict[str, np.ndarray]
     tensors: dict[str, np.ndarray]
 
-    def samples(self, name: str, calib: CalibrationSet) -> np.ndarray:
-        return as_samples(self.tensors[name], token_level=calib.is_token_data,
+    def samples(self, name: str, calib: CalibrationSet, token_level: bool | None = None) -> np.ndarray:
+        """`as_samples` of tensor `name`: one row per token where `token_level`
+        (None: where the calibration set is token data), else per sample."""
+        return as_samples(self.tensors[name], token_level=calib.is_token_data if token_level is None else token_level,
                           token_mask=calib.token_mask(self.feed), samples=feed_rows(self.feed))
+
+    def tokens_align(self, names: Sequence[str], calib: CalibrationSet) -> bool:
+        """True when the tensors `names` give the same number of token rows: one
+        token layout (not a text tower beside an image tower, as in CLIP)."""
+        return calib.is_token_data and len({len(self.samples(n, calib, token_level=True)) for n in names}) <= 1
 
 
 def stream(

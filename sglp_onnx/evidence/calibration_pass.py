@@ -37,6 +37,8 @@ class Evidence:
     # samples per run the activation budget allowed (`batch_size` or fewer).
     sizes: dict[str, int] = field(default_factory=dict)
     rows: int | None = None
+    # Rows are tokens (token data whose unit tensors share one token layout), else samples.
+    token_level: bool = False
 
 
 def collect_evidence(
@@ -65,8 +67,11 @@ def collect_evidence(
     sizes: dict[str, int] = {}
     batches = executor.stream(model, calib, tracked, boundaries=exits, batch_size=batch_size, provider=provider,
                               progress=progress, budget=budget, sizes=sizes)
+    token_level = None  # decided on the first batch
     for batch in batches:
-        rows = {name: batch.samples(name, calib) for name in tracked}
+        if token_level is None:
+            token_level = batch.tokens_align(tracked, calib)
+        rows = {name: batch.samples(name, calib, token_level) for name in tracked}
         cka.update([rows[name] for name in tracked])
         influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])
         if n_batches == 0:
@@ -86,4 +91,5 @@ def collect_evidence(
         first_outputs=first_outputs,
         sizes=sizes,
         rows=pass_rows(sizes, budget, batch_size) if budget is not None and sizes else batch_size,
+        token_level=bool(token_level),
     )

@@ -36,7 +36,7 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
             "selection_samples": data.n_samples,
             "held_out_samples": 0 if held_out is None else held_out.n_samples,
             "rows": None if evidence is None else evidence.n_samples,
-            "token_level": data.is_token_data,
+            "token_level": data.is_token_data if evidence is None else evidence.token_level,
             "batch_size": options.batch_size,
             "activation_budget": parse_size(options.activation_budget),
             "samples_per_run": None if evidence is None else evidence.rows,
@@ -60,6 +60,9 @@ def analysis_report(*, model_path: Path, options, n_remove: int, selection, unit
         report["notes"].append(f"the calibration pass ran {evidence.rows} samples at a time, not --batch-size "
                                f"{options.batch_size}, to keep its activations within --activation-budget "
                                f"{options.activation_budget} (so each CKA minibatch is {evidence.rows} samples)")
+    if evidence is not None and data.is_token_data and not evidence.token_level and evidence.batches:
+        report["notes"].append("the units' tensors do not share one token layout (a text tower beside an image "
+                               "tower): CKA and block influence read one row per sample, not per token")
     if evidence is not None and evidence.nonfinite_values:
         report["notes"].append(f"{evidence.nonfinite_values} non-finite activation values were treated as 0")
     if data.ignored:
