@@ -193,6 +193,22 @@ _PARSED = {"plot": {"callback": _plot_path},
            "threads": {"callback": _set_threads, "expose_value": False}}
 
 
+class ModelFile(click.Path):
+    """A model file; a folder is refused in one line that names the .onnx
+    files in it (an onnxruntime-genai or Optimum export folder)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        if os.path.isdir(value):
+            found = sorted(p.name for p in Path(value).glob("*.onnx"))
+            hint = (f"; give the model file in it ({', '.join(str(Path(value) / f) for f in found[:3])}"
+                    f"{', ...' if len(found) > 3 else ''})" if found else "; give the .onnx model file")
+            self.fail(f"{value!r} is a folder{hint}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _click_option(spec: dataclasses.Field, command: str, *, many: str | None = None):
     """The click option for one field of the `options` dataclasses, from its
     metadata, as `command` shows it; `many`: repeatable, into that parameter."""
@@ -251,7 +267,7 @@ def _api_options(kwargs: dict, state: _State) -> dict:
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
+@click.argument("models", nargs=-1, required=True, type=ModelFile(), metavar="MODEL...")
 @_flags("compress", OutputOptions, "output")
 @click.option("-O", "--output-dir", type=click.Path(file_okay=False),
               help="Write each MODEL's MODEL.pruned.onnx and report into DIR (created if missing); for several "
@@ -364,7 +380,7 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=ModelFile())
 @_selection_options("analyze")
 @click.option("--suggest", default="0.1,0.25,0.5", show_default=True, callback=_fractions, metavar="F1,F2,...",
               help="FLOPs fractions to suggest removal sets for ('none': no suggestions).")
@@ -396,7 +412,7 @@ def analyze(state: _State, model: str, as_json: bool, suggest: tuple[float, ...]
 
 
 @cli.command("eval")
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=ModelFile())
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help=".npz with the model inputs and optional 'labels'.")
 @_flags("eval", RuntimeOptions, "batch_size", "provider")
@@ -423,7 +439,7 @@ def eval_(state: _State, models: tuple[str, ...], data: str, batch_size: int, pr
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=ModelFile())
 @_flags("bench", RuntimeOptions, "batch_size", many="batch_sizes")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model and batch size.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs before timing.")
@@ -459,7 +475,7 @@ def bench(state: _State, models: tuple[str, ...], batch_sizes: tuple[int, ...], 
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=ModelFile())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="INPUT...")
 @_flags("calib", OutputOptions, "output")
 @_verbosity_options

@@ -53,6 +53,14 @@ def test_model_is_a_folder(ws, capsys):
     run_main(ws, capsys, compress_args(ws, model=folder), says="folder.onnx")
 
 
+def test_a_folder_holding_a_model_names_the_file_to_give(ws, capsys):
+    """An onnxruntime-genai or Optimum folder given as the model: the line names its model file."""
+    folder = ws.root / "in" / "genai"
+    folder.mkdir()
+    onnx.save_model(plain_mlp(), str(folder / "model.onnx"))
+    run_main(ws, capsys, compress_args(ws, model=folder), says=f"give the model file in it ({folder / 'model.onnx'})")
+
+
 def test_model_without_prunable_unit(ws, capsys):
     path = ws.root / "in" / "plain.onnx"
     onnx.save_model(plain_mlp(), str(path))
