@@ -66,7 +66,9 @@ test-slow: $(TEST_STAMP)
 
 # real_size.py takes 7-9 minutes and about 2 GB of RAM: ResNet-50 at
 # 224x224, a 1 GiB MLP and a 32000-token Llama, each against its one-pass
-# floor (`--only SECTION` and smaller sizes for a quick run).
+# floor (`--only SECTION` and smaller sizes for a quick run). producer_sweep.py
+# (a few minutes): 15 decoder families as optimum-onnx exports them, each
+# compressed with the defaults and checked against transformers.
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/compress_time.py
 	$(BIN)/python benchmarks/repair_cost.py
@@ -78,6 +80,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/large_model.py
 	$(BIN)/python benchmarks/real_size.py
 	$(BIN)/python benchmarks/analyze_cost.py
+	$(BIN)/python benchmarks/producer_sweep.py
 
 # About 27 minutes, 16 GB of RAM and 25 GB of disk: the 1.1 B-parameter
 # Llama built, exported and compressed four ways (benchmarks/llm_scale.py),
