@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..files.calibration import CalibrationSet, token_keep
-from ..graph.runtime import session_with_outputs
+from ..graph.runtime import feed_rows, session_with_outputs
 from .budget import RETURNED_COPIES, WORKING_TENSORS, bytes_per_sample, rows_within
 
 NUMPY_TO_ONNX = {
@@ -78,11 +78,6 @@ def as_samples(array: np.ndarray, *, token_level: bool, token_mask: np.ndarray |
     return rows[keep.reshape(-1)]
 
 
-def feed_rows(feed: dict[str, np.ndarray]) -> int | None:
-    """The samples a feed holds: its inputs' first dimension (None for a feed without arrays)."""
-    return next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), None)
-
-
 @dataclass
 class Batch:
     """One calibration batch: the feed, its labels, the model outputs and the exposed tensors."""
@@ -97,11 +92,6 @@ class Batch:
         (None: where the calibration set is token data), else per sample."""
         return as_samples(self.tensors[name], token_level=calib.is_token_data if token_level is None else token_level,
                           token_mask=calib.token_mask(self.feed), samples=feed_rows(self.feed))
-
-    def tokens_align(self, names: Sequence[str], calib: CalibrationSet) -> bool:
-        """True when the tensors `names` give the same number of token rows: one
-        token layout (not a text tower beside an image tower, as in CLIP)."""
-        return calib.is_token_data and len({len(self.samples(n, calib, token_level=True)) for n in names}) <= 1
 
 
 def stream(

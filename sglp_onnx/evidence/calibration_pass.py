@@ -67,11 +67,18 @@ def collect_evidence(
     sizes: dict[str, int] = {}
     batches = executor.stream(model, calib, tracked, boundaries=exits, batch_size=batch_size, provider=provider,
                               progress=progress, budget=budget, sizes=sizes)
-    token_level = None  # decided on the first batch
+    # Rows are tokens where the first batch's tensors give one token layout (the
+    # same number of token rows: not a text tower beside an image tower, as in CLIP).
+    token_level = None
     for batch in batches:
+        rows = None
         if token_level is None:
-            token_level = batch.tokens_align(tracked, calib)
-        rows = {name: batch.samples(name, calib, token_level) for name in tracked}
+            token_level = calib.is_token_data
+            if token_level:
+                rows = {name: batch.samples(name, calib, True) for name in tracked}
+                token_level = len({len(r) for r in rows.values()}) <= 1
+        if rows is None or not token_level:
+            rows = {name: batch.samples(name, calib, token_level) for name in tracked}
         cka.update([rows[name] for name in tracked])
         influence.update([rows[u.entry] for u in units], [rows[u.exit] for u in units])
         if n_batches == 0:

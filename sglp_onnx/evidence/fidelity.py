@@ -155,7 +155,7 @@ def _ends_spelled_norm(index: GraphIndex, node: onnx.NodeProto) -> bool:
     element-wise ops (a legacy export's T5 or Llama final norm): some tensor
     read by the element-wise ops before it starts a norm (`spelled_norm`)
     whose nodes include it."""
-    from ..units.patterns.decomposed_norm import MAX_NODES, NORM_OPS, norm_region, spelled_norm
+    from ..units.patterns.decomposed_norm import MAX_NODES, NORM_OPS, spelled_norm
 
     if not node.output or node.op_type not in NORM_OPS:
         return False
@@ -167,7 +167,8 @@ def _ends_spelled_norm(index: GraphIndex, node: onnx.NodeProto) -> bool:
         if t in seen:
             continue
         seen.add(t)
-        if spelled_norm(index, t) is not None and here in norm_region(index, t)[0]:
+        found = spelled_norm(index, t)
+        if found is not None and here in found[1]:
             return True
         p = index.producer.get(t)
         if p is not None and is_onnx(index.nodes[p], *NORM_OPS):

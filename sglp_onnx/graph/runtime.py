@@ -152,6 +152,11 @@ def ort_reason(exc: BaseException) -> str:
     return re.sub(r"^\S+:\d+ .*?\) ", "", line)[:300]
 
 
+def feed_rows(feed: dict) -> int | None:
+    """The samples a feed holds: its inputs' first dimension (None for a feed without arrays)."""
+    return next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), None)
+
+
 @contextmanager
 def input_model_errors(what: str = "the input model", one_at_a_time: Callable[[], bool] | None = None
                        ) -> Iterator[None]:
@@ -184,7 +189,7 @@ class InputSession:
     def _runs_one(self, output_names, feed: dict) -> bool:
         """Whether a run of several samples that failed runs on its first sample
         alone (every input whose first dimension is the batch's, cut to one)."""
-        rows = next((len(v) for v in feed.values() if getattr(v, "ndim", 0) >= 1), 1)
+        rows = feed_rows(feed) or 1
         if rows <= 1:
             return False
         one = {k: v[:1] if getattr(v, "ndim", 0) >= 1 and len(v) == rows else v for k, v in feed.items()}

@@ -196,14 +196,11 @@ def innermost(residuals: Sequence[Residual]) -> list[Residual]:
     graph order, each against those kept before it (what a branch contains
     comes before its Add).
     """
-    kept: list[Residual] = []
     adds: set[int] = set()
     for r in sorted(residuals, key=lambda r: r.add_node):
         if not (r.region & adds):
-            kept.append(r)
             adds.add(r.add_node)
-    order = {id(r): k for k, r in enumerate(residuals)}
-    return sorted(kept, key=lambda r: order[id(r)])
+    return [r for r in residuals if r.add_node in adds]
 
 
 def _consistent_post_ops(index: GraphIndex, found: list[Residual]) -> list[Residual]:

@@ -19,7 +19,8 @@ from ...errors import UserError
 from ...evidence import gated_runner
 from ...evidence.gated_runner import GatedRunner
 from ...graph.index import GraphIndex, is_weighted_head, walk_back
-from ...evidence.activations import as_samples, feed_rows
+from ...evidence.activations import as_samples
+from ...graph.runtime import feed_rows
 from ...evidence.similarity import MinibatchCKA
 from ...graph.ops import CONV_OPS, LINEAR_OPS
 from ...evidence import Context

@@ -20,11 +20,11 @@ class DecomposedNormPattern(Pattern):
     def block_end(self, index: GraphIndex, tensor: str) -> int | None:
         """The last node of the norm that alone reads `tensor` (`spelled_norm`)
         when, with scopes, the norm runs in the join's module; else None."""
-        end = spelled_norm(index, tensor)
-        if end is None:
+        found = spelled_norm(index, tensor)
+        if found is None:
             return None
+        end, region = found
         join_scope = index.scopes[index.producer[tensor]] if tensor in index.producer else ""
-        region = norm_region(index, tensor)[0]
         if join_scope and any(index.scopes[n] and index.scopes[n] != join_scope
                               and not index.scopes[n].startswith(join_scope + ".") for n in region):
             return None
@@ -51,9 +51,9 @@ def norm_region(index: GraphIndex, tensor: str) -> tuple[set[int], set[str]]:
     return region, region_tensors
 
 
-def spelled_norm(index: GraphIndex, tensor: str) -> int | None:
-    """The last node of a LayerNorm or RMSNorm spelled out in element-wise ops
-    that alone reads `tensor`, or None.
+def spelled_norm(index: GraphIndex, tensor: str) -> tuple[int, set[int]] | None:
+    """(the last node, the nodes) of a LayerNorm or RMSNorm spelled out in
+    element-wise ops that alone reads `tensor`, or None.
 
     The region is grown from `tensor` through NORM_OPS whose other inputs
     are constants or region tensors; it qualifies when it contains a
@@ -74,7 +74,7 @@ def spelled_norm(index: GraphIndex, tensor: str) -> int | None:
         return None
     if index.nodes[index.producer[leaving[0]]].op_type not in ("Add", "Mul", "Div", "Cast"):
         return None
-    return index.producer[leaving[0]]
+    return index.producer[leaving[0]], region
 
 
 PATTERN = DecomposedNormPattern()
